@@ -1,0 +1,51 @@
+# svertka — see README.md. Everything installs into the repo's own .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SVERTKA := $(VENV)/bin/svertka
+MODELS ?= models
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-serve system-deps model serve test test-fast lint proto bench fuzz clean
+
+## setup: a .venv in the repo with serving, training and test dependencies
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,train,dev]'
+	touch $@
+
+## system-deps: Debian packages the tests use (prometheus/promtool, libb64 for perf_analyzer)
+system-deps:
+	bash scripts/system-deps.sh
+
+## model: the bundled default models (digits fp32 + int8); does nothing when present
+model: setup
+	$(SVERTKA) build-default --repository $(MODELS)
+
+## serve: install, build the default model if absent, serve it
+serve: model
+	$(SVERTKA) serve --model-repository $(MODELS)
+
+## proto: regenerate service/gen from proto/
+proto: setup
+	$(PY) -m service.protogen
+
+## test: the whole suite (slow tests included); tritonclient tests run in their own process
+test: setup system-deps model
+	$(PY) -m pytest tests --ignore=tests/triton $(PYTEST_ARGS)
+	$(PY) -m pytest tests/triton $(PYTEST_ARGS)
+
+## test-fast: skip tests marked slow
+test-fast: setup
+	$(PY) -m pytest tests --ignore=tests/triton -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check service export tests bench
+	$(VENV)/bin/ruff format --check service export tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""svertka's training and export stage (needs the ``train`` extra: torch, torchvision)."""

@@ -1,0 +1,60 @@
+"""Domain errors of the serving path.
+
+These do not import grpc: the one mapping to status codes lives in
+``service.api.status``. Messages are shown to clients verbatim, so each says
+what was wrong and what was expected.
+"""
+
+from __future__ import annotations
+
+
+class SvertkaError(Exception):
+    """Base of every error the server reports to a client on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(SvertkaError):
+    """The request itself is wrong (bad image, shape, datatype, ...)."""
+
+
+class ModelNotFound(SvertkaError):
+    """No such model or version in the repository."""
+
+
+class ModelNotReady(SvertkaError):
+    """The model exists but is not loaded (failed, loading or unloading)."""
+
+
+class Overloaded(SvertkaError):
+    """The model's queue is full, or a message exceeds a size limit."""
+
+
+class DeadlineExceeded(SvertkaError):
+    """The caller's deadline passed before the request was computed."""
+
+
+class Cancelled(SvertkaError):
+    """The caller went away before the request was computed."""
+
+
+class Draining(SvertkaError):
+    """The server is shutting down and accepts no new work."""
+
+
+class InferenceFailed(SvertkaError):
+    """The runtime failed while computing a batch (a server-side failure)."""
+
+
+class Unimplemented(SvertkaError):
+    """An RPC or feature svertka does not support."""
+
+
+class Unauthenticated(SvertkaError):
+    """Missing or wrong credentials."""
+
+
+class PermissionDenied(SvertkaError):
+    """The operation is disabled on this server (e.g. model control)."""

@@ -1,0 +1,204 @@
+"""The contract between export/ and service/: what a model file says about itself.
+
+Every svertka model carries this schema in the ONNX ``metadata_props``
+(string key/value pairs). This module is the only code that reads or writes
+those keys: export/ builds a :class:`ModelMeta` and calls :func:`attach`; the
+server reads the properties from onnxruntime (``custom_metadata_map``) and
+calls :func:`from_props`. It imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 1
+PREFIX = "svertka."
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+PRECISIONS = ("fp32", "fp16", "int8")
+COLOR_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW",)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+#: ImageNet statistics (torchvision's reference training recipe).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MetadataError(ValueError):
+    """The model file's svertka metadata is missing or malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMeta:
+    """Everything the server needs to serve a model, validated on construction.
+
+    Preprocessing is: decode, convert to ``color_order``, resize the shorter
+    side to ``resize`` (keeping aspect ratio) with ``interpolation``, centre
+    crop to ``crop`` (height, width), scale to [0, 1], subtract ``mean`` and
+    divide by ``std`` per channel, lay out as ``layout``.
+    """
+
+    labels: tuple[str, ...]
+    crop: tuple[int, int]
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    arch: str
+    color_order: str = "RGB"
+    layout: str = "NCHW"
+    interpolation: str = "bilinear"
+    precision: str = "fp32"
+    dataset: str = ""
+    val_top1: float | None = None
+    svertka_version: str = ""
+    exported_at: str = ""
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        object.__setattr__(self, "crop", tuple(int(x) for x in self.crop))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        if len(self.labels) < 2:
+            raise MetadataError(f"labels: need at least 2 classes, got {len(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise MetadataError("labels: class labels must be unique")
+        if len(self.crop) != 2 or min(self.crop) < 1:
+            raise MetadataError(f"crop: expected [height, width] >= 1, got {list(self.crop)}")
+        if int(self.resize) < min(self.crop):
+            raise MetadataError(
+                f"resize: shorter side {self.resize} is smaller than the crop {list(self.crop)}"
+            )
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise MetadataError(f"{name}: expected 3 finite floats, got {list(values)}")
+        if min(self.std) <= 0:
+            raise MetadataError(f"std: values must be > 0, got {list(self.std)}")
+        for name, allowed in (
+            ("color_order", COLOR_ORDERS),
+            ("layout", LAYOUTS),
+            ("interpolation", INTERPOLATIONS),
+            ("precision", PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise MetadataError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.val_top1 is not None and not 0.0 <= float(self.val_top1) <= 1.0:
+            raise MetadataError(f"val_top1: expected a fraction in [0, 1], got {self.val_top1}")
+        if not self.arch:
+            raise MetadataError("arch: must not be empty")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one image tensor without the batch dimension (C, H, W)."""
+        return (3, self.crop[0], self.crop[1])
+
+    def replace(self, **changes: Any) -> ModelMeta:
+        return dataclasses.replace(self, **changes)
+
+    def to_props(self) -> dict[str, str]:
+        """Serialise to ONNX metadata_props (every value a string)."""
+        values: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "labels": list(self.labels),
+            "crop": list(self.crop),
+            "resize": int(self.resize),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "arch": self.arch,
+            "color_order": self.color_order,
+            "layout": self.layout,
+            "interpolation": self.interpolation,
+            "precision": self.precision,
+            "dataset": self.dataset,
+            "val_top1": self.val_top1,
+            "svertka_version": self.svertka_version,
+            "exported_at": self.exported_at,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+        }
+        return {PREFIX + k: json.dumps(v) for k, v in values.items()}
+
+    def describe(self) -> dict[str, Any]:
+        """A plain dict for people and JSON output (``svertka inspect``)."""
+        out = dataclasses.asdict(self)
+        out["labels"] = list(self.labels)
+        out["num_classes"] = self.num_classes
+        return out
+
+
+_REQUIRED = ("labels", "crop", "resize", "mean", "std", "arch")
+
+
+def from_props(props: Mapping[str, str]) -> ModelMeta:
+    """Parse ONNX metadata_props (or onnxruntime's custom_metadata_map).
+
+    Raises :class:`MetadataError` naming the first missing or bad key; a file
+    exported by something other than svertka fails here with a clear message.
+    """
+    values: dict[str, Any] = {}
+    for key, raw in props.items():
+        if not key.startswith(PREFIX):
+            continue
+        name = key[len(PREFIX):]
+        try:
+            values[name] = json.loads(raw)
+        except (TypeError, ValueError) as exc:
+            raise MetadataError(f"metadata {key!r}: not valid JSON ({exc})") from None
+    if not values:
+        raise MetadataError(
+            "model has no svertka metadata (was it exported with 'svertka export'?)"
+        )
+    version = values.pop("schema_version", None)
+    if version != SCHEMA_VERSION:
+        raise MetadataError(
+            f"metadata schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    missing = [k for k in _REQUIRED if k not in values]
+    if missing:
+        raise MetadataError(f"metadata is missing {', '.join(PREFIX + k for k in missing)}")
+    known = {f.name for f in dataclasses.fields(ModelMeta)}
+    kwargs = {k: v for k, v in values.items() if k in known}
+    try:
+        return ModelMeta(**kwargs)
+    except MetadataError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise MetadataError(f"metadata is malformed: {exc}") from None
+
+
+def attach(model: Any, meta: ModelMeta) -> None:
+    """Write ``meta`` into an ``onnx.ModelProto``'s metadata_props in place.
+
+    Keys of this schema already present are replaced; foreign keys are kept.
+    """
+    props = meta.to_props()
+    kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    for key, value in kept + sorted(props.items()):
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value
+
+
+def read_model_file(path: str) -> ModelMeta:
+    """Read the metadata of an ONNX file on disk (needs the ``onnx`` package)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...
+        raise MetadataError(f"{path}: not a readable ONNX model ({exc})") from None
+    return from_props({p.key: p.value for p in model.metadata_props})
