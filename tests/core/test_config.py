@@ -1,0 +1,50 @@
+"""Settings are validated on construction, with messages naming the setting."""
+
+import pytest
+
+from service.config import ConfigError, ModelSettings, ServerConfig
+
+
+def test_model_settings_defaults_are_valid():
+    settings = ModelSettings()
+    assert settings.max_batch_size >= 1 and settings.providers[-1] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"preferred_batch_sizes": [64]}, "preferred_batch_sizes"),
+        ({"providers": ["tpu"]}, "providers"),
+        ({"instances": 0}, "instances"),
+        ({"batch_size": 8}, "unknown settings"),
+    ],
+)
+def test_bad_model_settings_name_the_setting(data, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelSettings.from_mapping(data)
+
+
+def test_model_settings_load_yaml_and_json(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text("max_batch_size: 8\npreferred_batch_sizes: [4, 8]\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text('{"max_queue_delay_ms": 5, "instances": 2}')
+    (tmp_path / "c").mkdir()
+    a, b, c = (ModelSettings.load(tmp_path / n) for n in "abc")
+    assert (a.max_batch_size, a.preferred_batch_sizes) == (8, (4, 8))
+    assert (b.max_queue_delay_ms, b.instances) == (5, 2)
+    assert c == ModelSettings()
+
+
+def test_unparseable_config_file_names_the_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("max_batch_size: [unclosed\n")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        ModelSettings.load(tmp_path)
+
+
+def test_server_config_tls_needs_cert_and_key(tmp_path):
+    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+        ServerConfig(model_repository=tmp_path, tls_cert=tmp_path / "c.pem")
+    with pytest.raises(ConfigError, match="grpc_port"):
+        ServerConfig(model_repository=tmp_path, grpc_port=70000)
