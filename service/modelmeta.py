@@ -152,15 +152,13 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
     for key, raw in props.items():
         if not key.startswith(PREFIX):
             continue
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         try:
             values[name] = json.loads(raw)
         except (TypeError, ValueError) as exc:
             raise MetadataError(f"metadata {key!r}: not valid JSON ({exc})") from None
     if not values:
-        raise MetadataError(
-            "model has no svertka metadata (was it exported with 'svertka export'?)"
-        )
+        raise MetadataError("model has no svertka metadata (was it exported with 'svertka export'?)")
     version = values.pop("schema_version", None)
     if version != SCHEMA_VERSION:
         raise MetadataError(
