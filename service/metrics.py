@@ -153,6 +153,7 @@ class ModelRecorder:
         self._rejections = {r: m.rejections_total.labels(*labels, r) for r in REJECTION_REASONS}
         self.queue_depth = m.queue_depth.labels(*labels)
         self.in_flight = m.in_flight.labels(*labels)
+        self._queue_capacity = m.queue_capacity
         # Pre-create the OK series so rate() works from the first scrape.
         for api in APIS:
             self._requests[(api, "OK")] = m.requests_total.labels(*labels, api, "OK")
@@ -213,6 +214,14 @@ class ModelRecorder:
                 self._compute_output = self._compute_output.plus(c_out)
             else:
                 self._fail = self._fail.plus(duration_s)
+
+    def set_queue_capacity(self, rows: int) -> None:
+        """The queue bound (``max_queue_size`` rows), so alerts can say "80 % full".
+
+        Created only when called: an absent capacity leaves the saturation
+        ratio absent instead of dividing by zero.
+        """
+        self._queue_capacity.labels(*self._labels).set(rows)
 
     def rejected(self, reason: str) -> None:
         """A request refused or dropped before compute, for one of ``REJECTION_REASONS``."""
@@ -330,6 +339,9 @@ class Metrics:
         self.inferences_total = Counter("svertka_inferences", "Rows (images) inferred.", mv, registry=r)
         self.batches_total = Counter("svertka_batches", "Batches executed.", mv, registry=r)
         self.queue_depth = Gauge("svertka_queue_depth", "Rows waiting in the batching queue.", mv, registry=r)
+        self.queue_capacity = Gauge(
+            "svertka_queue_capacity_rows", "Rows the batching queue holds before it rejects.", mv, registry=r
+        )
         self.in_flight = Gauge(
             "svertka_in_flight_requests", "Requests accepted and not yet answered.", mv, registry=r
         )
@@ -440,6 +452,7 @@ class Metrics:
             self.inferences_total,
             self.batches_total,
             self.queue_depth,
+            self.queue_capacity,
             self.in_flight,
             self.rejections_total,
             self.model_info,
