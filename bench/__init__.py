@@ -1,0 +1,5 @@
+"""svertka's benchmark: the onnxruntime ceiling, svertka and a Triton peer under load, one report.
+
+Run it with ``make bench`` (``BENCH_QUICK=1`` for a quick pass without the
+peer) or ``python -m bench --help``. Nothing here is imported by the server.
+"""

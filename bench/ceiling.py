@@ -1,0 +1,112 @@
+"""The hardware limit: onnxruntime alone, as the server configures it, at every batch size.
+
+No server, no gRPC, no copies: the same execution providers and intra-op
+thread budget as ``svertka serve`` (``service.config``), fed a ready
+float32 batch in a loop. The best images/s over batch sizes 1, 2, 4, ...,
+``max_batch_size`` is the ceiling a server on this machine can at most reach;
+the batch-1 latency is the floor of its latency at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.stats import percentiles
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPoint:
+    batch_size: int
+    iterations: int
+    images_per_s: float
+    latency_ms: dict[str, float]  # p50/p90/p99/mean of one run() call
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+    model: str
+    provider: str
+    intra_op_threads: int
+    points: list[BatchPoint]
+
+    @property
+    def best(self) -> BatchPoint:
+        return max(self.points, key=lambda p: p.images_per_s)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.best.images_per_s
+
+    @property
+    def batch1_latency_ms(self) -> float:
+        return next(p for p in self.points if p.batch_size == 1).latency_ms["p50"]
+
+
+def batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_batch_size`` (even when it is no power of two)."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+def make_session(path: Path, threads: int, providers: tuple[str, ...] = ("cpu",)):
+    """An onnxruntime session configured like the server's (threads, providers, optimizations)."""
+    import onnxruntime as ort
+
+    from service import config
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = set(ort.get_available_providers())
+    wanted = [config.PROVIDER_NAMES[p] for p in providers if config.PROVIDER_NAMES[p] in available]
+    return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
+
+
+def measure(
+    path: Path,
+    *,
+    model: str,
+    max_batch_size: int,
+    threads: int,
+    seconds_per_batch: float,
+    min_iterations: int = 5,
+    providers: tuple[str, ...] = ("cpu",),
+) -> Ceiling:
+    """Time ``session.run`` at each batch size for about ``seconds_per_batch`` after a warm-up."""
+    session = make_session(path, threads, providers)
+    (inp,) = session.get_inputs()
+    shape = tuple(int(d) for d in inp.shape[1:])
+    rng = np.random.default_rng(0)
+    points = []
+    for b in batch_sizes(max_batch_size):
+        x = rng.standard_normal((b, *shape), dtype=np.float32)
+        feed = {inp.name: x}
+        for _ in range(2):  # warm-up: first runs at a new shape allocate
+            session.run(None, feed)
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_iterations or time.perf_counter() - start < seconds_per_batch:
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        lat = np.asarray(times) * 1e3
+        points.append(
+            BatchPoint(
+                batch_size=b,
+                iterations=len(times),
+                images_per_s=b * len(times) / elapsed,
+                latency_ms={**percentiles(lat), "mean": float(lat.mean())},
+            )
+        )
+    return Ceiling(model=model, provider=session.get_providers()[0], intra_op_threads=threads, points=points)

@@ -1,0 +1,127 @@
+"""Triton's perf_analyzer (C++) in closed loop against any ``inference.GRPCInferenceService``.
+
+One perf_analyzer process per concurrency level: on a shared, noisy machine a
+level whose windows never agree within the stability threshold would
+otherwise abort the whole sweep. Such a level is retried once with a looser
+threshold and, if it still does not settle, recorded as unstable (no number).
+Its CSV (``-f``) is parsed; its server-side columns come from the server's own
+ModelStatistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import modelstats
+
+VENV = Path(sys.prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerfSettings:
+    measurement_interval_ms: int = 3000
+    stability_percentage: int = 20
+    max_trials: int = 6
+
+
+@dataclasses.dataclass
+class PerfPoint:
+    """One concurrency level; latencies in ms; ``batches`` maps batch size to batches executed."""
+
+    concurrency: int
+    images_per_s: float | None
+    latency_ms: dict[str, float]
+    server_us: dict[str, float]
+    batches: dict[int, int]
+    stable: bool
+    command: str
+    error: str = ""
+
+
+def perf_analyzer_path() -> Path:
+    return VENV / "bin" / "perf_analyzer"
+
+
+def environment() -> dict[str, str]:
+    """perf_analyzer links libcudart.so.12 even for CPU-only gRPC runs: nvidia-cuda-runtime-cu12 ships it."""
+    import nvidia.cuda_runtime  # noqa: F401  (installed with the dev extra)
+
+    lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib), *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    return env
+
+
+def version() -> str:
+    out = subprocess.run(
+        [str(perf_analyzer_path()), "--version"], capture_output=True, text=True, env=environment()
+    )
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def parse_csv(path: Path) -> dict[str, float]:
+    """The single data row of perf_analyzer's ``-f`` CSV as {column: value}."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != 1:
+        raise ValueError(f"{path}: expected one data row, got {len(rows)}")
+    return {k.strip(): float(v) for k, v in rows[0].items() if k and v not in (None, "")}
+
+
+def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, workdir: Path) -> PerfPoint:
+    """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    csv_path = workdir / f"{model}-c{concurrency}.csv"
+    error = ""
+    for stability in (settings.stability_percentage, settings.stability_percentage * 2):
+        csv_path.unlink(missing_ok=True)
+        cmd = [
+            str(perf_analyzer_path()), "-i", "grpc", "-u", url, "-m", model, "-b", "1",
+            "--concurrency-range", str(concurrency),
+            "--measurement-interval", str(settings.measurement_interval_ms),
+            "--stability-percentage", str(stability), "--max-trials", str(settings.max_trials),
+            "-f", str(csv_path),
+        ]  # fmt: skip
+        before = modelstats.batch_counts(url, model)
+        result = subprocess.run(cmd, capture_output=True, text=True, env=environment())
+        after = modelstats.batch_counts(url, model)
+        shown = " ".join(["perf_analyzer", *cmd[1:]])
+        if result.returncode == 0 and csv_path.is_file():
+            row = parse_csv(csv_path)
+            return PerfPoint(
+                concurrency=concurrency,
+                images_per_s=row["Inferences/Second"],
+                latency_ms={p: row[f"{p} latency"] / 1e3 for p in ("p50", "p90", "p95", "p99")},
+                server_us={
+                    "queue": row.get("Server Queue", float("nan")),
+                    "compute_input": row.get("Server Compute Input", float("nan")),
+                    "compute_infer": row.get("Server Compute Infer", float("nan")),
+                    "compute_output": row.get("Server Compute Output", float("nan")),
+                },
+                batches=modelstats.difference(after, before),
+                stable=True,
+                command=shown,
+            )
+        error = (result.stdout + result.stderr).strip().splitlines()[-1:] or [f"exit {result.returncode}"]
+        error = error[0]
+    return PerfPoint(concurrency, None, {}, {}, {}, stable=False, command=shown, error=error)
+
+
+def sweep(
+    url: str, model: str, concurrencies: list[int], settings: PerfSettings, workdir: Path, log=print
+) -> list[PerfPoint]:
+    points = []
+    for c in concurrencies:
+        point = run_level(url, model, c, settings, workdir)
+        if point.stable:
+            log(f"  c={c:2d}: {point.images_per_s:7.1f} img/s  p50 {point.latency_ms['p50']:6.1f} ms  "
+                f"p99 {point.latency_ms['p99']:6.1f} ms  mean batch {modelstats.mean_batch_size(point.batches):.2f}")  # fmt: skip
+        else:
+            log(f"  c={c:2d}: no stable measurement ({point.error})")
+        points.append(point)
+    return points
