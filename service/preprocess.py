@@ -1,0 +1,263 @@
+"""Encoded image bytes -> the float32 (3, H, W) tensor a model expects.
+
+The pipeline is the one :class:`service.modelmeta.ModelMeta` describes and
+torchvision's reference recipe trains with (``Resize(shorter side)`` ->
+``CenterCrop`` -> ``ToTensor`` -> ``Normalize``, on an image converted to RGB
+the way ``torchvision.datasets.folder.pil_loader`` does), so a served model
+sees what it saw in training. Three things make it cheaper than that recipe
+without changing its geometry:
+
+* the pixel limit is checked from the header, before any pixel is decoded
+  (decompression bombs cost nothing);
+* JPEGs are decoded with DCT-domain downscaling (libjpeg-turbo through
+  ``simplejpeg``, scale factors n/8) to the smallest size whose shorter side
+  still covers the resize target, so a 1024x768 photo for a 224 model is
+  decoded at 384x288;
+* only the centre crop is resampled: Pillow's ``resize(box=...)`` computes
+  the crop's pixels of the full resize directly (same filter, same support),
+  so a very long thin image never materialises its full resized size.
+
+Measured choices (``tests/engine/bench_preprocess.py``, numbers in
+docs/engine.md): simplejpeg beat Pillow ``draft()``; Pillow's antialiased
+bilinear resize was kept over OpenCV's faster but non-antialiased
+``INTER_LINEAR`` because it matches the training pipeline.
+
+Everything here is thread-safe and the heavy calls (libjpeg-turbo, Pillow's
+decoders and resampling) release the GIL, so callers run
+:meth:`Preprocessor.__call__` in a thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+from service import errors, modelmeta
+
+#: The formats accepted, by their Pillow names. Limiting Pillow to these keeps
+#: its many rarely used (and rarely hardened) decoders away from request bytes.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+_FORMAT_NAMES = "JPEG, PNG, WebP, BMP or GIF"
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
+
+#: EXIF orientation -> the transpose that makes the image upright (EXIF 2.32, tag 0x0112).
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+#: Pillow modes that hold 16-bit (or wider integer) grey values; Pillow's own
+#: ``convert("RGB")`` clips them at 255 instead of scaling, so they are scaled here.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# Errors Pillow raises for malformed data, depending on format and stage.
+_PIL_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the file signature, or None. Cheap: looks at 12 bytes."""
+    head = bytes(data[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
+def resized_geometry(
+    width: int, height: int, resize: int, crop: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """(resized_w, resized_h, crop_left, crop_top) exactly as torchvision computes them.
+
+    ``Resize(int)`` sets the shorter side to ``resize`` and truncates the
+    longer one (``int(resize * long / short)``); ``CenterCrop`` rounds the
+    offsets (``int(round((size - crop) / 2))``).
+    """
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    crop_h, crop_w = crop
+    return new_w, new_h, int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
+
+
+def _describe(data: bytes) -> str:
+    head = bytes(data[:8])
+    if head[:1] in (b"{", b"["):
+        return "it looks like JSON text"
+    if head and all(32 <= b < 127 for b in head):
+        return f"it starts with the text {head.decode('ascii')!r}"
+    return f"its first bytes are {head.hex(' ')}"
+
+
+class Preprocessor:
+    """Decode, convert, resize, crop and normalise images for one model.
+
+    Stateless after construction (safe to call from many threads at once).
+    Every problem with the image raises :class:`errors.InvalidInput` with a
+    message that names the problem; nothing else escapes for bad input.
+    """
+
+    def __init__(self, meta: modelmeta.ModelMeta, *, max_pixels: int) -> None:
+        self.meta = meta
+        self.max_pixels = int(max_pixels)
+        self.resample = _RESAMPLE[meta.interpolation]
+        self.bgr = meta.color_order == "BGR"
+        mean = np.asarray(meta.mean, np.float64)
+        std = np.asarray(meta.std, np.float64)
+        # (x / 255 - mean) / std == x * scale - offset, folded once here. mean/std are in the
+        # model's channel order (ModelMeta: convert to color_order first, then normalise).
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)[:, None, None]
+        self._offset = (mean / std).astype(np.float32)[:, None, None]
+
+    # -- public -------------------------------------------------------------
+    def __call__(self, data: bytes) -> np.ndarray:
+        """One encoded image -> float32 array of shape ``meta.input_shape``."""
+        rgb = self.decode(data)
+        return self.normalize(rgb)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """One encoded image -> the uint8 (H, W, 3) RGB centre crop, before normalisation."""
+        if data is None or len(data) == 0:
+            raise errors.InvalidInput("image is empty (0 bytes); expected an encoded " + _FORMAT_NAMES)
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise errors.InvalidInput(
+                f"not an image: {len(data)} bytes that are not {_FORMAT_NAMES} ({_describe(data)})"
+            )
+        image = self._open(data, fmt)
+        width, height = image.size
+        orientation = self._orientation(image)
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if fmt == "JPEG" and image.mode in ("RGB", "L"):
+            image = self._decode_jpeg(data)
+        else:
+            image = self._decode_pillow(image, fmt)
+        if orientation in _TRANSPOSE:
+            image = image.transpose(_TRANSPOSE[orientation])
+        return self._resize_crop(image, width, height)
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) RGB -> float32 (3, H, W), colour order, mean and std applied."""
+        chw = rgb.transpose(2, 0, 1)
+        if self.bgr:
+            chw = chw[::-1]
+        out = chw.astype(np.float32)
+        out *= self._scale
+        out -= self._offset
+        return out
+
+    # -- steps ----------------------------------------------------------------
+    def _open(self, data: bytes, fmt: str) -> Image.Image:
+        """Parse the header only and enforce the pixel limit before any decoding."""
+        try:
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+        except Image.DecompressionBombError as exc:
+            # Pillow's own guard (2x its MAX_IMAGE_PIXELS) fired while parsing: same limit, same message.
+            raise self._too_many_pixels(fmt, exc) from None
+        except (UnidentifiedImageError, *_PIL_DATA_ERRORS) as exc:
+            raise errors.InvalidInput(
+                f"{fmt} image is corrupt or truncated: cannot read its header ({exc})"
+            ) from None
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise errors.InvalidInput(f"{fmt} image has no pixels (size {width}x{height})")
+        if width * height > self.max_pixels:
+            raise errors.InvalidInput(
+                f"{fmt} image is {width}x{height} = {width * height} pixels, more than the limit of "
+                f"{self.max_pixels} (max_image_pixels)"
+            )
+        return image
+
+    def _too_many_pixels(self, fmt: str, exc: Exception) -> errors.InvalidInput:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = found.group(1) if found else "too many"
+        return errors.InvalidInput(
+            f"{fmt} image has {count} pixels, more than the limit of {self.max_pixels} (max_image_pixels)"
+        )
+
+    @staticmethod
+    def _orientation(image: Image.Image) -> int:
+        try:
+            value = image.getexif().get(_ORIENTATION_TAG, 1)
+        except Exception:
+            # A broken EXIF block must not reject an otherwise good image: treat it as upright.
+            return 1
+        return value if isinstance(value, int) else 1
+
+    def _decode_jpeg(self, data: bytes) -> Image.Image:
+        """libjpeg-turbo with DCT-domain downscaling to the smallest size covering the target."""
+        target = self.meta.resize
+        try:
+            pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=target, min_width=target)
+        except ValueError as exc:
+            raise errors.InvalidInput(f"JPEG image is corrupt or truncated: {exc}") from None
+        return Image.fromarray(pixels, "RGB")
+
+    def _decode_pillow(self, image: Image.Image, fmt: str) -> Image.Image:
+        """Pillow for everything else (and CMYK/YCCK JPEGs); GIF/WebP give their first frame."""
+        if fmt == "JPEG":
+            # DCT-domain downscaling in Pillow (scale 1/2, 1/4, 1/8) for the JPEGs simplejpeg can't convert.
+            image.draft(None, (self.meta.resize, self.meta.resize))
+        try:
+            image.load()
+        except Image.DecompressionBombError as exc:
+            raise self._too_many_pixels(fmt, exc) from None
+        except _PIL_DATA_ERRORS as exc:
+            raise errors.InvalidInput(f"{fmt} image is corrupt or truncated: {exc}") from None
+        return self._to_rgb(image, fmt)
+
+    @staticmethod
+    def _to_rgb(image: Image.Image, fmt: str) -> Image.Image:
+        mode = image.mode
+        if mode == "RGB":
+            return image
+        if mode in _WIDE_GREY_MODES:
+            grey = np.asarray(image)
+            if grey.dtype.kind == "i" and grey.size and int(grey.min()) < 0:
+                raise errors.InvalidInput(f"{fmt} image mode {mode} has negative grey values")
+            scaled = np.rint(grey.astype(np.float32) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+            return Image.fromarray(scaled, "L").convert("RGB")
+        try:
+            # Alpha is dropped, not composited: that is what torchvision's pil_loader does in training.
+            return image.convert("RGB")
+        except (ValueError, OSError) as exc:
+            raise errors.InvalidInput(
+                f"{fmt} image has pixel mode {mode}, which cannot be converted to RGB ({exc})"
+            ) from None
+
+    def _resize_crop(self, image: Image.Image, width: int, height: int) -> np.ndarray:
+        """Resample only the centre crop of the full resize; ``width``/``height`` are the upright source size."""
+        crop_h, crop_w = self.meta.crop
+        new_w, new_h, left, top = resized_geometry(width, height, self.meta.resize, self.meta.crop)
+        # The decoded image may be smaller than the source (DCT scaling): map the crop into its pixels.
+        sx = image.width / new_w
+        sy = image.height / new_h
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        if not all(math.isfinite(v) for v in box):  # pragma: no cover - sizes are >= 1
+            raise errors.InvalidInput(f"image size {width}x{height} cannot be resized")
+        out = image.resize((crop_w, crop_h), self.resample, box=box)
+        return np.asarray(out)
