@@ -284,3 +284,13 @@ def test_two_servers_in_one_process_on_separate_ports() -> None:
     finally:
         a.stop_http()
         b.stop_http()
+
+
+def test_queue_capacity_absent_until_reported(metrics: Metrics) -> None:
+    rec = metrics.model("tiny", 1)
+    # absent (not 0) so depth/capacity is absent rather than a division by zero
+    assert value(metrics, "svertka_queue_capacity_rows", **M) is None
+    rec.set_queue_capacity(256)
+    assert value(metrics, "svertka_queue_capacity_rows", **M) == 256
+    metrics.remove_model("tiny", 1)
+    assert value(metrics, "svertka_queue_capacity_rows", **M) is None

@@ -1,0 +1,119 @@
+"""Reading the operators' artifacts: the PromQL in the dashboard and rules, and the names it uses."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "svertka-dashboard.json"
+RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+
+_FUNCS_AND_KEYWORDS = {
+    # aggregations, keywords and modifiers
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values",
+    "group", "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and", "or",
+    "unless", "inf", "nan",
+}  # fmt: skip
+_IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (functions, keywords, label names and strings removed).
+
+    Good enough for the expressions we write (no ``{__name__=...}`` selectors):
+    strings, label matchers, ranges and grouping clauses are cut out first, then
+    any identifier not followed by ``(`` is a metric name.
+    """
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings
+    e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)  # ranges / subqueries
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\{?[a-zA-Z_]+\}?", "", e)  # Grafana variables outside selectors
+    e = re.sub(
+        r"(?<![a-zA-Z0-9_:])\d[0-9.]*(?:[eE][+-]?\d+)?(?:ms|s|m|h|d|w|y)*", " ", e
+    )  # numbers, durations
+    names = set()
+    for m in _IDENT.finditer(e):
+        name = m.group(0)
+        rest = e[m.end() :].lstrip()
+        if rest.startswith("("):
+            continue  # a function call
+        if name.lower() in _FUNCS_AND_KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels() -> list[dict]:
+    out = []
+    for p in dashboard()["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return out
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard_panels() for t in p.get("targets", []) if t.get("expr")]
+
+
+def variable_queries() -> list[str]:
+    out = []
+    for v in dashboard()["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", q)
+            out.append(m.group(1) if m else q)
+    return out
+
+
+def rules() -> list[dict]:
+    return [
+        rule
+        for path in RULES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in rules() if "record" in r}
+
+
+def rule_exprs() -> list[str]:
+    return [r["expr"] for r in rules()]
+
+
+def concrete(expr: str, rate_interval: str = "30s") -> str:
+    """A dashboard expression with Grafana's variables filled in as 'All' would."""
+    return (
+        expr.replace("$__rate_interval", rate_interval)
+        .replace('=~"$model"', '=~".*"')
+        .replace('=~"$instance"', '=~".*"')
+    )
+
+
+#: Series Prometheus itself adds to every scrape, not the server.
+PROMETHEUS_SYNTHETIC = {"up"}
+#: Only exported where NVML finds a GPU (absent, not zero, elsewhere).
+GPU_ONLY = {
+    "svertka_gpu_utilization_ratio",
+    "svertka_gpu_memory_used_bytes",
+    "svertka_gpu_memory_total_bytes",
+    "svertka_gpu_temperature_celsius",
+}
+
+
+def referenced_server_metrics() -> set[str]:
+    """Every metric name the dashboard and rules need from svertka's scrape."""
+    names: set[str] = set()
+    for expr in dashboard_exprs() + variable_queries() + rule_exprs():
+        names |= metric_names(expr)
+    return names - recorded_names() - PROMETHEUS_SYNTHETIC
