@@ -1,0 +1,114 @@
+"""``svertka.v1.ImageClassifier``: encoded image in, top-k classes out.
+
+Each method translates proto -> domain -> proto; decoding, batching and
+inference happen in the model (``ServedModel.infer_images``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from service import errors
+from service.api import common, status
+from service.gen.svertka.v1 import classifier_pb2 as pb
+from service.gen.svertka.v1 import classifier_pb2_grpc as pb_grpc
+
+#: top_k when the request leaves it unset.
+DEFAULT_TOP_K = 5
+
+
+def resolve_model(manager, name: str, version: int):
+    """The ServedModel a request names; an empty name means the server's only model."""
+    if version < 0:
+        raise errors.InvalidInput(f"version: expected a positive integer or 0 (newest), got {version}")
+    if not name:
+        names = sorted({s.name for s in manager.statuses()})
+        if len(names) != 1:
+            raise errors.InvalidInput(f"model: required because this server serves several models: {names}")
+        name = names[0]
+    common.validate_model_name(name)
+    return manager.get(name, version or None)
+
+
+def top_k_of(request: pb.ClassifyRequest, num_classes: int) -> int:
+    if not request.HasField("top_k"):
+        return min(DEFAULT_TOP_K, num_classes)
+    if request.top_k < 1:
+        raise errors.InvalidInput(f"top_k: expected >= 1 (or unset for {DEFAULT_TOP_K}), got {request.top_k}")
+    return request.top_k
+
+
+def _timings_pb(t: common.Timings) -> pb.Timings:
+    return pb.Timings(
+        decode_us=round(t.decode_s * 1e6),
+        queue_us=round(t.queue_s * 1e6),
+        compute_us=round(t.compute_s * 1e6),
+        total_us=round(t.total_s * 1e6),
+    )
+
+
+class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
+    """The image API over a ModelManager (see proto/svertka/v1/classifier.proto)."""
+
+    def __init__(self, manager, state: common.ServerState) -> None:
+        self._manager = manager
+        self._state = state
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        """One request; raises a domain error on failure."""
+        start = time.perf_counter()
+        self._state.check_accepting()
+        model = resolve_model(self._manager, request.model, request.version)
+        rid = common.request_id(request.id, context)
+        record = common.RequestRecord(
+            model, api="image", method="Classify", rid=rid, peer=context.peer(), start=start
+        )
+        record.images = 1
+        with common.track(record):
+            k = top_k_of(request, model.meta.num_classes)
+            if not request.image:
+                raise errors.InvalidInput(
+                    "image: empty; expected encoded image bytes (JPEG, PNG, WebP, BMP or GIF)"
+                )
+            (result,) = await model.infer_images([request.image], deadline=common.deadline_of(context))
+            if isinstance(result, errors.SvertkaError):
+                raise result
+            record.timings = common.collect_timings(model)
+            post_start = time.perf_counter()
+            predictions = [
+                pb.Prediction(label=label, index=index, score=score)
+                for index, label, score in model.top_k(np.asarray(result), k)
+            ]
+            model.recorder.postprocess(time.perf_counter() - post_start)
+            response = pb.ClassifyResponse(
+                predictions=predictions, model_name=model.name, model_version=model.version, id=request.id
+            )
+        response.timings.CopyFrom(_timings_pb(record.timings))
+        return response
+
+    async def Classify(self, request, context):
+        try:
+            return await self._classify(request, context)
+        except Exception as exc:  # every failure leaves through the one mapping table
+            await status.abort(context, exc)
+
+    async def ClassifyStream(self, request_iterator, context):
+        async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
+            try:
+                return await self._classify(request, context)
+            except Exception as exc:  # answered in-band: the stream stays open
+                code, message = status.status_for(exc)
+                return pb.ClassifyResponse(
+                    id=request.id, error=pb.Error(code=code.value[0], code_name=code.name, message=message)
+                )
+
+        try:
+            async for response in common.run_stream(request_iterator, handle, stop=self._state.drain_event):
+                yield response
+        except Exception as exc:
+            await status.abort(context, exc)

@@ -1,0 +1,348 @@
+"""``inference.GRPCInferenceService``: the KServe v2 / Triton tensor API.
+
+Wire-compatible with Triton so that tritonclient, perf_analyzer and KServe
+clients work unchanged (PROTOCOL.md). Input validation and tensor encoding
+live in :mod:`service.api.tensors`; batching and inference in the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import numpy as np
+
+from service import __version__, errors
+from service.api import common, status, tensors
+from service.gen.inference import grpc_service_pb2 as pb
+from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.gen.inference import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "svertka"
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+
+#: Protocol extensions advertised in ServerMetadata. Each is implemented and tested:
+#: perf_analyzer calls ModelStatistics around every window once "statistics" is listed.
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+
+#: Request parameters that would make the server read model content from the request.
+#: svertka never loads anything a client sends; these are refused, not ignored.
+_CONTENT_PARAMS = ("config",)
+_CONTENT_PARAM_PREFIX = "file:"
+
+
+def rpc(method):
+    """Map every failure of a unary servicer method through the one status table."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            await status.abort(context, exc)
+
+    return wrapper
+
+
+def _unimplemented(rpc_name: str, why: str):
+    @rpc
+    async def method(self, request, context):
+        raise errors.Unimplemented(f"{rpc_name} is not supported by svertka: {why}")
+
+    method.__name__ = rpc_name
+    return method
+
+
+def _duration(d) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The tensor API over a ModelManager."""
+
+    def __init__(self, manager, state: common.ServerState, *, enable_model_control: bool = False) -> None:
+        self._manager = manager
+        self._state = state
+        self._model_control = enable_model_control
+
+    # -- helpers -----------------------------------------------------------
+    def _model(self, name: str, version: str):
+        if not name:
+            raise errors.InvalidInput("model name: required (RepositoryIndex lists the models)")
+        common.validate_model_name(name)
+        return self._manager.get(name, common.parse_version(version))
+
+    def _versions(self, name: str, *, ready_only: bool = True) -> list[int]:
+        return sorted(
+            s.version
+            for s in self._manager.statuses()
+            if s.name == name and s.version is not None and (s.state == "READY" or not ready_only)
+        )
+
+    # -- server and model state --------------------------------------------
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self._state.started and not self._state.draining)
+
+    @rpc
+    async def ModelReady(self, request, context):
+        if not self._state.started or self._state.draining:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            self._model(request.name, request.version)
+        except errors.ModelNotReady as exc:
+            # The bool alone cannot say why; the reason travels as trailing metadata.
+            context.set_trailing_metadata((("svertka-reason", exc.message),))
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        model = self._model(request.name, request.version)
+        meta = model.meta
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in self._versions(model.name)] or [str(model.version)],
+            platform=PLATFORM,
+            inputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=meta.input_name, datatype="FP32", shape=[-1, *meta.input_shape]
+                )
+            ],
+            outputs=[
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=meta.output_name, datatype="FP32", shape=[-1, meta.num_classes]
+                )
+            ],
+        )
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        model = self._model(request.name, request.version)
+        return pb.ModelConfigResponse(config=model_config(model))
+
+    # -- inference -----------------------------------------------------------
+    async def _infer(self, request: pb.ModelInferRequest, context, method: str) -> pb.ModelInferResponse:
+        start = time.perf_counter()
+        self._state.check_accepting()
+        model = self._model(request.model_name, request.model_version)
+        record = common.RequestRecord(
+            model,
+            api="tensor",
+            method=method,
+            rid=common.request_id(request.id, context),
+            peer=context.peer(),
+            start=start,
+        )
+        with common.track(record):
+            parsed = tensors.parse_input(request, model.meta)
+            outputs = tensors.requested_outputs(request, model.meta)
+            record.images = parsed.rows
+            deadline = common.deadline_of(context)
+            if parsed.tensor is not None:
+                logits = await model.infer_tensor(parsed.tensor, deadline=deadline)
+            else:
+                logits = _stack_image_results(
+                    await model.infer_images(parsed.images, deadline=deadline), model.meta.input_name
+                )
+            record.timings = common.collect_timings(model)
+            post_start = time.perf_counter()
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=str(model.version), id=request.id
+            )
+            tensors.build_outputs(response, logits, outputs, model.meta)
+            model.recorder.postprocess(time.perf_counter() - post_start)
+        return response
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        return await self._infer(request, context, "ModelInfer")
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, context, "ModelStreamInfer")
+                )
+            except Exception as exc:  # answered in-band, as Triton does: the stream stays open
+                _, message = status.status_for(exc)
+                return pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    ),
+                )
+
+        try:
+            async for response in common.run_stream(request_iterator, handle, stop=self._state.drain_event):
+                yield response
+        except Exception as exc:
+            await status.abort(context, exc)
+
+    # -- statistics ------------------------------------------------------------
+    @rpc
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            common.validate_model_name(request.name)
+        wanted_version = common.parse_version(request.version)
+        models = []
+        for s in self._manager.statuses():
+            if s.state != "READY" or s.version is None:
+                continue
+            if request.name and s.name != request.name:
+                continue
+            if wanted_version is not None and s.version != wanted_version:
+                continue
+            try:
+                models.append(self._manager.get(s.name, s.version))
+            except errors.SvertkaError:  # unloaded between the listing and now
+                continue
+        if request.name and not models:
+            # Let the manager say what exists (NOT_FOUND) or why it is not ready (UNAVAILABLE).
+            self._model(request.name, request.version)
+        response = pb.ModelStatisticsResponse()
+        for model in sorted(models, key=lambda m: (m.name, m.version)):
+            snap = model.recorder.snapshot()
+            stats = response.model_stats.add(
+                name=model.name,
+                version=str(model.version),
+                last_inference=snap.last_inference_ms,
+                inference_count=snap.inference_count,
+                execution_count=snap.execution_count,
+            )
+            inf = stats.inference_stats
+            inf.success.CopyFrom(_duration(snap.success))
+            inf.fail.CopyFrom(_duration(snap.fail))
+            inf.queue.CopyFrom(_duration(snap.queue))
+            inf.compute_input.CopyFrom(_duration(snap.compute_input))
+            inf.compute_infer.CopyFrom(_duration(snap.compute_infer))
+            inf.compute_output.CopyFrom(_duration(snap.compute_output))
+            for size in sorted(snap.batch_stats):
+                c_in, c_inf, c_out = snap.batch_stats[size]
+                stats.batch_stats.add(
+                    batch_size=size,
+                    compute_input=_duration(c_in),
+                    compute_infer=_duration(c_inf),
+                    compute_output=_duration(c_out),
+                )
+        return response
+
+    # -- repository ------------------------------------------------------------
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for s in sorted(self._manager.statuses(), key=lambda s: (s.name, s.version or 0)):
+            if request.ready and s.state != "READY":
+                continue
+            response.models.add(
+                name=s.name,
+                version="" if s.version is None else str(s.version),
+                state=s.state,
+                reason=s.reason,
+            )
+        return response
+
+    def _check_model_control(self, rpc_name: str, request) -> str:
+        if not self._model_control:
+            raise errors.PermissionDenied(
+                f"{rpc_name} is disabled: start the server with --enable-model-control to load and unload models"
+            )
+        name = common.validate_model_name(request.model_name)
+        for key in request.parameters:
+            if key in _CONTENT_PARAMS or key.startswith(_CONTENT_PARAM_PREFIX):
+                raise errors.Unimplemented(
+                    f"{rpc_name} parameter '{key}' is not supported: svertka loads models only from its "
+                    "repository directory, never from request content"
+                )
+        return name
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        name = self._check_model_control("RepositoryModelLoad", request)
+        self._state.check_accepting()
+        result = await self._manager.load(name)
+        if result.state != "READY":
+            raise errors.ModelNotReady(f"model '{name}' failed to load: {result.reason or result.state}")
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        name = self._check_model_control("RepositoryModelUnload", request)
+        await self._manager.unload(name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- not supported ------------------------------------------------------------
+    _SHM = "shared-memory tensors are not supported; send tensor data in the request"
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", _SHM)
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister", _SHM)
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister", _SHM)
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus", _SHM)
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister", _SHM)
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", _SHM)
+    TraceSetting = _unimplemented("TraceSetting", "request tracing is not available; use the access log")
+    LogSettings = _unimplemented("LogSettings", "log settings are fixed at start (--log-level, --log-format)")
+
+
+def _stack_image_results(results, input_name: str):
+    """Logits rows of a BYTES request, or the first image's error naming which element failed."""
+    for i, result in enumerate(results):
+        if isinstance(result, errors.SvertkaError):
+            raise type(result)(f"input '{input_name}' element {i}: {result.message}")
+    return np.stack([np.asarray(r, dtype=np.float32) for r in results])
+
+
+def _kind(provider: str) -> int:
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return mc.ModelInstanceGroup.KIND_GPU
+    return mc.ModelInstanceGroup.KIND_CPU
+
+
+def model_config(model) -> mc.ModelConfig:
+    """Triton's view of a served model: what perf_analyzer and friends read before sending."""
+    meta, settings = model.meta, model.settings
+    config = mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        max_batch_size=settings.max_batch_size,
+        default_model_filename="model.onnx",
+    )
+    config.version_policy.latest.num_versions = 1
+    config.input.add(
+        name=meta.input_name,
+        data_type=mc.TYPE_FP32,
+        format=mc.ModelInput.FORMAT_NCHW,
+        dims=list(meta.input_shape),
+    )
+    config.output.add(name=meta.output_name, data_type=mc.TYPE_FP32, dims=[meta.num_classes])
+    batching = config.dynamic_batching
+    batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
+    batching.max_queue_delay_microseconds = round(settings.max_queue_delay_ms * 1000)
+    batching.default_queue_policy.max_queue_size = settings.max_queue_size
+    config.instance_group.add(
+        name=f"{model.name}_{model.version}", kind=_kind(model.provider), count=settings.instances
+    )
+    config.model_transaction_policy.decoupled = False
+    for key, value in (
+        ("execution_provider", model.provider),
+        ("precision", meta.precision),
+        ("arch", meta.arch),
+        ("dataset", meta.dataset),
+        ("num_classes", str(meta.num_classes)),
+        ("max_rows_per_request", str(settings.max_rows_per_request)),
+        ("max_image_pixels", str(settings.max_image_pixels)),
+    ):
+        config.parameters[key].string_value = value
+    return config

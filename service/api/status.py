@@ -1,0 +1,79 @@
+"""The one mapping from svertka's domain errors to gRPC status codes.
+
+Servicers raise :mod:`service.errors` exceptions and never pick a status code
+themselves; this table is the only place that does, so the API's error
+contract (docs/api.md) can be read off it. Anything that is not a
+:class:`~service.errors.SvertkaError` is a bug or an environment failure on
+our side: the client gets ``INTERNAL`` with a generic message (no internals
+leak out) and the traceback goes to the log. KServe's mistake to avoid is the
+opposite: reporting a server-side failure as ``INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+import grpc.aio
+
+from service import errors
+
+log = logging.getLogger(__name__)
+
+#: Domain error -> gRPC status. Looked up along the exception's MRO, so a
+#: subclass of a listed error maps like its parent.
+STATUS_BY_ERROR: dict[type[errors.SvertkaError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Draining: grpc.StatusCode.UNAVAILABLE,
+    errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+#: What a client sees for an exception we did not raise on purpose.
+INTERNAL_MESSAGE = "internal error"
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-visible message for ``exc``.
+
+    Unexpected exceptions are logged here, with their traceback, exactly once.
+    """
+    if isinstance(exc, errors.SvertkaError):
+        for cls in type(exc).__mro__:
+            code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
+            if code is not None:
+                return code, exc.message
+        # A SvertkaError subclass nobody mapped is a bug in this table: fail closed.
+        log.error("unmapped domain error %s: %s", type(exc).__name__, exc.message)
+        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    log.error("unexpected error while handling a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+
+
+def code_name(exc: BaseException | None) -> str:
+    """The status name ("OK", "INVALID_ARGUMENT", ...) for metrics, without logging."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, errors.SvertkaError):
+        for cls in type(exc).__mro__:
+            code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
+            if code is not None:
+                return code.name
+    return grpc.StatusCode.INTERNAL.name
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End the RPC with the status that ``exc`` maps to."""
+    if isinstance(exc, grpc.aio.AbortError):  # already aborted further in: keep that status
+        raise exc
+    code, message = status_for(exc)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises

@@ -1,0 +1,293 @@
+"""KServe v2 tensors <-> numpy: the input validation of ModelInfer, in one place.
+
+Pure functions over the generated messages (no gRPC context, no model
+runtime), so every malformed-request case can be unit-tested and fuzzed
+directly. Messages say what was expected, in the protocol's own terms
+(datatype strings, shapes with the batch dimension), because the client that
+gets them is usually a generic tool such as tritonclient or perf_analyzer.
+
+Raw contents are wrapped with ``np.frombuffer`` (no copy: the array views
+the request's bytes) after an exact byte-count check; typed contents are
+checked element by element count.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import errors, modelmeta
+from service.gen.inference import grpc_service_pb2 as pb
+
+#: Datatypes whose typed contents live in which InferTensorContents field.
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+ALL_TYPED_FIELDS = tuple(sorted(set(TYPED_FIELDS.values())))
+KNOWN_DATATYPES = (*TYPED_FIELDS, "FP16", "BF16")
+
+#: The parameter of a requested output that turns it into a top-k classification (Triton extension).
+CLASSIFICATION_PARAM = "classification"
+
+#: Upper bound on any element count we are asked to allocate for, far above any real request
+#: (the message-size limit bounds real payloads); it stops int64 shapes from overflowing the math.
+_MAX_ELEMENTS = 1 << 40
+
+
+@dataclass(frozen=True)
+class ParsedInput:
+    """What a ModelInfer request asks the model to compute, before any inference.
+
+    Exactly one of ``tensor`` (float32, (n, 3, H, W)) and ``images`` (n encoded images) is set.
+    """
+
+    tensor: np.ndarray | None
+    images: list[bytes] | None
+    rows: int
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification_k: int | None  # None: the raw tensor
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+
+
+def _element_count(name: str, shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise errors.InvalidInput(
+                f"input '{name}': shape {_shape_text(shape)} has a negative dimension; "
+                "every dimension must be >= 0 in a request"
+            )
+        count *= int(dim)
+        if count > _MAX_ELEMENTS:
+            raise errors.InvalidInput(f"input '{name}': shape {_shape_text(shape)} is too large")
+    return count
+
+
+def _typed_fields_set(contents: pb.InferTensorContents) -> list[str]:
+    return [f for f in ALL_TYPED_FIELDS if len(getattr(contents, f))]
+
+
+def parse_input(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) -> ParsedInput:
+    """Validate a ModelInfer request's inputs against the model and extract the data.
+
+    Accepts one input named like the model's input, either FP32 ``[n, 3, H, W]``
+    (raw or ``fp32_contents``) or BYTES ``[n]`` / ``[n, 1]`` holding encoded images.
+    """
+    expected_name = meta.input_name
+    chw = meta.input_shape
+    if len(request.inputs) != 1:
+        got = [i.name for i in request.inputs]
+        raise errors.InvalidInput(
+            f"expected exactly 1 input ('{expected_name}'), got {len(request.inputs)}"
+            + (f" {got}" if got else "")
+        )
+    tensor = request.inputs[0]
+    if tensor.name != expected_name:
+        raise errors.InvalidInput(
+            f"unknown input '{tensor.name}': model '{request.model_name}' has one input, '{expected_name}'"
+        )
+    raw = request.raw_input_contents
+    typed = _typed_fields_set(tensor.contents)
+    if len(raw) not in (0, len(request.inputs)):
+        raise errors.InvalidInput(
+            f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}"
+        )
+    if raw and typed:
+        raise errors.InvalidInput(
+            f"input '{tensor.name}': data given both in raw_input_contents and in contents.{typed[0]}; send one"
+        )
+    datatype = tensor.datatype
+    shape = list(tensor.shape)
+    if datatype == "FP32":
+        return _parse_fp32(tensor, raw[0] if raw else None, typed, shape, chw)
+    if datatype == "BYTES":
+        return _parse_bytes(tensor, raw[0] if raw else None, typed, shape)
+    what = f"'{datatype}'" if datatype else "no datatype"
+    known = (
+        ""
+        if datatype in KNOWN_DATATYPES
+        else f" (not a KServe datatype; known: {', '.join(KNOWN_DATATYPES)})"
+    )
+    raise errors.InvalidInput(
+        f"input '{tensor.name}': expected datatype FP32 (a [N,{chw[0]},{chw[1]},{chw[2]}] tensor) "
+        f"or BYTES (encoded images), got {what}{known}"
+    )
+
+
+def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], chw) -> ParsedInput:
+    name = tensor.name
+    expected = f"[N,{chw[0]},{chw[1]},{chw[2]}]"
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(chw):
+        raise errors.InvalidInput(f"input '{name}': expected FP32 shape {expected}, got {_shape_text(shape)}")
+    count = _element_count(name, shape)
+    if shape[0] < 1:
+        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    if raw is not None:
+        want = count * 4
+        if len(raw) != want:
+            raise errors.InvalidInput(
+                f"input '{name}': expected FP32 with {want} bytes for shape {_shape_text(shape)}, "
+                f"got {len(raw)} bytes"
+            )
+        array = np.frombuffer(raw, dtype="<f4").reshape(shape)
+    else:
+        if typed and typed != ["fp32_contents"]:
+            raise errors.InvalidInput(
+                f"input '{name}': datatype FP32 carries typed data in contents.fp32_contents, got contents.{typed[0]}"
+            )
+        values = tensor.contents.fp32_contents
+        if len(values) != count:
+            raise errors.InvalidInput(
+                f"input '{name}': expected {count} FP32 values for shape {_shape_text(shape)}, "
+                f"got {len(values)} in contents.fp32_contents"
+                + ("" if values else " (and no raw_input_contents)")
+            )
+        array = np.asarray(values, dtype=np.float32).reshape(shape)
+    return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
+
+
+def split_raw_bytes(name: str, raw: bytes) -> list[bytes]:
+    """Split a raw BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
+    items = []
+    offset = 0
+    view = memoryview(raw)
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise errors.InvalidInput(
+                f"input '{name}': raw BYTES element {len(items)} is truncated: "
+                f"{len(raw) - offset} bytes left where a 4-byte length prefix was expected"
+            )
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise errors.InvalidInput(
+                f"input '{name}': raw BYTES element {len(items)} declares {length} bytes "
+                f"but only {len(raw) - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    return items
+
+
+def _parse_bytes(tensor, raw: bytes | None, typed: list[str], shape: list[int]) -> ParsedInput:
+    name = tensor.name
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise errors.InvalidInput(
+            f"input '{name}': BYTES input holds encoded images with shape [N] or [N,1], got {_shape_text(shape)}"
+        )
+    count = _element_count(name, shape)
+    if count < 1:
+        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    if raw is not None:
+        images = split_raw_bytes(name, raw)
+    else:
+        if typed and typed != ["bytes_contents"]:
+            raise errors.InvalidInput(
+                f"input '{name}': datatype BYTES carries typed data in contents.bytes_contents, got contents.{typed[0]}"
+            )
+        images = list(tensor.contents.bytes_contents)
+    if len(images) != count:
+        raise errors.InvalidInput(
+            f"input '{name}': shape {_shape_text(shape)} needs {count} images, got {len(images)}"
+        )
+    return ParsedInput(tensor=None, images=images, rows=count)
+
+
+def _int_param(param: pb.InferParameter) -> int | None:
+    which = param.WhichOneof("parameter_choice")
+    if which in ("int64_param", "uint64_param"):
+        return int(getattr(param, which))
+    if which == "string_param":
+        try:
+            return int(param.string_param)
+        except ValueError:
+            return None
+    return None
+
+
+def requested_outputs(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) -> list[RequestedOutput]:
+    """The outputs to return: every output (raw) when none are named."""
+    if not request.outputs:
+        return [RequestedOutput(meta.output_name, None)]
+    result = []
+    seen = set()
+    for out in request.outputs:
+        if out.name != meta.output_name:
+            raise errors.InvalidInput(
+                f"unknown output '{out.name}': model '{request.model_name}' has one output, '{meta.output_name}'"
+            )
+        if out.name in seen:
+            raise errors.InvalidInput(f"output '{out.name}' requested twice")
+        seen.add(out.name)
+        k = None
+        if CLASSIFICATION_PARAM in out.parameters:
+            k = _int_param(out.parameters[CLASSIFICATION_PARAM])
+            if k is None or k < 1:
+                raise errors.InvalidInput(
+                    f"output '{out.name}': parameter 'classification' must be an integer >= 1 (top k), "
+                    f"got {out.parameters[CLASSIFICATION_PARAM]}".strip()
+                )
+        result.append(RequestedOutput(out.name, k))
+    return result
+
+
+def encode_bytes(items: Sequence[bytes]) -> bytes:
+    """Serialize BYTES elements for raw_output_contents (4-byte LE length + bytes each)."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
+    """Triton's classification extension: per row the top k as ``b"score:index:label"``, best first.
+
+    ``score`` is the output tensor's own value (the logit), as Triton reports it;
+    ties keep the lower index first.
+    """
+    k = min(k, logits.shape[1])
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    out = []
+    for row, indices in zip(logits, order, strict=True):
+        for index in indices:
+            out.append(f"{float(row[index]):f}:{int(index)}:{labels[int(index)]}".encode())
+    return out
+
+
+def build_outputs(
+    response: pb.ModelInferResponse,
+    logits: np.ndarray,
+    outputs: Sequence[RequestedOutput],
+    meta: modelmeta.ModelMeta,
+) -> None:
+    """Fill ``response`` with the requested outputs, always as raw_output_contents (as Triton does)."""
+    rows = logits.shape[0]
+    for requested in outputs:
+        tensor = response.outputs.add(name=requested.name)
+        if requested.classification_k is None:
+            tensor.datatype = "FP32"
+            tensor.shape.extend(logits.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+        else:
+            k = min(requested.classification_k, logits.shape[1])
+            tensor.datatype = "BYTES"
+            tensor.shape.extend((rows, k))
+            response.raw_output_contents.append(encode_bytes(classification_strings(logits, k, meta.labels)))

@@ -1,0 +1,236 @@
+"""``svertka serve`` and ``svertka classify``.
+
+Every ``serve`` flag ``--foo-bar`` can also be set as ``SVERTKA_FOO_BAR``
+(a flag wins over the environment, the environment over the default), which
+is how the Kubernetes manifests configure the server. The ServerConfig is
+built here, in ``main``, and validated on construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service import config as cfg
+
+#: ServerConfig field -> (value parser, help). The order is the order of --help.
+SERVE_FLAGS: dict[str, tuple[str, str]] = {
+    "model_repository": ("path", "model repository: <dir>/<model>/<version>/model.onnx"),
+    "host": ("str", f"address to listen on (default {cfg.DEFAULT_HOST})"),
+    "grpc_port": ("int", f"gRPC port; 0 picks a free one (default {cfg.DEFAULT_GRPC_PORT})"),
+    "metrics_port": (
+        "int",
+        f"Prometheus /metrics port; 0 picks a free one (default {cfg.DEFAULT_METRICS_PORT})",
+    ),
+    "grace_period_s": (
+        "float",
+        f"on SIGTERM/SIGINT, seconds to finish accepted requests before exiting (default {cfg.DEFAULT_GRACE_PERIOD_S:g})",
+    ),
+    "max_message_bytes": (
+        "int",
+        f"largest request/response message in bytes (default {cfg.DEFAULT_MAX_MESSAGE_BYTES})",
+    ),
+    "max_connection_age_s": (
+        "float",
+        "close client connections after this many seconds so clients rebalance across replicas; "
+        f"0 disables (default {cfg.DEFAULT_MAX_CONNECTION_AGE_S:g})",
+    ),
+    "max_connection_age_grace_s": (
+        "float",
+        f"time an aged connection gets to finish its calls (default {cfg.DEFAULT_MAX_CONNECTION_AGE_GRACE_S:g})",
+    ),
+    "repository_poll_s": (
+        "float",
+        "poll the repository for new/removed versions every N seconds; 0 disables",
+    ),
+    "enable_model_control": ("bool", "allow RepositoryModelLoad/Unload (off by default)"),
+    "log_format": ("str", "text or json (default text)"),
+    "log_level": ("str", "debug, info, warning, error (default info)"),
+    "access_log": ("bool", "log one line per request at INFO"),
+    "tls_cert": ("path", "PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
+    "tls_key": ("path", "PEM private key for --tls-cert"),
+    "tls_client_ca": ("path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    "auth_token_file": (
+        "path",
+        "file holding a bearer token that both APIs require (health and reflection stay open)",
+    ),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_name(field: str) -> str:
+    return cfg.ENV_PREFIX + field.upper()
+
+
+def _parse(kind: str, text: str, source: str) -> Any:
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "path":
+            return Path(text)
+        if kind == "bool":
+            lowered = text.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE - {''})}")
+        return text
+    except ValueError as exc:
+        raise cfg.ConfigError(f"{source}: cannot parse {text!r} ({exc})") from None
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for field, (kind, help_text) in SERVE_FLAGS.items():
+        flag = "--" + field.replace("_", "-")
+        help_text = f"{help_text} [env {env_name(field)}]"
+        if kind == "bool":
+            parser.add_argument(
+                flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=field, default=None, metavar=kind.upper(), help=help_text)
+
+
+def server_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> cfg.ServerConfig:
+    """Flags, then SVERTKA_* variables, then the defaults in service.config."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field, (kind, _) in SERVE_FLAGS.items():
+        given = getattr(args, field, None)
+        flag = "--" + field.replace("_", "-")
+        if given is not None:
+            values[field] = given if kind == "bool" else _parse(kind, given, flag)
+        elif env_name(field) in environ:
+            values[field] = _parse(kind, environ[env_name(field)], env_name(field))
+    if "model_repository" not in values:
+        raise cfg.ConfigError(f"--model-repository (or {env_name('model_repository')}) is required")
+    return cfg.ServerConfig(**values)
+
+
+def _check_files(config: cfg.ServerConfig) -> None:
+    if not config.model_repository.is_dir():
+        raise cfg.ConfigError(f"model repository {config.model_repository} is not a directory")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        path = getattr(config, name)
+        if path is not None and not Path(path).is_file():
+            raise cfg.ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+    if config.auth_token_file is not None and not Path(config.auth_token_file).read_bytes().strip():
+        raise cfg.ConfigError(f"--auth-token-file: {config.auth_token_file} is empty")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.cli import CommandError
+
+    try:
+        config = server_config(args)
+        _check_files(config)
+    except cfg.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    from service import logs
+    from service.server import serve
+
+    logs.setup_logging(config.log_format, config.log_level, access_log=config.access_log)
+    try:
+        return asyncio.run(serve(config))
+    except cfg.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _format_table(path: str, result) -> str:
+    t = result.timings_us
+    lines = [
+        f"{path}  ({result.model_name} v{result.model_version}, server {t['total'] / 1000:.1f} ms: "
+        f"decode {t['decode'] / 1000:.1f}, queue {t['queue'] / 1000:.1f}, compute {t['compute'] / 1000:.1f})"
+    ]
+    width = max([len("label")] + [len(p.label) for p in result.predictions])
+    lines.append(f"  {'rank':>4}  {'label':<{width}}  {'index':>5}  {'score':>7}")
+    for rank, p in enumerate(result.predictions, 1):
+        lines.append(f"  {rank:>4}  {p.label:<{width}}  {p.index:>5}  {p.score:>7.4f}")
+    return "\n".join(lines)
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from service.cli import CommandError
+    from service.client import ClassifyError, Client
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise CommandError(f"--token-file: {exc}") from None
+    failures = 0
+    try:
+        client = Client(
+            args.server,
+            timeout_s=args.timeout_s,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=token,
+        )
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    with client:
+        for i, image in enumerate(args.images):
+            try:
+                data = Path(image).read_bytes()
+            except OSError as exc:
+                print(f"svertka classify: error: {image}: {exc.strerror or exc}", file=sys.stderr)
+                failures += 1
+                continue
+            try:
+                result = client.classify(
+                    data, model=args.model, version=args.version, top_k=args.top_k, id=str(i)
+                )
+            except ClassifyError as exc:
+                print(f"svertka classify: error: {image}: {exc.code}: {exc.message}", file=sys.stderr)
+                failures += 1
+                continue
+            if i:
+                print()
+            print(_format_table(image, result))
+    return 1 if failures else 0
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (image API, KServe v2 / Triton API, health, reflection)",
+        description="Serve every model in a repository until SIGTERM/SIGINT, then drain gracefully.",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+    classify = subparsers.add_parser(
+        "classify",
+        help="classify image files with a running server",
+        description="Send each image to a svertka server's image API and print its top-k classes.",
+    )
+    classify.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, WebP, BMP, GIF)"
+    )
+    classify.add_argument(
+        "--server", default="localhost:8001", help="HOST:PORT of the gRPC server (default %(default)s)"
+    )
+    classify.add_argument("--model", default="", help="model name (default: the server's only model)")
+    classify.add_argument("--version", type=int, default=0, help="model version (default: newest)")
+    classify.add_argument("--top-k", type=int, default=None, help="classes per image (default: 5)")
+    classify.add_argument(
+        "--timeout-s", type=float, default=30.0, help="per-image deadline (default %(default)s)"
+    )
+    classify.add_argument("--tls-ca", default=None, help="PEM CA of the server's certificate (enables TLS)")
+    classify.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS")
+    classify.add_argument("--tls-key", default=None, help="client key for mutual TLS")
+    classify.add_argument("--token-file", default=None, help="file with the bearer token")
+    classify.set_defaults(handler=run_classify)

@@ -1,0 +1,165 @@
+"""ModelInfer input validation and output encoding, straight on the messages (no server)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from service import errors
+from service.api import tensors
+from service.gen.inference import grpc_service_pb2 as pb
+from tests.helpers.tinymodel import tiny_meta
+
+META = tiny_meta(num_classes=4, size=8, labels=["cat", "dog", "emu", "yak"])
+
+
+def _request(datatype="FP32", shape=(1, 3, 8, 8), *, name="input", raw=None, fp32=None, **typed):
+    request = pb.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    if fp32 is not None:
+        tensor.contents.fp32_contents.extend(fp32)
+    for field, values in typed.items():
+        getattr(tensor.contents, field).extend(values)
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def test_raw_fp32_is_a_zero_copy_view_of_the_request_bytes():
+    data = np.arange(2 * 3 * 8 * 8, dtype=np.float32)
+    request = _request(shape=(2, 3, 8, 8), raw=data.tobytes())
+    parsed = tensors.parse_input(request, META)
+    assert parsed.rows == 2 and parsed.images is None
+    np.testing.assert_array_equal(parsed.tensor.ravel(), data)
+    assert not parsed.tensor.flags.owndata  # a view on the message's buffer, not a copy
+
+
+def test_typed_fp32_contents():
+    values = np.linspace(-1, 1, 3 * 8 * 8, dtype=np.float32)
+    parsed = tensors.parse_input(_request(fp32=values.tolist()), META)
+    np.testing.assert_array_equal(parsed.tensor.ravel(), values)
+
+
+def test_bytes_input_raw_and_typed():
+    images = [b"\x89PNG first", b"", b"third"]
+    raw = b"".join(struct.pack("<I", len(x)) + x for x in images)
+    parsed = tensors.parse_input(_request("BYTES", (3,), raw=raw), META)
+    assert parsed.images == images and parsed.rows == 3
+    parsed = tensors.parse_input(_request("BYTES", (2, 1), bytes_contents=images[:2]), META)
+    assert parsed.images == images[:2]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        (
+            {"raw": b"\0" * 1000},
+            "input 'input': expected FP32 with 768 bytes for shape [1,3,8,8], got 1000 bytes",
+        ),
+        ({"shape": (1, 3, 9, 8), "raw": b""}, "input 'input': expected FP32 shape [N,3,8,8], got [1,3,9,8]"),
+        ({"shape": (3, 8, 8), "raw": b""}, "expected FP32 shape [N,3,8,8], got [3,8,8]"),
+        ({"shape": (-1, 3, 8, 8), "raw": b""}, "has a negative dimension"),
+        ({"shape": (0, 3, 8, 8), "raw": b""}, "batch dimension must be >= 1"),
+        ({"shape": (2**62, 3, 8, 8), "raw": b""}, "is too large"),
+        ({"name": "pixels", "raw": b""}, "unknown input 'pixels': model 'tiny' has one input, 'input'"),
+        ({"datatype": "INT64", "raw": b""}, "expected datatype FP32 (a [N,3,8,8] tensor) or BYTES"),
+        ({"datatype": "", "raw": b""}, "got no datatype"),
+        ({"datatype": "FLOAT", "raw": b""}, "not a KServe datatype"),
+        (
+            {"fp32": [1.0] * 10},
+            "expected 192 FP32 values for shape [1,3,8,8], got 10 in contents.fp32_contents",
+        ),
+        ({}, "got 0 in contents.fp32_contents (and no raw_input_contents)"),
+        (
+            {"int_contents": [1] * 192},
+            "datatype FP32 carries typed data in contents.fp32_contents, got contents.int_contents",
+        ),
+        (
+            {"raw": b"\0" * 768, "fp32": [0.0] * 192},
+            "both in raw_input_contents and in contents.fp32_contents",
+        ),
+    ],
+)
+def test_malformed_tensor_inputs(request_kwargs, message):
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request(**request_kwargs), META)
+    assert message in info.value.message
+
+
+def test_input_count_and_raw_count():
+    request = _request(raw=b"\0" * 768)
+    request.inputs.add(name="extra", datatype="FP32", shape=[1])
+    with pytest.raises(
+        errors.InvalidInput, match=r"expected exactly 1 input \('input'\), got 2 \['input', 'extra'\]"
+    ):
+        tensors.parse_input(request, META)
+    request = _request(raw=b"\0" * 768)
+    request.raw_input_contents.append(b"")
+    with pytest.raises(
+        errors.InvalidInput, match=r"raw_input_contents: expected one entry per input \(1\), got 2"
+    ):
+        tensors.parse_input(request, META)
+    with pytest.raises(errors.InvalidInput, match=r"got 0$"):
+        tensors.parse_input(pb.ModelInferRequest(model_name="tiny"), META)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x05\x00", "element 0 is truncated: 2 bytes left where a 4-byte length prefix was expected"),
+        (struct.pack("<I", 10) + b"abc", "element 0 declares 10 bytes but only 3 remain"),
+        (struct.pack("<I", 1) + b"a", "shape [2] needs 2 images, got 1"),
+    ],
+)
+def test_malformed_bytes_inputs(raw, message):
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request("BYTES", (2,), raw=raw), META)
+    assert message in info.value.message
+
+
+def test_bytes_shape_must_be_a_list_of_images():
+    with pytest.raises(errors.InvalidInput, match=r"shape \[N\] or \[N,1\], got \[1,3,8,8\]"):
+        tensors.parse_input(_request("BYTES", (1, 3, 8, 8), bytes_contents=[b"x"]), META)
+
+
+def test_requested_outputs_and_classification_parameter():
+    request = pb.ModelInferRequest(model_name="tiny")
+    assert tensors.requested_outputs(request, META) == [tensors.RequestedOutput("logits", None)]
+    out = request.outputs.add(name="logits")
+    out.parameters["classification"].int64_param = 2
+    assert tensors.requested_outputs(request, META) == [tensors.RequestedOutput("logits", 2)]
+    out.parameters["classification"].int64_param = 0
+    with pytest.raises(errors.InvalidInput, match="'classification' must be an integer >= 1"):
+        tensors.requested_outputs(request, META)
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.outputs.add(name="probs")
+    with pytest.raises(
+        errors.InvalidInput, match="unknown output 'probs': model 'tiny' has one output, 'logits'"
+    ):
+        tensors.requested_outputs(request, META)
+
+
+def test_outputs_are_raw_and_classification_is_tritons_format():
+    logits = np.array([[0.5, 2.0, -1.0, 2.0], [3.0, 0.0, 1.0, -2.0]], dtype=np.float32)
+    response = pb.ModelInferResponse()
+    tensors.build_outputs(
+        response,
+        logits,
+        [tensors.RequestedOutput("logits", None), tensors.RequestedOutput("logits", 9)],
+        META,
+    )
+    raw_out, cls_out = response.outputs
+    assert (raw_out.datatype, list(raw_out.shape)) == ("FP32", [2, 4])
+    np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 4), logits)
+    # k above the class count returns every class; ties keep the lower index first.
+    assert (cls_out.datatype, list(cls_out.shape)) == ("BYTES", [2, 4])
+    items = []
+    raw = response.raw_output_contents[1]
+    while raw:
+        (n,) = struct.unpack_from("<I", raw)
+        items.append(raw[4 : 4 + n].decode())
+        raw = raw[4 + n :]
+    assert items[:4] == ["2.000000:1:dog", "2.000000:3:yak", "0.500000:0:cat", "-1.000000:2:emu"]
+    assert items[4] == "3.000000:0:cat"
