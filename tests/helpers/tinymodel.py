@@ -48,8 +48,15 @@ def tiny_meta(
     )
 
 
-def build_tiny_model(meta: modelmeta.ModelMeta, *, seed: int = 0) -> onnx.ModelProto:
-    """Build the ONNX graph for ``meta`` (input/output names and sizes taken from it)."""
+def build_tiny_model(
+    meta: modelmeta.ModelMeta, *, seed: int = 0, fail_above: float | None = None
+) -> onnx.ModelProto:
+    """Build the ONNX graph for ``meta`` (input/output names and sizes taken from it).
+
+    ``fail_above``: a real runtime failure for fault tests. When any input
+    value in a batch exceeds it, a Reshape inside the graph gets an impossible
+    shape and onnxruntime raises while running that batch (and only that one).
+    """
     rng = np.random.default_rng(seed)
     classes = meta.num_classes
     conv_w = rng.normal(0.0, 0.5, size=(HIDDEN_CHANNELS, 3, 3, 3)).astype(np.float32)
@@ -96,12 +103,32 @@ def build_tiny_model(meta: modelmeta.ModelMeta, *, seed: int = 0) -> onnx.ModelP
         helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
         helper.make_node("Flatten", ["pool"], ["flat"], axis=1),
     ]
-    logits = meta.output_name
+    logits = meta.output_name if fail_above is None else "logits_pre"
     if meta.precision == "fp16":
         nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits_half"], transB=1))
         nodes.append(helper.make_node("Cast", ["logits_half"], [logits], to=TensorProto.FLOAT))
     else:
         nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [logits], transB=1))
+    if fail_above is not None:
+        inits += [
+            numpy_helper.from_array(np.array(fail_above, np.float32), "fail_above"),
+            numpy_helper.from_array(np.array([1], np.int64), "one_i64"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(np.array([1.0], np.float32), "one_elem"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+        ]
+        nodes += [
+            helper.make_node("ReduceMax", [meta.input_name], ["x_max"], keepdims=0),
+            helper.make_node("Greater", ["x_max", "fail_above"], ["too_big"]),
+            helper.make_node("Cast", ["too_big"], ["too_big_i64"], to=TensorProto.INT64),
+            helper.make_node("Unsqueeze", ["too_big_i64", "axis0"], ["too_big_1d"]),
+            helper.make_node("Add", ["too_big_1d", "one_i64"], ["poison_shape"]),  # [1] or [2]
+            helper.make_node("Reshape", ["one_elem", "poison_shape"], ["poison"]),  # fails for [2]
+            helper.make_node("ReduceSum", ["poison"], ["poison_sum"], keepdims=0),
+            helper.make_node("Mul", ["poison_sum", "zero_f"], ["poison_zero"]),
+            helper.make_node("Add", [logits, "poison_zero"], [meta.output_name]),
+        ]
+        logits = meta.output_name
 
     height, width = meta.crop
     graph = helper.make_graph(
@@ -128,10 +155,15 @@ def make_tiny_model(
     labels: Sequence[str] | None = None,
     seed: int = 0,
     precision: str = "fp32",
+    fail_above: float | None = None,
 ) -> modelmeta.ModelMeta:
-    """Write a tiny classifier with svertka metadata to ``path``; returns its metadata."""
+    """Write a tiny classifier with svertka metadata to ``path``; returns its metadata.
+
+    ``fail_above`` makes onnxruntime raise on any batch with an input value
+    above it (see :func:`build_tiny_model`).
+    """
     meta = tiny_meta(num_classes=num_classes, size=size, labels=labels, precision=precision)
-    model = build_tiny_model(meta, seed=seed)
+    model = build_tiny_model(meta, seed=seed, fail_above=fail_above)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

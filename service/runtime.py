@@ -1,0 +1,302 @@
+"""onnxruntime, and nothing else: sessions, execution providers, threads, warm-up, IO binding.
+
+One :class:`Session` per model instance. Loading checks that the file is a
+model svertka can serve (its metadata parses; its one input and its logits
+output have the names, types and shapes the metadata implies, with a dynamic
+batch dimension) and fails with a :class:`ModelLoadError` that says what is
+wrong, so a bad file marks that model unavailable with a reason instead of
+failing requests later.
+
+Execution providers are tried in the order TensorRT -> CUDA -> CPU, keeping
+those the settings ask for and this onnxruntime build has. The provider that
+actually runs the model (``session.get_providers()[0]``) is logged and
+exposed as :attr:`Session.provider`. onnxruntime itself silently retries on
+CPU when a GPU provider fails to initialise; svertka never does so silently:
+with the default provider list the fallback is logged as a warning (and the
+provider shows in ``svertka_model_info``); with an explicit list that names a
+GPU provider the load fails with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service import config, modelmeta
+
+log = logging.getLogger(__name__)
+
+CPU = config.PROVIDER_NAMES["cpu"]
+CUDA = config.PROVIDER_NAMES["cuda"]
+TENSORRT = config.PROVIDER_NAMES["tensorrt"]
+GPU_PROVIDERS = (TENSORRT, CUDA)
+
+#: Whether idle onnxruntime worker threads spin. Off: spinning threads compete
+#: with the image decoders for the same cores (measured in docs/engine.md).
+ALLOW_SPINNING = False
+
+#: Where TensorRT keeps built engines so a restart does not rebuild them.
+TRT_CACHE_DIR = Path(tempfile.gettempdir()) / "svertka-trt-cache"
+
+
+class ModelLoadError(Exception):
+    """The model file cannot be served; the message is the model's unavailability reason."""
+
+
+def intra_op_threads(settings: config.ModelSettings) -> int:
+    """Threads per instance: the setting, or the process's CPUs shared among the instances."""
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    return max(1, config.default_intra_op_threads() // settings.instances)
+
+
+def resolve_providers(settings: config.ModelSettings, available: Sequence[str] | None = None) -> list[str]:
+    """The onnxruntime provider names to try, best first.
+
+    Providers missing from this build are skipped when the default list is in
+    use; when the settings name providers explicitly, a missing GPU provider
+    is an error (the operator asked for a GPU and must not silently get a CPU).
+    """
+    if available is None:
+        available = ort.get_available_providers()
+    requested = [config.PROVIDER_NAMES[p] for p in settings.providers]
+    explicit = tuple(settings.providers) != config.DEFAULT_PROVIDERS
+    missing = [p for p in requested if p not in available]
+    if explicit and any(p in GPU_PROVIDERS for p in missing):
+        raise ModelLoadError(
+            f"providers {list(settings.providers)} were requested but this onnxruntime "
+            f"{ort.__version__} build offers only {list(available)} (install onnxruntime-gpu and the "
+            "CUDA/TensorRT libraries, or remove the GPU providers from the model's config)"
+        )
+    chosen = [p for p in requested if p in available]
+    if not chosen:
+        raise ModelLoadError(
+            f"none of the providers {list(settings.providers)} is available here: {list(available)}"
+        )
+    skipped = [p for p in missing if p in GPU_PROVIDERS]
+    if skipped:
+        log.info("onnxruntime build has no %s; trying %s", ", ".join(skipped), ", ".join(chosen))
+    return chosen
+
+
+def _provider_options(
+    name: str, meta: modelmeta.ModelMeta, max_batch_size: int
+) -> dict[str, str | int | bool]:
+    if name == TENSORRT:
+        c, h, w = meta.input_shape
+        shape = f"{meta.input_name}:{{n}}x{c}x{h}x{w}"
+        TRT_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        return {
+            "device_id": 0,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(TRT_CACHE_DIR),
+            # QDQ (int8) graphs need the INT8 builder flag; fp32 graphs stay fp32.
+            "trt_int8_enable": meta.precision == "int8",
+            "trt_fp16_enable": meta.precision == "fp16",
+            # One optimisation profile covering every batch the batcher can form.
+            "trt_profile_min_shapes": shape.format(n=1),
+            "trt_profile_opt_shapes": shape.format(n=max_batch_size),
+            "trt_profile_max_shapes": shape.format(n=max_batch_size),
+        }
+    if name == CUDA:
+        return {"device_id": 0}
+    return {}
+
+
+def read_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
+    try:
+        return modelmeta.from_props(session.get_modelmeta().custom_metadata_map)
+    except modelmeta.MetadataError as exc:
+        raise ModelLoadError(f"bad svertka metadata: {exc}") from None
+
+
+def _is_dynamic(dim: object) -> bool:
+    return not isinstance(dim, int) or dim < 0
+
+
+def check_signature(session: ort.InferenceSession, meta: modelmeta.ModelMeta) -> None:
+    """The graph's input and output must be what the metadata says, with a dynamic batch dim."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelLoadError(
+            f"the graph has {len(inputs)} inputs {[i.name for i in inputs]}; svertka serves "
+            f"single-input classifiers with input '{meta.input_name}'"
+        )
+    inp = inputs[0]
+    if inp.name != meta.input_name:
+        raise ModelLoadError(
+            f"the graph's input is named '{inp.name}' but the metadata says '{meta.input_name}'"
+        )
+    if inp.type != "tensor(float)":
+        raise ModelLoadError(f"input '{inp.name}' has type {inp.type}; expected tensor(float) (FP32)")
+    shape = list(inp.shape)
+    expected = list(meta.input_shape)
+    if len(shape) != 4:
+        raise ModelLoadError(
+            f"input '{inp.name}' has shape {shape}; expected [batch, {', '.join(map(str, expected))}]"
+        )
+    if not _is_dynamic(shape[0]):
+        raise ModelLoadError(
+            f"input '{inp.name}' has a fixed batch dimension of {shape[0]}; re-export it with a dynamic "
+            "batch dimension so requests can be batched"
+        )
+    for axis, (got, want) in enumerate(zip(shape[1:], expected, strict=True), start=1):
+        if not _is_dynamic(got) and got != want:
+            raise ModelLoadError(
+                f"input '{inp.name}' has shape {shape}; the metadata implies [batch, "
+                f"{', '.join(map(str, expected))}] (axis {axis} differs)"
+            )
+    outputs = {o.name: o for o in session.get_outputs()}
+    out = outputs.get(meta.output_name)
+    if out is None:
+        raise ModelLoadError(
+            f"the graph has no output '{meta.output_name}' (the metadata's output name); it has {sorted(outputs)}"
+        )
+    if out.type != "tensor(float)":
+        raise ModelLoadError(f"output '{out.name}' has type {out.type}; expected tensor(float) (FP32) logits")
+    oshape = list(out.shape)
+    if len(oshape) != 2:
+        raise ModelLoadError(f"output '{out.name}' has shape {oshape}; expected [batch, {meta.num_classes}]")
+    if not _is_dynamic(oshape[1]) and oshape[1] != meta.num_classes:
+        raise ModelLoadError(
+            f"output '{out.name}' has {oshape[1]} classes but the metadata lists {meta.num_classes} labels"
+        )
+
+
+class Session:
+    """One onnxruntime session (one model instance). ``run`` is blocking; call it from one thread at a time."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: config.ModelSettings,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        instance: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        self.instance = instance
+        self.threads = threads or intra_op_threads(settings)
+        chosen = list(providers) if providers is not None else resolve_providers(settings)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only; svertka logs what matters itself
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if ALLOW_SPINNING else "0")
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path} does not exist")
+        provider_list: list[tuple[str, dict]] = [(p, {}) for p in chosen]
+        if TENSORRT in chosen:
+            # TensorRT's optimisation profile needs the input shape before the session exists.
+            try:
+                peeked = modelmeta.read_model_file(str(self.path))
+            except modelmeta.MetadataError as exc:
+                raise ModelLoadError(str(exc)) from None
+            provider_list = [(p, _provider_options(p, peeked, settings.max_batch_size)) for p in chosen]
+        elif CUDA in chosen:
+            provider_list = [(p, {"device_id": 0} if p == CUDA else {}) for p in chosen]
+        try:
+            self._session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=provider_list
+            )
+        except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/NoSuchFile/RuntimeError...
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
+        self.meta = read_metadata(self._session)
+        check_signature(self._session, self.meta)
+        self.provider = self._session.get_providers()[0]
+        if self.provider != chosen[0]:
+            explicit = tuple(settings.providers) != config.DEFAULT_PROVIDERS
+            message = (
+                f"{chosen[0]} was requested and is in this onnxruntime build but failed to initialise "
+                f"(missing CUDA/cuDNN/TensorRT libraries or no GPU?); onnxruntime fell back to {self.provider}"
+            )
+            if explicit:
+                raise ModelLoadError(message)
+            log.warning("%s: %s", self.path, message)
+        self._input = self.meta.input_name
+        self._output = self.meta.output_name
+        self._device = self.provider in GPU_PROVIDERS
+        log.info(
+            "loaded %s instance %d on %s (%d intra-op threads)",
+            self.path,
+            instance,
+            self.provider,
+            self.threads,
+        )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (n, 3, H, W) -> float32 (n, classes). Blocking."""
+        if self._device:
+            return self._run_bound(batch)
+        return self._session.run([self._output], {self._input: batch})[0]
+
+    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+        """GPU: IO binding, so the input is copied to the device once and the output allocated there."""
+        binding = self._session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda", 0)
+        binding.bind_ortvalue_input(self._input, value)
+        binding.bind_output(self._output, "cuda", 0)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def warm_up(self, max_batch_size: int) -> dict[int, float]:
+        """Run batch 1 and the largest batch once (allocations, kernel choice, TensorRT engines).
+
+        Also proves the output really is (n, classes) float32 and finite; returns seconds per batch size.
+        """
+        rng = np.random.default_rng(0)
+        timings: dict[int, float] = {}
+        for n in sorted({1, max_batch_size}):
+            x = rng.standard_normal((n, *self.meta.input_shape), dtype=np.float32)
+            start = time.perf_counter()
+            try:
+                y = self.run(x)
+            except Exception as exc:
+                raise ModelLoadError(f"warm-up with a batch of {n} failed: {_first_line(exc)}") from None
+            timings[n] = time.perf_counter() - start
+            expected = (n, self.meta.num_classes)
+            if not isinstance(y, np.ndarray) or y.shape != expected or y.dtype != np.float32:
+                got = getattr(y, "shape", None), getattr(y, "dtype", None)
+                raise ModelLoadError(
+                    f"warm-up with a batch of {n}: output '{self._output}' is {got}, expected float32 {expected} "
+                    f"({self.meta.num_classes} labels in the metadata)"
+                )
+            if not np.isfinite(y).all():
+                raise ModelLoadError(f"warm-up with a batch of {n}: the model produced non-finite logits")
+        return timings
+
+    def close(self) -> None:
+        """Drop the session (onnxruntime frees it when the last reference goes)."""
+        self._session = None  # type: ignore[assignment]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    # onnxruntime prefixes "[ONNXRuntimeError] : 1 : FAIL : "; keep the useful part, one line.
+    line = text.splitlines()[0]
+    if "] : " in line and line.startswith("[ONNXRuntimeError]"):
+        line = line.split(" : ", 3)[-1]
+    if line.startswith("Load model from ") and " failed:" in line:
+        line = line.split(" failed:", 1)[1].strip()
+    return line
+
+
+def load_instances(path: str | Path, settings: config.ModelSettings) -> list[Session]:
+    """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
+    providers = resolve_providers(settings)
+    threads = intra_op_threads(settings)
+    sessions = []
+    for i in range(settings.instances):
+        session = Session(path, settings, providers=providers, threads=threads, instance=i)
+        session.warm_up(settings.max_batch_size)
+        sessions.append(session)
+    return sessions
