@@ -79,8 +79,18 @@ def resnet18_models(repository: Path, image_size: int = 224) -> list[BenchModel]
 
 
 def digits_models(repository: Path = REPO_ROOT / "models") -> list[BenchModel]:
-    """The bundled default model (``make model``): resnet20 on the digits, fp32."""
-    path = Path(repository) / "digits" / "1" / "model.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run 'make model' first")
-    return [BenchModel("digits", path, "digits resnet20 fp32 32x32")]
+    """The bundled default models (``make model``): resnet20 on the digits, fp32 and int8 if present."""
+    out = []
+    for name, label in (
+        ("digits", "digits resnet20 fp32 32x32"),
+        ("digits-int8", "digits resnet20 int8 32x32"),
+    ):
+        versions = sorted(
+            (int(d.name) for d in (Path(repository) / name).glob("[0-9]*") if d.name.isdigit()), reverse=True
+        )
+        for version in versions:  # the newest version, as the server picks it
+            path = Path(repository) / name / str(version) / "model.onnx"
+            if path.is_file():
+                out.append(BenchModel(name, path, label))
+                break
+    return out

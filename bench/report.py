@@ -1,0 +1,490 @@
+"""Turns a results file of ``python -m bench`` into ``docs/benchmarks.md`` and PNG plots.
+
+Works on the plain JSON dicts (not the dataclasses), so a report can be
+re-rendered from a saved run: ``python -m bench --report-only RESULTS.json``.
+Ratios come first: absolute images/s on a shared 2-core machine move with
+whatever else runs, ratios measured minutes apart move much less.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+#: The issue's targets, checked (not asserted) in the report.
+TARGET_TENSOR_EFFICIENCY = 0.95
+TARGET_IMAGE_EFFICIENCY = 0.75
+TARGET_C1_OVERHEAD_MS = 1.0
+TARGET_INT8_SPEEDUP = 2.5
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def ceiling_best(model: dict) -> dict:
+    return max(model["ceiling"]["points"], key=lambda p: p["images_per_s"])
+
+
+def raw_b1_ms(model: dict) -> float:
+    return next(p for p in model["ceiling"]["points"] if p["batch_size"] == 1)["latency_ms"]["p50"]
+
+
+def stable(points: list[dict]) -> list[dict]:
+    return [p for p in points if p.get("images_per_s")]
+
+
+def best_point(points: list[dict]) -> dict | None:
+    points = stable(points)
+    return max(points, key=lambda p: p["images_per_s"]) if points else None
+
+
+def at_concurrency(points: list[dict], c: int) -> dict | None:
+    return next((p for p in stable(points) if p["concurrency"] == c), None)
+
+
+def mean_batch(batches: dict) -> float:
+    total = sum(batches.values())
+    return sum(int(s) * n for s, n in batches.items()) / total if total else float("nan")
+
+
+def best_image(model: dict) -> dict | None:
+    closed = [r for r in model["svertka"]["image"]["closed"] if r["completed"] and not r["errors"]]
+    return max(closed, key=lambda r: r["images_per_s"]) if closed else None
+
+
+def p99_at_throughput(points: list[dict], throughput: float) -> float | None:
+    """p99 a closed-loop curve reaches at ``throughput`` (linear interpolation; None outside its range)."""
+    pts = sorted(stable(points), key=lambda p: p["images_per_s"])
+    if not pts or not pts[0]["images_per_s"] <= throughput <= pts[-1]["images_per_s"]:
+        return None
+    xs = [p["images_per_s"] for p in pts]
+    ys = [p["latency_ms"]["p99"] for p in pts]
+    return float(np.interp(throughput, xs, ys))
+
+
+def fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def mark(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summary(model: dict) -> dict:
+    """The headline numbers of one model (None where a measurement is missing)."""
+    ceil = ceiling_best(model)
+    sv = best_point(model["svertka"]["perf"])
+    c1 = at_concurrency(model["svertka"]["perf"], 1)
+    img = best_image(model)
+    peer = model.get("peer")
+    pe = best_point(peer["perf"]) if peer else None
+    return {
+        "ceiling": ceil["images_per_s"],
+        "ceiling_batch": ceil["batch_size"],
+        "raw_b1_ms": raw_b1_ms(model),
+        "served": sv["images_per_s"] if sv else None,
+        "served_c": sv["concurrency"] if sv else None,
+        "efficiency": ratio(sv["images_per_s"] if sv else None, ceil["images_per_s"]),
+        "c1_p50_ms": c1["latency_ms"]["p50"] if c1 else None,
+        "c1_overhead_ms": c1["latency_ms"]["p50"] - raw_b1_ms(model) if c1 else None,
+        "image": img["images_per_s"] if img else None,
+        "image_c": img["load"] if img else None,
+        "image_efficiency": ratio(img["images_per_s"] if img else None, ceil["images_per_s"]),
+        "peer": pe["images_per_s"] if pe else None,
+        "peer_c": pe["concurrency"] if pe else None,
+        "peer_efficiency": ratio(pe["images_per_s"] if pe else None, ceil["images_per_s"]),
+        "vs_peer": ratio(sv["images_per_s"] if sv else None, pe["images_per_s"] if pe else None),
+        "rate_tensor": model["svertka"]["tensor_rate"]["best_rate"],
+        "rate_image": model["svertka"]["image"]["rate"]["best_rate"],
+        "rate_peer": peer["tensor_rate"]["best_rate"] if peer else None,
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+SVERTKA_COLOR, IMAGE_COLOR, PEER_COLOR, CEILING_COLOR = "#1f77b4", "#2ca02c", "#d62728", "#555555"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(model: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    sv = stable(model["svertka"]["perf"])
+    ax.plot([p["concurrency"] for p in sv], [p["images_per_s"] for p in sv], "o-", color=SVERTKA_COLOR,
+            label="svertka, tensor API (perf_analyzer)")  # fmt: skip
+    img = [r for r in model["svertka"]["image"]["closed"] if r["completed"]]
+    ax.plot([r["load"] for r in img], [r["images_per_s"] for r in img], "s--", color=IMAGE_COLOR,
+            label="svertka, image API, 1024x768 JPEG (asyncio client)")  # fmt: skip
+    if model.get("peer"):
+        pe = stable(model["peer"]["perf"])
+        ax.plot([p["concurrency"] for p in pe], [p["images_per_s"] for p in pe], "^-", color=PEER_COLOR,
+                label="Triton via PyTriton, tensor API (perf_analyzer)")  # fmt: skip
+    ceil = ceiling_best(model)
+    ax.axhline(ceil["images_per_s"], color=CEILING_COLOR, linestyle=":",
+               label=f"onnxruntime ceiling (batch {ceil['batch_size']})")  # fmt: skip
+    ax.set_xlabel("concurrent requests (closed loop)")
+    ax.set_ylabel("images / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{model['label']}: throughput vs concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(model: dict, path: Path, bound_ms: float) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = [("svertka tensor", stable(model["svertka"]["perf"]), SVERTKA_COLOR, "images_per_s")]
+    if model.get("peer"):
+        series.append(("peer tensor", stable(model["peer"]["perf"]), PEER_COLOR, "images_per_s"))
+    image_closed = [r for r in model["svertka"]["image"]["closed"] if r["completed"]]
+    series.append(("svertka image", image_closed, IMAGE_COLOR, "images_per_s"))
+    for name, points, color, key in series:
+        xs = [p[key] for p in points]
+        left.plot(xs, [p["latency_ms"]["p50"] for p in points], "o-", color=color, label=f"{name} p50")
+        left.plot(xs, [p["latency_ms"]["p99"] for p in points], "x--", color=color, label=f"{name} p99")
+    left.set_xlabel("throughput, images / s (closed loop, concurrency 1..16)")
+    left.set_ylabel("latency, ms")
+    left.set_yscale("log")
+    left.set_title("closed loop")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=7)
+
+    rates = [("svertka tensor", model["svertka"]["tensor_rate"], SVERTKA_COLOR),
+             ("svertka image", model["svertka"]["image"]["rate"], IMAGE_COLOR)]  # fmt: skip
+    if model.get("peer"):
+        rates.append(("peer tensor", model["peer"]["tensor_rate"], PEER_COLOR))
+    for name, search, color in rates:
+        tried = sorted((r for r in search["tried"] if r["completed"]), key=lambda r: r["load"])
+        right.plot([r["load"] for r in tried], [r["latency_ms"]["p99"] for r in tried], "o-", color=color,
+                   label=f"{name} p99")  # fmt: skip
+        right.plot([r["load"] for r in tried], [r["latency_ms"]["p50"] for r in tried], ".:", color=color,
+                   label=f"{name} p50")  # fmt: skip
+    right.axhline(bound_ms, color=CEILING_COLOR, linestyle=":", label=f"{bound_ms:g} ms bound")
+    right.set_xlabel("offered load, Poisson arrivals / s")
+    right.set_ylabel("latency from scheduled arrival, ms")
+    right.set_yscale("log")
+    right.set_title("open loop (Poisson)")
+    right.grid(alpha=0.3, which="both")
+    right.legend(fontsize=7)
+    fig.suptitle(f"{model['label']}: latency percentiles vs load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_batches(model: dict, path: Path) -> None:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    servers = [("svertka", model["svertka"]["perf"], SVERTKA_COLOR)]
+    if model.get("peer"):
+        servers.append(("peer", model["peer"]["perf"], PEER_COLOR))
+    width = 0.8 / len(servers)
+    top_c = max((p["concurrency"] for p in stable(model["svertka"]["perf"])), default=None)
+    for i, (name, points, color) in enumerate(servers):
+        pts = stable(points)
+        right.plot([p["concurrency"] for p in pts], [mean_batch(p["batches"]) for p in pts], "o-", color=color,
+                   label=name)  # fmt: skip
+        at_top = at_concurrency(points, top_c) if top_c else None
+        if at_top and at_top["batches"]:
+            items = sorted((int(size), n) for size, n in at_top["batches"].items())
+            sizes = np.array([size for size, _ in items])
+            images = np.array([size * n for size, n in items])
+            left.bar(sizes + (i - (len(servers) - 1) / 2) * width, images / images.sum(), width,
+                     color=color, label=name)  # fmt: skip
+    left.set_xlabel("batch size")
+    left.set_ylabel("share of images")
+    left.set_title(f"images by the batch they ran in, concurrency {top_c}")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_xlabel("concurrent requests (closed loop)")
+    right.set_ylabel("mean batch size (images per execution)")
+    right.set_title("mean batch size vs concurrency")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{model['label']}: batch-size distribution (ModelStatistics batch_stats)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _targets(results: dict) -> list[str]:
+    by_name = {m["name"]: m for m in results["models"]}
+    sums = {n: summary(m) for n, m in by_name.items()}
+    rows = []
+    for name in by_name:
+        s = sums[name]
+        if name.startswith("resnet18"):
+            eff = s["efficiency"]
+            rows.append([f"tensor API served / ceiling >= {TARGET_TENSOR_EFFICIENCY} ({name})", fmt(eff, 2),
+                         mark(None if eff is None else eff >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
+    for name in by_name:
+        s = sums[name]
+        ov = s["c1_overhead_ms"]
+        rows.append([f"concurrency-1 p50 <= raw batch-1 p50 + {TARGET_C1_OVERHEAD_MS:g} ms ({name})",
+                     f"{fmt(s['c1_p50_ms'], 2)} vs {fmt(s['raw_b1_ms'], 2)} ms (+{fmt(ov, 2)} ms)",
+                     mark(None if ov is None else ov <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
+    if "resnet18" in sums:
+        eff = sums["resnet18"]["image_efficiency"]
+        rows.append([f"image API (1024x768 JPEG) / ceiling >= {TARGET_IMAGE_EFFICIENCY} (resnet18 fp32)",
+                     fmt(eff, 2), mark(None if eff is None else eff >= TARGET_IMAGE_EFFICIENCY)])  # fmt: skip
+    for fp32, int8 in (("resnet18", "resnet18-int8"), ("digits", "digits-int8")):
+        if fp32 in sums and int8 in sums:
+            served = ratio(sums[int8]["served"], sums[fp32]["served"])
+            raw = ratio(sums[int8]["ceiling"], sums[fp32]["ceiling"])
+            rows.append([f"int8 served / fp32 served >= {TARGET_INT8_SPEEDUP} ({fp32})",
+                         f"{fmt(served, 2)} (raw onnxruntime: {fmt(raw, 2)})",
+                         mark(None if served is None or fp32 != "resnet18" else served >= TARGET_INT8_SPEEDUP)])  # fmt: skip
+    for name, m in by_name.items():
+        if not m.get("peer"):
+            continue
+        levels = []
+        for p in stable(m["svertka"]["perf"]):
+            q = at_concurrency(m["peer"]["perf"], p["concurrency"])
+            if q:
+                levels.append(p["images_per_s"] > q["images_per_s"])
+        rows.append([f"throughput above the peer at every concurrency ({name})",
+                     f"{sum(levels)} of {len(levels)} levels", mark(bool(levels) and all(levels) if levels else None)])  # fmt: skip
+        equal = []
+        for q in stable(m["peer"]["perf"]):
+            mine = p99_at_throughput(m["svertka"]["perf"], q["images_per_s"])
+            if mine is not None:
+                equal.append(mine < q["latency_ms"]["p99"])
+        rows.append([f"p99 below the peer's at equal throughput ({name})", f"{sum(equal)} of {len(equal)} peer points",
+                     mark(all(equal) if equal else None)])  # fmt: skip
+        s = sums[name]
+        rows.append([f"latency-bounded rate above the peer's ({name})",
+                     f"{fmt(s['rate_tensor'])} vs {fmt(s['rate_peer'])} req/s",
+                     mark(None if s["rate_tensor"] is None or s["rate_peer"] is None else s["rate_tensor"] > s["rate_peer"])])  # fmt: skip
+    return _table(["target", "measured", "verdict"], rows)
+
+
+def _model_section(model: dict, img_rel: str, bound_ms: float) -> list[str]:
+    name = model["name"]
+    s = summary(model)
+    lines = [f"### {model['label']} (`{name}`)", ""]
+    lines += [f"![throughput]({img_rel}/{name}-throughput.png)", "",
+              f"![latency]({img_rel}/{name}-latency.png)", "",
+              f"![batches]({img_rel}/{name}-batches.png)", ""]  # fmt: skip
+    lines += [f"Served with max_batch_size {model['max_batch_size']}, max_queue_delay_ms "
+              f"{model['max_queue_delay_ms']:g}, {model['threads']} onnxruntime intra-op threads (svertka and the peer alike).", ""]  # fmt: skip
+    lines += ["**onnxruntime alone** (the ceiling; "
+              f"{len(model['ceiling_passes'])} pass{'es' if len(model['ceiling_passes']) > 1 else ''}, the faster kept):", ""]  # fmt: skip
+    rows = [[str(p["batch_size"]), fmt(p["images_per_s"]), fmt(p["latency_ms"]["p50"], 2), fmt(p["latency_ms"]["p99"], 2),
+             str(p["iterations"])] for p in model["ceiling"]["points"]]  # fmt: skip
+    lines += _table(["batch", "images/s", "p50 ms per run", "p99 ms per run", "runs"], rows) + [""]
+
+    lines += ["**Tensor API, closed loop** (perf_analyzer, one FP32 image per request; latencies as perf_analyzer "
+              "reports them; mean batch from ModelStatistics):", ""]  # fmt: skip
+    peer = model.get("peer")
+    header = ["concurrency", "svertka img/s", "p50 ms", "p99 ms", "mean batch"]
+    if peer:
+        header += ["peer img/s", "p50 ms", "p99 ms", "mean batch", "svertka / peer"]
+    rows = []
+    for p in model["svertka"]["perf"]:
+        row = [str(p["concurrency"])]
+        if p.get("images_per_s"):
+            row += [fmt(p["images_per_s"]), fmt(p["latency_ms"]["p50"], 2), fmt(p["latency_ms"]["p99"], 2),
+                    fmt(mean_batch(p["batches"]), 2)]  # fmt: skip
+        else:
+            row += ["unstable", "", "", ""]
+        if peer:
+            q = next((q for q in peer["perf"] if q["concurrency"] == p["concurrency"]), None)
+            if q and q.get("images_per_s"):
+                row += [fmt(q["images_per_s"]), fmt(q["latency_ms"]["p50"], 2), fmt(q["latency_ms"]["p99"], 2),
+                        fmt(mean_batch(q["batches"]), 2), fmt(ratio(p.get("images_per_s"), q["images_per_s"]), 2)]  # fmt: skip
+            else:
+                row += ["unstable", "", "", "", ""]
+        rows.append(row)
+    lines += _table(header, rows) + [""]
+
+    lines += [
+        "**Image API, closed loop** (svertka's asyncio client, `Classify` with 1024x768 JPEGs, top_k 1):",
+        "",
+    ]
+    rows = [[str(int(r["load"])), fmt(r["images_per_s"]), fmt(r["latency_ms"]["p50"], 2), fmt(r["latency_ms"]["p99"], 2),
+             str(r["completed"]), str(r["errors"] or "")] for r in model["svertka"]["image"]["closed"]]  # fmt: skip
+    lines += _table(["concurrency", "images/s", "p50 ms", "p99 ms", "requests", "errors"], rows) + [""]
+
+    lines += [f"**Latency-bounded throughput** (highest Poisson arrival rate with p99 < {bound_ms:g} ms; "
+              "latency from each request's scheduled arrival):", ""]  # fmt: skip
+    searches = [
+        ("svertka, tensor API", model["svertka"]["tensor_rate"]),
+        ("svertka, image API", model["svertka"]["image"]["rate"]),
+    ]
+    if peer:
+        searches.append(("peer, tensor API", peer["tensor_rate"]))
+    rows = []
+    for label, search in searches:
+        tried = ", ".join(
+            f"{r['load']:.0f}/s: p99 {fmt(r['latency_ms']['p99'], 0)} ms"
+            for r in sorted(search["tried"], key=lambda r: r["load"])
+        )
+        rows.append([label, fmt(search["best_rate"], 1, " req/s"), tried])
+    lines += _table(["server", "highest passing rate", "rates tried (p99)"], rows) + [""]
+    if s["vs_peer"] is not None:
+        lines += [f"Best tensor-API throughput: svertka {fmt(s['served'])} img/s (concurrency {s['served_c']}), "
+                  f"peer {fmt(s['peer'])} img/s (concurrency {s['peer_c']}): ratio {fmt(s['vs_peer'], 2)}.", ""]  # fmt: skip
+    return lines
+
+
+def render(results: dict, img_rel: str) -> str:
+    meta = results["meta"]
+    m = meta["machine"]
+    plan = meta["plan"]
+    bound = plan["latency_bound_ms"]
+    cmd = "make bench" if not meta["quick"] else "make bench BENCH_QUICK=1"
+    lines = ["# Benchmarks", ""]
+    if meta["quick"]:
+        lines += ["> **Quick mode** (`BENCH_QUICK=1`): windows of about a second, no peer. These numbers only show",
+                  "> that the pipeline works; they are not measurements to quote.", ""]  # fmt: skip
+    lines += [
+        f"Every number on this page was produced by one run of `{cmd}` (`{' '.join(meta['argv'])}`), "
+        f"started {meta['started']} and lasting {meta.get('duration_s', 'n/a')} s, on commit `{m['git_commit']}`. "
+        "The page and its plots are generated by `bench/report.py`; the raw results are in "
+        "`.bench/full/results.json` after a run (re-render with `python -m bench --report-only .bench/full/results.json`).",
+        "",
+        "The machine is shared and noisy, so the headline is **ratios** measured minutes apart on the same machine: "
+        "served throughput against what onnxruntime alone reaches (the ceiling), int8 against fp32, svertka against "
+        "a peer (Triton Inference Server through PyTriton) serving the same ONNX file with the same batching settings.",
+        "",
+        "## Headline",
+        "",
+    ]
+    rows = []
+    for model in results["models"]:
+        s = summary(model)
+        rows.append([
+            model["label"], f"{fmt(s['ceiling'])} (b {s['ceiling_batch']})", fmt(s["raw_b1_ms"], 2),
+            f"{fmt(s['served'])} (c {s['served_c']})", fmt(s["efficiency"], 2),
+            f"{fmt(s['image'])}", fmt(s["image_efficiency"], 2),
+            f"+{fmt(s['c1_overhead_ms'], 2)}",
+            f"{fmt(s['peer'])}" + (f" ({fmt(s['peer_efficiency'], 2)})" if s["peer"] else ""), fmt(s["vs_peer"], 2),
+            f"{fmt(s['rate_tensor'], 0)} / {fmt(s['rate_image'], 0)} / {fmt(s['rate_peer'], 0)}",
+        ])  # fmt: skip
+    lines += _table(
+        ["model", "ceiling img/s", "raw b1 ms", "svertka tensor img/s", "served / ceiling", "image API img/s",
+         "image / ceiling", "c=1 p50 overhead ms", "peer img/s (/ ceiling)", "svertka / peer",
+         f"p99<{bound:g} ms rate: tensor / image / peer"],
+        rows,
+    )  # fmt: skip
+    by_name = {x["name"]: summary(x) for x in results["models"]}
+    for fp32, int8 in (("resnet18", "resnet18-int8"), ("digits", "digits-int8")):
+        if fp32 in by_name and int8 in by_name:
+            a, b = by_name[fp32], by_name[int8]
+            lines += ["", f"int8 / fp32 ({fp32}): served {fmt(ratio(b['served'], a['served']), 2)}x, "
+                      f"image API {fmt(ratio(b['image'], a['image']), 2)}x, onnxruntime alone {fmt(ratio(b['ceiling'], a['ceiling']), 2)}x."]  # fmt: skip
+    lines += ["", "### Targets (issue 7; measured, not asserted)", ""] + _targets(results)
+    la = meta.get("load_average")
+    lines += [
+        "",
+        "## Machine and versions",
+        "",
+        f"- CPU: {m['cpu']}, {m['cpus_usable']} usable cores, flags {', '.join(m['cpu_flags']) or 'n/a'}; "
+        f"{m['memory_gib']} GiB memory; {m['os']}; Python {m['python']}",
+        "- " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"- {meta['perf_analyzer']} (from the `tritonclient` wheel)",
+    ]
+    if meta.get("peer_versions"):
+        lines.append("- peer venv (`.bench/pytriton-venv`, made by `bench/setup_peer.sh`): "
+                     + ", ".join(f"{k} {v}" for k, v in meta["peer_versions"].items()))  # fmt: skip
+    if la:
+        lines.append(f"- load average (1/5/15 min) before the run {', '.join(f'{x:.2f}' for x in la['before'])}, "
+                     f"after {', '.join(f'{x:.2f}' for x in la['after'])}: above {m['cpus_usable']}, other work competed for the CPUs")  # fmt: skip
+    img = meta["images"]
+    pa = plan["perf"]
+    lines += [
+        "",
+        "## Method",
+        "",
+        "- **Ceiling** (`bench/ceiling.py`): an onnxruntime `InferenceSession` configured as the server configures it "
+        "(CPU provider, the server's default intra-op thread count, sequential execution, all graph optimizations), "
+        f"timed for {plan['ceiling_s_per_batch']:g} s at each batch size 1, 2, 4, ..., max_batch_size on a ready "
+        "float32 batch. Best images/s is the ceiling; batch-1 p50 is the latency floor. Measured before the servers "
+        "and again after them; the faster pass is kept (the conservative choice for served/ceiling).",
+        f"- **Tensor API** (`bench/perf.py`): `perf_analyzer -i grpc -b 1 --concurrency-range C "
+        f"--measurement-interval {pa['measurement_interval_ms']} --stability-percentage {pa['stability_percentage']} "
+        f"--max-trials {pa['max_trials']} -f out.csv`, one process per concurrency in "
+        f"{', '.join(map(str, plan['concurrencies']))}; a level that does not stabilise is retried with twice the "
+        "stability percentage, then reported as unstable. Batch sizes come from the difference of ModelStatistics "
+        "`batch_stats` before and after each level (both servers report them).",
+        f"- **Image API** (`bench/loadgen.py`): `svertka.v1.ImageClassifier/Classify` calls from an asyncio gRPC "
+        f"client, closed loop at concurrency {', '.join(map(str, plan['image_concurrencies']))}, "
+        f"{plan['load_s']:g} s windows after {plan['warmup_s']:g} s of warm-up, cycling through {img['count']} "
+        f"JPEGs of {img['width']}x{img['height']} (mean {img['mean_kib']} KiB, quality 90) made from the photographs "
+        f"scikit-image ships ({', '.join(img['sources'])}) and their mirror images (`bench/images.py`).",
+        f"- **Latency-bounded throughput**: open-loop Poisson arrivals from the same client (tensor requests for "
+        f"both servers, image requests for svertka), {plan['load_s']:g} s per rate, latency counted from each "
+        f"request's scheduled arrival; starting at half the best closed-loop throughput, doubling or halving to bracket "
+        f"and then bisecting, {plan['rate_steps']} rates per search. A rate passes when every request succeeded and "
+        f"p99 < {bound:g} ms.",
+        "- **Peer** (`bench/peer_server.py`): nvidia-pytriton's bundled Triton server, an onnxruntime callable under "
+        "`@batch`, `DynamicBatcher(max_queue_delay_microseconds=...)` and `max_batch_size` equal to svertka's, the "
+        "same intra-op threads, the same ONNX file.",
+        "",
+        "## Results per model",
+        "",
+    ]
+    for model in results["models"]:
+        lines += _model_section(model, img_rel, bound)
+    lines += [
+        "## GPU",
+        "",
+        "Pending: no GPU was available to this run. The same benchmark with the CUDA execution provider (and TensorRT "
+        "where it loads) on fp16 and fp32 resnet50 with IO binding will be recorded here when one is.",
+        "",
+    ]
+    notes = results.get("notes")
+    if notes:
+        lines += ["## Notes", "", *notes, ""]
+    return "\n".join(lines)
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """Write the markdown report to ``out`` and its plots to ``out.parent/img/benchmarks``; return all paths."""
+    out = Path(out)
+    img_dir = out.parent / "img" / "benchmarks"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    bound = results["meta"]["plan"]["latency_bound_ms"]
+    written = []
+    for model in results["models"]:
+        for kind, fn in (
+            ("throughput", plot_throughput),
+            ("latency", plot_latency),
+            ("batches", plot_batches),
+        ):
+            path = img_dir / f"{model['name']}-{kind}.png"
+            if kind == "latency":
+                fn(model, path, bound)
+            else:
+                fn(model, path)
+            written.append(path)
+    out.write_text(render(results, "img/benchmarks"))
+    return [out, *written]

@@ -1,0 +1,246 @@
+"""``python -m bench``: the whole benchmark in one run, then the report.
+
+For each model: the onnxruntime ceiling; svertka under perf_analyzer (tensor
+API, closed loop), under svertka's own load generator (image API with real
+JPEGs, closed loop) and under Poisson arrivals (latency-bounded throughput,
+both APIs); then the same perf_analyzer and Poisson load against the peer
+(Triton via PyTriton) serving the same ONNX file. The ceiling is measured
+again after the servers and the higher of the two kept, so that a burst of
+background load during the first pass cannot flatter the served/ceiling ratio.
+Results go to a JSON file; ``bench.report`` turns that into
+``docs/benchmarks.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import ceiling, images, loadgen, machine, models, peer, perf, target
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORK = REPO_ROOT / ".bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long and how wide to measure; ``QUICK`` only proves that the pipeline works."""
+
+    ceiling_s_per_batch: float
+    perf: perf.PerfSettings
+    concurrencies: tuple[int, ...]
+    image_concurrencies: tuple[int, ...]
+    load_s: float
+    warmup_s: float
+    rate_steps: int
+    latency_bound_ms: float = 100.0
+
+
+FULL = Plan(
+    ceiling_s_per_batch=3.0,
+    perf=perf.PerfSettings(measurement_interval_ms=3000, stability_percentage=20, max_trials=6),
+    concurrencies=(1, 2, 3, 4, 6, 8, 12, 16),
+    image_concurrencies=(1, 2, 4, 8, 16),
+    load_s=10.0,
+    warmup_s=2.0,
+    rate_steps=6,
+)
+QUICK = Plan(
+    ceiling_s_per_batch=0.2,
+    perf=perf.PerfSettings(measurement_interval_ms=1000, stability_percentage=50, max_trials=3),
+    concurrencies=(1, 4),
+    image_concurrencies=(1, 4),
+    load_s=1.5,
+    warmup_s=0.5,
+    rate_steps=2,
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _asdict(obj):
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+async def _image_api(url: str, model: str, jpegs: list[bytes], plan: Plan) -> dict:
+    channel = loadgen.channel(url)
+    try:
+        call = loadgen.image_caller(channel, model, jpegs)
+        closed = []
+        for c in plan.image_concurrencies:
+            result = await loadgen.closed_loop(
+                call, concurrency=c, duration_s=plan.load_s, warmup_s=plan.warmup_s
+            )
+            log(f"  image c={c:2d}: {result.images_per_s:7.1f} img/s  p50 {result.latency_ms['p50']:6.1f} ms  "
+                f"p99 {result.latency_ms['p99']:6.1f} ms{'  errors ' + str(result.errors) if result.errors else ''}")  # fmt: skip
+            closed.append(result)
+        best = max((r.images_per_s for r in closed), default=1.0)
+        log(f"  image API: highest Poisson rate with p99 < {plan.latency_bound_ms:g} ms")
+        rate = await loadgen.latency_bounded_rate(
+            call, bound_ms=plan.latency_bound_ms, start_rate=max(1.0, 0.5 * best), duration_s=plan.load_s,
+            warmup_s=plan.warmup_s, steps=plan.rate_steps, kind="image", log=log,
+        )  # fmt: skip
+        return {"closed": [_asdict(r) for r in closed], "rate": _asdict(rate)}
+    finally:
+        await channel.close()
+
+
+async def _tensor_rate(url: str, model: str, start_rate: float, plan: Plan) -> dict:
+    channel = loadgen.channel(url)
+    try:
+        call = await loadgen.tensor_caller(channel, model)
+        log(f"  tensor API: highest Poisson rate with p99 < {plan.latency_bound_ms:g} ms")
+        rate = await loadgen.latency_bounded_rate(
+            call, bound_ms=plan.latency_bound_ms, start_rate=max(1.0, start_rate), duration_s=plan.load_s,
+            warmup_s=plan.warmup_s, steps=plan.rate_steps, kind="tensor", log=log,
+        )  # fmt: skip
+        return _asdict(rate)
+    finally:
+        await channel.close()
+
+
+def _best_perf(points: list[perf.PerfPoint]) -> float:
+    return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
+
+
+def bench_model(
+    m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, workdir: Path
+) -> dict:
+    from service import config
+
+    settings = config.ModelSettings.load(m.path.parent.parent)
+    threads = settings.intra_op_threads or max(1, config.default_intra_op_threads() // settings.instances)
+    out: dict = {"name": m.name, "label": m.label, "path": str(m.path), "max_batch_size": settings.max_batch_size,
+                 "max_queue_delay_ms": settings.max_queue_delay_ms, "threads": threads}  # fmt: skip
+
+    log(f"{m.label}: onnxruntime ceiling ({threads} intra-op threads, batch 1..{settings.max_batch_size})")
+    first = ceiling.measure(m.path, model=m.name, max_batch_size=settings.max_batch_size, threads=threads,
+                            seconds_per_batch=plan.ceiling_s_per_batch)  # fmt: skip
+    for p in first.points:
+        log(f"  batch {p.batch_size:2d}: {p.images_per_s:7.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
+
+    repo = target.single_model_repository(m.path, m.name, workdir / "repos")
+    log(f"{m.label}: svertka")
+    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log") as server:
+        log("  tensor API, perf_analyzer closed loop")
+        sv_perf = perf.sweep(
+            server.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "svertka", log
+        )
+        sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan))
+        sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
+    out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "image": sv_image, "tensor_rate": sv_rate}
+
+    out["peer"] = None
+    if with_peer:
+        log(f"{m.label}: peer (Triton via PyTriton, onnxruntime callable)")
+        with peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
+                        max_queue_delay_ms=settings.max_queue_delay_ms,
+                        log_path=workdir / "logs" / f"peer-{m.name}.log") as p:  # fmt: skip
+            log("  tensor API, perf_analyzer closed loop")
+            pe_perf = perf.sweep(
+                p.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "peer", log
+            )
+            pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
+        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "tensor_rate": pe_rate}
+
+    passes = [first]
+    if plan is not QUICK:
+        log(f"{m.label}: onnxruntime ceiling again (the higher pass is kept)")
+        passes.append(ceiling.measure(m.path, model=m.name, max_batch_size=settings.max_batch_size,
+                                      threads=threads, seconds_per_batch=plan.ceiling_s_per_batch))  # fmt: skip
+    out["ceiling_passes"] = [_asdict(c) for c in passes]
+    out["ceiling"] = _asdict(max(passes, key=lambda c: c.images_per_s))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="seconds per step, the digits models only, no peer"
+    )
+    parser.add_argument("--no-peer", action="store_true", help="skip the Triton peer")
+    parser.add_argument(
+        "--models", default="", help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report path (default docs/benchmarks.md; quick: .bench/quick/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=None, help="results JSON (default next to the report's work dir)"
+    )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="only re-render the report from a results file",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+
+    from bench import report
+
+    quick = args.quick
+    out = args.out or (WORK / "quick" / "benchmarks.md" if quick else REPO_ROOT / "docs" / "benchmarks.md")
+    if args.report_only:
+        report.write(json.loads(args.report_only.read_text()), out)
+        log(f"wrote {out}")
+        return 0
+
+    plan = QUICK if quick else FULL
+    with_peer = not (quick or args.no_peer)
+    workdir = WORK / ("quick" if quick else "full")
+    results_path = args.results or workdir / "results.json"
+    names = [n for n in args.models.split(",") if n] or (
+        ["digits", "digits-int8"] if quick else ["resnet18", "resnet18-int8", "digits"]
+    )
+
+    started = datetime.datetime.now(datetime.UTC)
+    load_before = machine.load_average()
+    meta = {"machine": machine.describe(), "quick": quick, "plan": _asdict(plan), "started": started.isoformat(timespec="seconds"),
+            "perf_analyzer": perf.version(), "argv": ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]}  # fmt: skip
+    if with_peer:
+        log("peer: bench/setup_peer.sh")
+        peer.setup()
+        meta["peer_versions"] = peer.versions()
+
+    available = {m.name: m for m in models.digits_models()}
+    if any(n.startswith("resnet18") for n in names):
+        log("models: resnet18 fp32/int8 224x224 (svertka export --weights random, svertka quantize)")
+        available.update({m.name: m for m in models.resnet18_models(WORK / "models")})
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        parser.error(f"unknown or unavailable models {unknown}; available: {sorted(available)}")
+    jpegs = images.load_jpegs(WORK / "images")
+    meta["images"] = {"count": len(jpegs), "width": images.WIDTH, "height": images.HEIGHT,
+                      "mean_kib": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), "sources": list(images.PHOTOGRAPHS)}  # fmt: skip
+
+    results = {"meta": meta, "models": []}
+    for name in names:
+        results["models"].append(
+            bench_model(available[name], plan, jpegs, with_peer=with_peer, workdir=workdir)
+        )
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
+    meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    meta["duration_s"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())
+    meta["load_average"] = {"before": load_before, "after": machine.load_average()}
+    results_path.write_text(json.dumps(results, indent=1))
+    log(f"results: {results_path}")
+    report.write(json.loads(json.dumps(results)), out)  # as re-rendering sees it: JSON keys are strings
+    log(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
