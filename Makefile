@@ -43,6 +43,14 @@ test: setup system-deps model
 test-fast: setup
 	$(PY) -m pytest tests --ignore=tests/triton -m "not slow" $(PYTEST_ARGS)
 
+## bench: the serving benchmark -> docs/benchmarks.md + docs/img/benchmarks/ (about 30 min; installs the
+## Triton peer into .bench/pytriton-venv). BENCH_QUICK=1: about a minute, digits models, no peer, report
+## under .bench/quick/. Extra flags: BENCH_ARGS="--models resnet18 --no-peer" (see python -m bench --help)
+BENCH_QUICK ?=
+BENCH_ARGS ?=
+bench: setup system-deps model
+	$(PY) -m bench $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check service export tests bench
 	$(VENV)/bin/ruff format --check service export tests bench
