@@ -1,0 +1,116 @@
+"""The benchmark cannot rot: its quick mode runs end to end, and its parsers read real formats.
+
+The quick run (``make bench BENCH_QUICK=1``) starts a real svertka server on
+loopback, loads it with perf_analyzer and the asyncio client, and writes the
+report and plots. Nothing here asserts a speed: the machine is shared and the
+quick windows are a second long. It asserts what a reader of the report
+would notice: every model has its tables, plots that open, and a GPU section.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench import ceiling, modelstats, perf, report
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A perf_analyzer 2.41 ``-f`` file, as it wrote one against the peer in development.
+PERF_CSV = (
+    "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,Server Compute Input,"
+    "Server Compute Infer,Server Compute Output,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency\n"
+    "2,32.0365,124,5569,14453,192,41206,591,4,54007,128893,146351,220527\n"
+)
+
+
+def test_perf_analyzer_csv_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "pa.csv"
+    path.write_text(PERF_CSV)
+    row = perf.parse_csv(path)
+    assert row["Concurrency"] == 2
+    assert row["Inferences/Second"] == pytest.approx(32.0365)
+    assert row["p99 latency"] == 220527
+
+
+def test_perf_analyzer_csv_without_a_row_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "pa.csv"
+    path.write_text(PERF_CSV.splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="expected one data row"):
+        perf.parse_csv(path)
+
+
+def test_ceiling_batch_sizes_end_at_max_batch_size() -> None:
+    assert ceiling.batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert ceiling.batch_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert ceiling.batch_sizes(1) == [1]
+
+
+def test_batch_count_difference_keeps_only_new_batches() -> None:
+    before = {1: 10, 2: 5}
+    after = {1: 10, 2: 9, 4: 3}
+    assert modelstats.difference(after, before) == {2: 4, 4: 3}
+    assert modelstats.mean_batch_size({2: 4, 4: 3}) == pytest.approx(20 / 7)
+
+
+def test_p99_at_equal_throughput_interpolates_inside_the_curve_only() -> None:
+    points = [
+        {"concurrency": 1, "images_per_s": 10.0, "latency_ms": {"p99": 20.0}},
+        {"concurrency": 2, "images_per_s": 30.0, "latency_ms": {"p99": 40.0}},
+        {"concurrency": 4, "images_per_s": None},
+    ]
+    assert report.p99_at_throughput(points, 20.0) == pytest.approx(30.0)
+    assert report.p99_at_throughput(points, 31.0) is None
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    results_path = tmp_path / "results.json"
+    run = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "bench",
+            "BENCH_QUICK=1",
+            f"BENCH_ARGS=--out {out} --results {results_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    results = json.loads(results_path.read_text())
+    assert results["meta"]["quick"] is True
+    names = [m["name"] for m in results["models"]]
+    assert names and names[0] == "digits"
+    text = out.read_text()
+    for model in results["models"]:
+        assert [p["batch_size"] for p in model["ceiling"]["points"]] == ceiling.batch_sizes(
+            model["max_batch_size"]
+        )
+        assert all(p["images_per_s"] > 0 for p in model["ceiling"]["points"])
+        assert model["peer"] is None  # quick mode never installs or starts the peer
+        for point in model["svertka"]["perf"]:
+            # A level either measured something or says why not (noise can defeat stability).
+            assert (point["images_per_s"] or 0) > 0 or point["error"]
+            if point["images_per_s"]:
+                assert sum(point["batches"].values()) > 0  # ModelStatistics moved during the run
+        for closed in model["svertka"]["image"]["closed"]:
+            assert closed["completed"] > 0 and not closed["errors"], closed
+        for search in (model["svertka"]["tensor_rate"], model["svertka"]["image"]["rate"]):
+            assert search["tried"] and all(r["completed"] > 0 for r in search["tried"])
+        assert f"### {model['label']}" in text
+        for kind in ("throughput", "latency", "batches"):
+            png = tmp_path / "img" / "benchmarks" / f"{model['name']}-{kind}.png"
+            assert f"(img/benchmarks/{png.name})" in text
+            with Image.open(png) as image:
+                assert image.format == "PNG" and image.width > 400 and image.height > 300
+    assert "## Headline" in text and "Quick mode" in text
+    assert "## GPU" in text and "Pending" in text
