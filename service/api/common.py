@@ -125,6 +125,7 @@ class RequestRecord:
         self.start = start
         self.images: int | None = None
         self.timings = Timings()
+        self._log_token = logs.bind_request_id(rid)
         model.recorder.in_flight.inc()
 
     def finish(self, code: str) -> None:
@@ -149,6 +150,7 @@ class RequestRecord:
             images=self.images,
             peer=self.peer,
         )
+        logs.reset_request_id(self._log_token)
 
 
 @contextlib.contextmanager
