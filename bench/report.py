@@ -355,6 +355,35 @@ def _model_section(model: dict, img_rel: str, bound_ms: float) -> list[str]:
     return lines
 
 
+def _profile_section(model: dict) -> list[str]:
+    prof = model["svertka"].get("profile")
+    if not prof:
+        return []
+    lines = [f"## Profile: where svertka's CPU goes ({model['label']})", "",
+             f"py-spy attached to the running server while the asyncio client kept {prof['concurrency']} requests "
+             f"in flight, {prof['seconds']:g} s per view (`bench/profile.py`). *active*: samples of every non-idle "
+             "thread; native work (onnxruntime kernels, JPEG decoding, grpc's C core) shows as the Python frame that "
+             "called it. *gil*: only the thread holding the GIL, i.e. the Python work that competes with everything "
+             "else for the interpreter. Shares are of all samples in that view.", ""]  # fmt: skip
+    for api in ("tensor", "image"):
+        for view in ("active", "gil"):
+            summ = prof.get(f"{api}_{view}")
+            if not summ:
+                continue
+            lines += [f"**{api} API, {view}** ({summ['samples']} samples, {fmt(summ['images_per_s_while_sampled'])} "
+                      f"img/s while sampled; `{summ['command']}`):", ""]  # fmt: skip
+            rows = []
+            depth = max(len(summ["threads"]), len(summ["self"]), 8)
+            for i in range(min(depth, 8)):
+                cells = []
+                for key in ("threads", "self"):
+                    items = summ[key]
+                    cells += [f"`{items[i][0]}`", f"{items[i][1]:.0%}"] if i < len(items) else ["", ""]
+                rows.append(cells)
+            lines += _table(["thread", "share", "innermost frame", "share"], rows) + [""]
+    return lines
+
+
 def render(results: dict, img_rel: str) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -454,6 +483,8 @@ def render(results: dict, img_rel: str) -> str:
     ]
     for model in results["models"]:
         lines += _model_section(model, img_rel, bound)
+    for model in results["models"]:
+        lines += _profile_section(model)
     lines += [
         "## GPU",
         "",

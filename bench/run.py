@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench import ceiling, images, loadgen, machine, models, peer, perf, target
+from bench import profile as profiler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORK = REPO_ROOT / ".bench"
@@ -60,6 +61,11 @@ QUICK = Plan(
     warmup_s=0.5,
     rate_steps=2,
 )
+
+
+#: The profiled load: enough concurrency for full batches, long enough for a few thousand samples.
+PROFILE_CONCURRENCY = 8
+PROFILE_SECONDS = 10.0
 
 
 def log(message: str) -> None:
@@ -112,7 +118,7 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
 
 
 def bench_model(
-    m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, workdir: Path
+    m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, profile: bool, workdir: Path
 ) -> dict:
     from service import config
 
@@ -136,7 +142,12 @@ def bench_model(
         )
         sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan))
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
-    out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "image": sv_image, "tensor_rate": sv_rate}
+        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "image": sv_image, "tensor_rate": sv_rate}
+        if profile:
+            log(f"  profile: py-spy on the server under closed-loop load, concurrency {PROFILE_CONCURRENCY}")
+            out["svertka"]["profile"] = asyncio.run(profiler.profile_server(
+                server, m.name, jpegs, concurrency=PROFILE_CONCURRENCY, seconds=PROFILE_SECONDS,
+                workdir=workdir / "profile"))  # fmt: skip
 
     out["peer"] = None
     if with_peer:
@@ -167,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="seconds per step, the digits models only, no peer"
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the Triton peer")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of resnet18 fp32")
     parser.add_argument(
         "--models", default="", help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8"
     )
@@ -227,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"meta": meta, "models": []}
     for name in names:
+        profile = not (quick or args.no_profile) and name == "resnet18" and profiler.available()
         results["models"].append(
-            bench_model(available[name], plan, jpegs, with_peer=with_peer, workdir=workdir)
+            bench_model(available[name], plan, jpegs, with_peer=with_peer, profile=profile, workdir=workdir)
         )
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
