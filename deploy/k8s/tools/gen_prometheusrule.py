@@ -44,7 +44,9 @@ def build(rules_dir: Path = RULES_DIR) -> dict:
     for path in rule_files(rules_dir):
         for group in yaml.safe_load(path.read_text())["groups"]:
             if group["name"] in seen:
-                raise SystemExit(f"rule group {group['name']!r} is defined in {seen[group['name']]} and {path}")
+                raise SystemExit(
+                    f"rule group {group['name']!r} is defined in {seen[group['name']]} and {path}"
+                )
             seen[group["name"]] = path
             groups.append(group)
     if not groups:
