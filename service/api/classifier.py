@@ -41,12 +41,13 @@ def top_k_of(request: pb.ClassifyRequest, num_classes: int) -> int:
     return request.top_k
 
 
-def _timings_pb(t: common.Timings) -> pb.Timings:
+def _timings_pb(record: common.RequestRecord) -> pb.Timings:
+    t = record.timings
     return pb.Timings(
-        decode_us=round(t.decode_s * 1e6),
+        decode_us=round(t.preprocess_s * 1e6),
         queue_us=round(t.queue_s * 1e6),
         compute_us=round(t.compute_s * 1e6),
-        total_us=round(t.total_s * 1e6),
+        total_us=round(record.total_s * 1e6),
     )
 
 
@@ -75,10 +76,11 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
                 raise errors.InvalidInput(
                     "image: empty; expected encoded image bytes (JPEG, PNG, WebP, BMP or GIF)"
                 )
-            (result,) = await model.infer_images([request.image], deadline=common.deadline_of(context))
+            (result,) = await model.infer_images(
+                [request.image], deadline=common.deadline_of(context), timings=record.timings
+            )
             if isinstance(result, errors.SvertkaError):
                 raise result
-            record.timings = common.collect_timings(model)
             post_start = time.perf_counter()
             predictions = [
                 pb.Prediction(label=label, index=index, score=score)
@@ -88,7 +90,7 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             response = pb.ClassifyResponse(
                 predictions=predictions, model_name=model.name, model_version=model.version, id=request.id
             )
-        response.timings.CopyFrom(_timings_pb(record.timings))
+        response.timings.CopyFrom(_timings_pb(record))
         return response
 
     async def Classify(self, request, context):

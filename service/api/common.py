@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import re
 import time
@@ -97,26 +96,19 @@ def request_id(explicit: str, context: grpc.aio.ServicerContext | None) -> str:
     return logs.new_request_id()
 
 
-@dataclasses.dataclass
-class Timings:
-    """Server-side time of one request, seconds."""
-
-    decode_s: float = 0.0
-    queue_s: float = 0.0
-    compute_s: float = 0.0
-    total_s: float = 0.0
-
-
 class RequestRecord:
-    """Bookkeeping for one request: in-flight gauge, the recorder's outcome, the access log.
+    """Bookkeeping for one request: the recorder's outcome and timings, the access log, the log request id.
 
     Created once the model is known; ``finish`` must be called exactly once
-    (the ``track`` context manager does it, whatever the outcome).
+    (the ``track`` context manager does it, whatever the outcome). ``timings``
+    is handed to the model's infer call, which fills in where the time went.
     """
 
     def __init__(
         self, model: Any, *, api: str, method: str, rid: str, peer: str | None, start: float
     ) -> None:
+        from service.models import Timings  # the engine's; imported late so this module stays light
+
         self.model = model
         self.api = api
         self.method = method
@@ -125,19 +117,24 @@ class RequestRecord:
         self.start = start
         self.images: int | None = None
         self.timings = Timings()
+        self.total_s = 0.0
         self._log_token = logs.bind_request_id(rid)
-        model.recorder.in_flight.inc()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     def finish(self, code: str) -> None:
-        duration = time.perf_counter() - self.start
-        self.timings.total_s = duration
-        self.model.recorder.in_flight.dec()
+        duration = self.elapsed()
+        self.total_s = duration
+        t = self.timings
         self.model.recorder.request(
             api=self.api,
             code=code,
             duration_s=duration,
-            queue_s=self.timings.queue_s,
-            compute_s=self.timings.compute_s,
+            queue_s=t.queue_s,
+            compute_s=t.compute_s,
+            compute_input_s=t.compute_input_s,
+            compute_output_s=t.compute_output_s,
         )
         logs.access_log(
             request_id=self.rid,

@@ -76,13 +76,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         common.validate_model_name(name)
         return self._manager.get(name, common.parse_version(version))
 
-    def _versions(self, name: str, *, ready_only: bool = True) -> list[int]:
-        return sorted(
-            s.version
-            for s in self._manager.statuses()
-            if s.name == name and s.version is not None and (s.state == "READY" or not ready_only)
-        )
-
     # -- server and model state --------------------------------------------
     @rpc
     async def ServerLive(self, request, context):
@@ -114,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         meta = model.meta
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[str(v) for v in self._versions(model.name)] or [str(model.version)],
+            versions=[str(model.version)],
             platform=PLATFORM,
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
@@ -152,12 +145,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             record.images = parsed.rows
             deadline = common.deadline_of(context)
             if parsed.tensor is not None:
-                logits = await model.infer_tensor(parsed.tensor, deadline=deadline)
+                logits = await model.infer_tensor(parsed.tensor, deadline=deadline, timings=record.timings)
             else:
-                logits = _stack_image_results(
-                    await model.infer_images(parsed.images, deadline=deadline), model.meta.input_name
-                )
-            record.timings = common.collect_timings(model)
+                results = await model.infer_images(parsed.images, deadline=deadline, timings=record.timings)
+                logits = _stack_image_results(results, model.meta.input_name)
             post_start = time.perf_counter()
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
@@ -197,18 +188,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             common.validate_model_name(request.name)
         wanted_version = common.parse_version(request.version)
-        models = []
-        for s in self._manager.statuses():
-            if s.state != "READY" or s.version is None:
-                continue
-            if request.name and s.name != request.name:
-                continue
-            if wanted_version is not None and s.version != wanted_version:
-                continue
-            try:
-                models.append(self._manager.get(s.name, s.version))
-            except errors.SvertkaError:  # unloaded between the listing and now
-                continue
+        models = [
+            m
+            for m in self._manager.served()
+            if (not request.name or m.name == request.name)
+            and (wanted_version is None or m.version == wanted_version)
+        ]
         if request.name and not models:
             # Let the manager say what exists (NOT_FOUND) or why it is not ready (UNAVAILABLE).
             self._model(request.name, request.version)

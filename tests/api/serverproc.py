@@ -28,7 +28,9 @@ _LISTENING = re.compile(r"svertka listening: grpc [\w.\[\]:]+:(\d+) metrics [\w.
 class ServerProcess:
     """One ``python -m service serve`` process on loopback; its log goes to ``log_path``."""
 
-    def __init__(self, repository: Path, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, repository: Path, log_path: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.repository = Path(repository)
         self.log_path = Path(log_path)
         self.args = list(args)
@@ -62,7 +64,9 @@ class ServerProcess:
             *self.args,
         ]
         with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             match = _LISTENING.search(self.log())
