@@ -26,6 +26,15 @@ def batch_counts(url: str, model: str, timeout_s: float = 10.0) -> dict[int, int
     return counts
 
 
+def model_input(url: str, model: str, timeout_s: float = 10.0) -> tuple[str, list[int]]:
+    """Name and per-request shape (batch dimension dropped) of the model's only input, from ModelMetadata."""
+    with grpc.insecure_channel(url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout_s)
+    (inp,) = meta.inputs
+    return inp.name, [int(d) for d in inp.shape[1:]]
+
+
 def difference(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     """Batches per size executed between two snapshots (sizes with none left out)."""
     out = {size: n - before.get(size, 0) for size, n in after.items()}

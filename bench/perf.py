@@ -73,16 +73,38 @@ def parse_csv(path: Path) -> dict[str, float]:
     return {k.strip(): float(v) for k, v in rows[0].items() if k and v not in (None, "")}
 
 
+def input_data_file(url: str, model: str, workdir: Path, *, seed: int = 0) -> Path:
+    """A perf_analyzer ``--input-data`` JSON file: one standard-normal FP32 image, the same for every server.
+
+    perf_analyzer's default random data is random *bytes*, which as FP32 include
+    NaN and infinities; svertka rejects non-finite inputs (INVALID_ARGUMENT)
+    where Triton passes them on, so both get this finite tensor instead.
+    """
+    import json
+
+    import numpy as np
+
+    name, shape = modelstats.model_input(url, model)
+    path = workdir / f"input-{model}-{'x'.join(map(str, shape))}.json"
+    if not path.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        x = np.random.default_rng(seed).standard_normal(int(np.prod(shape)), dtype=np.float32)
+        content = [round(float(v), 4) for v in x]
+        path.write_text(json.dumps({"data": [{name: {"content": content, "shape": shape}}]}))
+    return path
+
+
 def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, workdir: Path) -> PerfPoint:
     """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request)."""
     workdir.mkdir(parents=True, exist_ok=True)
     csv_path = workdir / f"{model}-c{concurrency}.csv"
+    data = input_data_file(url, model, workdir)
     error = ""
     for stability in (settings.stability_percentage, settings.stability_percentage * 2):
         csv_path.unlink(missing_ok=True)
         cmd = [
             str(perf_analyzer_path()), "-i", "grpc", "-u", url, "-m", model, "-b", "1",
-            "--concurrency-range", str(concurrency),
+            "--concurrency-range", str(concurrency), "--input-data", str(data),
             "--measurement-interval", str(settings.measurement_interval_ms),
             "--stability-percentage", str(stability), "--max-trials", str(settings.max_trials),
             "-f", str(csv_path),
