@@ -203,6 +203,14 @@ class Batcher:
         self._changed(rows)
         return Reservation(self, rows)
 
+    def reserve_each(self, count: int) -> list[Reservation]:
+        """Hold one row each for ``count`` requests, all or nothing (e.g. the images of one request)."""
+        self._admit(count)
+        self._reserved_rows += count
+        self._settled.clear()
+        self._changed(count)
+        return [Reservation(self, 1) for _ in range(count)]
+
     def _unreserve(self, rows: int) -> None:
         self._reserved_rows -= rows
         self._changed(-rows)

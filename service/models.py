@@ -1,0 +1,733 @@
+"""The model repository and the models it serves: loading, versions, swaps, and the inference entry points.
+
+Layout (Triton/KServe style)::
+
+    <repository>/<model>/config.yaml|yml|json      optional ModelSettings
+    <repository>/<model>/<version>/model.onnx       version: a positive integer
+
+Each model serves one version: the newest, or ``version`` from its config.
+:class:`ModelManager` owns the lifecycle; :class:`ServedModel` is one loaded
+(name, version) and the object request handlers call.
+
+Swaps are atomic and lose nothing: a new version is loaded and warmed up
+beside the serving one, then a single assignment makes ``get()`` return it;
+the old version keeps running what it already accepted and is unloaded when
+its queue and in-flight requests are done. A model that fails to load is
+UNAVAILABLE with the reason (the others serve); a failed reload keeps the
+serving version.
+
+Everything runs on one event loop; blocking work leaves it through three
+seams: image decoding (a shared thread pool), onnxruntime runs (one thread per
+model instance, inside the batcher) and loading (one loader thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service import config, errors, modelmeta, runtime
+from service.batching import Batcher, BatchInfo, Hooks, Reservation, Result
+from service.preprocess import Preprocessor
+
+if TYPE_CHECKING:  # metrics imports prometheus_client and grpc; the engine only needs its interface
+    from service.metrics import Metrics, ModelRecorder
+
+log = logging.getLogger(__name__)
+
+READY = "READY"
+LOADING = "LOADING"
+UNAVAILABLE = "UNAVAILABLE"
+UNLOADING = "UNLOADING"
+
+MODEL_FILE = "model.onnx"
+#: Model names are single path components: no separators, no leading dot, no "..".
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name, else raise ModelNotFound (it can't exist)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise errors.ModelNotFound(
+            f"invalid model name {name!r}: expected letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+    return name
+
+
+def repository_versions(model_dir: Path) -> list[int]:
+    """Versions present on disk: integer-named subdirectories holding a model.onnx."""
+    versions = []
+    try:
+        children = list(model_dir.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file():
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """The state of one model as health checks and RepositoryIndex see it."""
+
+    name: str
+    version: int | None
+    state: str  # READY | LOADING | UNAVAILABLE | UNLOADING
+    reason: str  # "" when READY, else a human-readable cause
+
+
+@dataclasses.dataclass
+class Timings:
+    """Where one request's time went, filled in by :class:`ServedModel` when a caller passes one.
+
+    For a request with several images, ``preprocess_s`` is the sum of the
+    decodes, ``queue_s`` the longest wait, and the compute times are summed
+    over the distinct batches its images rode in.
+    """
+
+    preprocess_s: float = 0.0
+    queue_s: float = 0.0
+    compute_input_s: float = 0.0
+    compute_infer_s: float = 0.0
+    compute_output_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return self.compute_input_s + self.compute_infer_s + self.compute_output_s
+
+    def add_results(self, results: list[Result]) -> None:
+        seen: dict[int, BatchInfo] = {}
+        for res in results:
+            self.queue_s = max(self.queue_s, res.queue_s)
+            seen[id(res.batch)] = res.batch
+        for info in seen.values():
+            self.compute_input_s += info.input_s
+            self.compute_infer_s += info.infer_s
+            self.compute_output_s += info.output_s
+
+
+_REQUEST_TIMINGS: contextvars.ContextVar[Timings | None] = contextvars.ContextVar(
+    "svertka_timings", default=None
+)
+
+
+def _start_timings(timings: Timings | None) -> Timings:
+    timings = timings if timings is not None else Timings()
+    _REQUEST_TIMINGS.set(timings)
+    return timings
+
+
+def request_timings() -> Timings | None:
+    """The Timings of the last ``infer_*`` call made by the current task (None if none).
+
+    For handlers that prefer not to pass ``timings=``: the infer methods run
+    in the caller's task, so what they record is visible here afterwards.
+    """
+    return _REQUEST_TIMINGS.get()
+
+
+class ServedModel:
+    """One loaded (name, version): validation, decoding, batching and top-k for request handlers."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        meta: modelmeta.ModelMeta,
+        settings: config.ModelSettings,
+        sessions: list[runtime.Session],
+        recorder: ModelRecorder,
+        *,
+        decode_executor: concurrent.futures.Executor,
+        path: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.version = int(version)
+        self.meta = meta
+        self.settings = settings
+        self.recorder = recorder
+        self.path = path
+        self.provider = sessions[0].provider
+        self.instances = len(sessions)
+        self.threads_per_instance = sessions[0].threads
+        self._sessions = sessions
+        self._decode_executor = decode_executor
+        self.preprocessor = Preprocessor(meta, max_pixels=settings.max_image_pixels)
+        self.label = f"model '{name}' version {self.version}"
+        self.batcher = Batcher(
+            [s.run for s in sessions],
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_rows=settings.max_queue_size,
+            preferred_batch_sizes=settings.preferred_batch_sizes,
+            hooks=Hooks(
+                rejected=recorder.rejected,
+                queued=recorder.queued,
+                batch=self._record_batch,
+                queue_rows=self._record_depth,
+            ),
+            label=self.label,
+        )
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._retired = False
+        self._draining = False
+        self._closed = False
+
+    # -- accounting -------------------------------------------------------------
+    def _record_batch(self, info: BatchInfo) -> None:
+        self.recorder.batch(info.size, input_s=info.input_s, infer_s=info.infer_s, output_s=info.output_s)
+
+    def _record_depth(self, delta: int) -> None:
+        self.recorder.queue_depth.inc(delta)
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        if self._retired or self._closed:
+            raise errors.ModelNotReady(f"{self.label} has been replaced or unloaded; retry the request")
+        if self._draining:
+            raise errors.Draining(f"{self.label}: the server is shutting down and accepts no new requests")
+        # (The svertka_in_flight_requests gauge is the API layer's: it spans response building too.)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    def _invalid(self, message: str) -> errors.InvalidInput:
+        self.recorder.rejected("invalid_input")
+        return errors.InvalidInput(message)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- requests ------------------------------------------------------------------
+    def check_tensor(self, batch: object) -> np.ndarray:
+        """The checks a float32 (n, 3, H, W) request must pass; returns it C-contiguous."""
+        name = self.meta.input_name
+        c, h, w = self.meta.input_shape
+        limit = self.settings.max_rows_per_request
+        if not isinstance(batch, np.ndarray):
+            raise self._invalid(f"input '{name}': expected an FP32 array, got {type(batch).__name__}")
+        if batch.dtype != np.float32:
+            raise self._invalid(f"input '{name}': expected FP32 data, got {batch.dtype}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (c, h, w):
+            raise self._invalid(f"input '{name}': expected shape [n,{c},{h},{w}], got {list(batch.shape)}")
+        n = batch.shape[0]
+        if not 1 <= n <= limit:
+            raise self._invalid(
+                f"input '{name}': batch of {n} rows; expected 1 to {limit} rows per request (max_rows_per_request)"
+            )
+        finite = np.isfinite(batch)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise self._invalid(
+                f"input '{name}': {bad} values are NaN or infinite; expected finite FP32 values"
+            )
+        return np.ascontiguousarray(batch)
+
+    async def infer_tensor(
+        self, batch: np.ndarray, *, deadline: float | None = None, timings: Timings | None = None
+    ) -> np.ndarray:
+        """Logits (n, classes) for exactly these n rows, batched with other callers' rows.
+
+        Raises InvalidInput, Overloaded (queue full: at once), DeadlineExceeded
+        (never computed), InferenceFailed, Draining, ModelNotReady (this version
+        was swapped out). Cancelling the caller drops its rows before compute.
+        """
+        timings = _start_timings(timings)
+        with self._tracked():
+            x = self.check_tensor(batch)
+            res = await self.batcher.submit(x, deadline=deadline)
+        timings.add_results([res])
+        return res.rows
+
+    async def infer_images(
+        self, images: list[bytes], *, deadline: float | None = None, timings: Timings | None = None
+    ) -> list[np.ndarray | errors.SvertkaError]:
+        """One logits row (classes,) or the InvalidInput per image, in order.
+
+        Queue room is reserved for every image before any decoding, so an
+        overloaded model refuses at once; each image enters the batcher as
+        soon as it is decoded, so decoding overlaps inference.
+        """
+        timings = _start_timings(timings)
+        with self._tracked():
+            n = len(images)
+            limit = self.settings.max_rows_per_request
+            if n == 0:
+                raise self._invalid("the request has no images")
+            if n > limit:
+                raise self._invalid(f"{n} images in one request; the limit is {limit} (max_rows_per_request)")
+            if deadline is not None and deadline <= time.monotonic():
+                self.recorder.rejected("deadline")
+                raise errors.DeadlineExceeded(f"{self.label}: the deadline passed before decoding started")
+            reservations = self.batcher.reserve_each(n)
+            outcomes = await asyncio.gather(
+                *(
+                    self._one_image(data, held, deadline)
+                    for data, held in zip(images, reservations, strict=True)
+                ),
+                return_exceptions=True,
+            )
+        out: list[np.ndarray | errors.SvertkaError] = []
+        results: list[Result] = []
+        decode_s = 0.0
+        failure: BaseException | None = None
+        for outcome in outcomes:
+            if isinstance(outcome, errors.InvalidInput):
+                out.append(outcome)
+            elif isinstance(outcome, BaseException):
+                failure = failure or outcome
+            else:
+                res, seconds = outcome
+                out.append(res.rows[0])
+                results.append(res)
+                decode_s += seconds
+        if failure is not None:
+            # Overloaded/Deadline/InferenceFailed for one image fails the request (they share a deadline).
+            raise failure
+        timings.preprocess_s += decode_s
+        timings.add_results(results)
+        return out
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        x = self.preprocessor(data)
+        return x, time.perf_counter() - start
+
+    async def _one_image(
+        self, data: bytes, held: Reservation, deadline: float | None
+    ) -> tuple[Result, float] | errors.InvalidInput:
+        loop = asyncio.get_running_loop()
+        try:
+            x, seconds = await loop.run_in_executor(self._decode_executor, self._decode, data)
+        except errors.InvalidInput as exc:
+            held.release()
+            self.recorder.rejected("invalid_input")
+            return exc
+        except BaseException:
+            held.release()
+            raise
+        self.recorder.preprocess(seconds)
+        res = await self.batcher.submit(x[None], deadline=deadline, reservation=held)
+        return res, seconds
+
+    def top_k(self, logits_row: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+        """(index, label, softmax probability), best first; ties keep class order. k > classes: all."""
+        if not isinstance(k, int | np.integer) or k < 1:
+            raise errors.InvalidInput(f"top_k must be >= 1, got {k}")
+        k = min(int(k), self.meta.num_classes)
+        z = np.asarray(logits_row, np.float64).reshape(-1)
+        z = z - z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")[:k]
+        return [(int(i), self.meta.labels[i], float(p[i])) for i in order]
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Refuse new requests (Draining); return when everything accepted has been answered."""
+        self._draining = True
+        await self.batcher.drain()
+        await self._idle.wait()
+
+    async def retire(self) -> None:
+        """Swapped out or unloaded: finish accepted work, then free the sessions."""
+        self._retired = True
+        await self.batcher.drain()
+        await self._idle.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.batcher.close()
+        for session in self._sessions:
+            session.close()
+
+
+@dataclasses.dataclass
+class _Entry:
+    """Everything the manager knows about one model name."""
+
+    name: str
+    directory: Path
+    status: ModelStatus
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    serving: ServedModel | None = None
+    versions: list[int] = dataclasses.field(default_factory=list)
+    serving_fingerprint: tuple | None = None
+    attempted_fingerprint: tuple | None = None
+
+
+class ModelManager:
+    """Loads every model in a repository, hands out ServedModels, swaps versions, drains.
+
+    ``executor`` decodes images (default: a pool with one thread per usable
+    CPU). ``poll_interval_s`` > 0 rescans the repository that often: new
+    models and versions are loaded (swapped in), removed ones unloaded.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        metrics: Metrics,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        poll_interval_s: float = 0.0,
+    ) -> None:
+        self.repository = Path(repository)
+        self.metrics = metrics
+        self.poll_interval_s = float(poll_interval_s)
+        self._own_executor = executor is None
+        self._decode_executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.default_intra_op_threads(), thread_name_prefix="svertka-decode"
+        )
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="svertka-load")
+        self._entries: dict[str, _Entry] = {}
+        self._listeners: list[Callable[[ModelStatus], None]] = []
+        self._retiring: set[asyncio.Task] = set()
+        self._poll_task: asyncio.Task | None = None
+        self._draining = False
+        self._closed = False
+
+    # -- queries ------------------------------------------------------------------
+    def get(self, name: str, version: str | int | None = None) -> ServedModel:
+        """The ServedModel for a request. ``None``/``""`` means the serving (newest) version."""
+        check_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise errors.ModelNotFound(f"model '{name}' is not in the repository (models: {known})")
+        served = entry.serving
+        if version is None or version == "":
+            if served is None:
+                raise errors.ModelNotReady(self._not_ready_message(entry))
+            return served
+        wanted = _parse_version(name, version)
+        if served is not None and served.version == wanted:
+            return served
+        if wanted in entry.versions:
+            now = (
+                f"version {served.version} is serving"
+                if served is not None
+                else self._not_ready_message(entry)
+            )
+            raise errors.ModelNotReady(f"model '{name}' version {wanted} is not loaded ({now})")
+        listed = ", ".join(map(str, entry.versions)) or "none"
+        raise errors.ModelNotFound(
+            f"model '{name}' has no version {wanted} (versions in the repository: {listed})"
+        )
+
+    @staticmethod
+    def _not_ready_message(entry: _Entry) -> str:
+        status = entry.status
+        reason = f": {status.reason}" if status.reason else ""
+        return f"model '{entry.name}' is {status.state.lower()}{reason}"
+
+    def statuses(self) -> list[ModelStatus]:
+        return [self._entries[name].status for name in sorted(self._entries)]
+
+    def status(self, name: str) -> ModelStatus:
+        check_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            raise errors.ModelNotFound(f"model '{name}' is not in the repository")
+        return entry.status
+
+    def served(self) -> list[ServedModel]:
+        """The serving version of every ready model."""
+        return [e.serving for _, e in sorted(self._entries.items()) if e.serving is not None]
+
+    def add_listener(self, callback: Callable[[ModelStatus], None]) -> None:
+        """``callback(status)`` on every state change, on the event loop."""
+        self._listeners.append(callback)
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and warm up every model in the repository; a bad one is UNAVAILABLE, the rest serve."""
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"model repository {self.repository} is not a directory")
+        for name in self._scan():
+            await self.load(name)
+        if self.poll_interval_s > 0 and self._poll_task is None:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+        ready = sum(1 for s in self.statuses() if s.state == READY)
+        log.info("model repository %s: %d of %d models ready", self.repository, ready, len(self._entries))
+
+    async def load(self, name: str) -> ModelStatus:
+        """(Re)load ``name`` from the repository and return the outcome for the version tried.
+
+        The serving version (if any) keeps serving until the new one is warm;
+        if the new one fails, it keeps serving and the returned status is
+        UNAVAILABLE with the reason.
+        """
+        check_name(name)
+        if self._closed:
+            raise errors.Draining("the model manager is closed")
+        directory = self.repository / name
+        entry = self._entries.get(name)
+        if entry is None:
+            if not directory.is_dir():
+                raise errors.ModelNotFound(f"no model '{name}' in the repository {self.repository}")
+            entry = _Entry(name, directory, ModelStatus(name, None, LOADING, "waiting to load"))
+            self._entries[name] = entry
+        async with entry.lock:
+            return await self._load_locked(entry)
+
+    async def _load_locked(self, entry: _Entry) -> ModelStatus:
+        name = entry.name
+        if not entry.directory.is_dir():
+            if entry.serving is not None:
+                await self._unload_locked(entry, "removed from the repository")
+            return self._set_status(
+                entry, ModelStatus(name, None, UNAVAILABLE, "removed from the repository")
+            )
+        entry.versions = repository_versions(entry.directory)
+        entry.attempted_fingerprint = _desired_fingerprint(entry.directory)
+        try:
+            settings = config.ModelSettings.load(entry.directory)
+        except config.ConfigError as exc:
+            return self._failed(entry, None, f"bad config: {exc}")
+        if not entry.versions:
+            return self._failed(
+                entry, None, f"no versions: expected {entry.directory}/<version>/{MODEL_FILE}"
+            )
+        version = settings.version or entry.versions[-1]
+        if version not in entry.versions:
+            return self._failed(
+                entry,
+                version,
+                f"the config asks for version {version} but the repository has {', '.join(map(str, entry.versions))}",
+            )
+        path = entry.directory / str(version) / MODEL_FILE
+        if entry.serving is None:
+            self._set_status(entry, ModelStatus(name, version, LOADING, f"loading version {version}"))
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            sessions = await loop.run_in_executor(self._loader, runtime.load_instances, path, settings)
+        except runtime.ModelLoadError as exc:
+            return self._failed(entry, version, f"version {version}: {exc}")
+        except Exception as exc:
+            log.exception("model '%s' version %d: unexpected error while loading", name, version)
+            return self._failed(entry, version, f"version {version}: unexpected error while loading: {exc!r}")
+        meta = sessions[0].meta
+        served = ServedModel(
+            name,
+            version,
+            meta,
+            settings,
+            sessions,
+            self.metrics.model(name, version),
+            decode_executor=self._decode_executor,
+            path=path,
+        )
+        old = entry.serving
+        entry.serving = served  # the swap: get() returns the new version from here on
+        entry.serving_fingerprint = entry.attempted_fingerprint
+        self.metrics.set_model_info(
+            name, version, provider=served.provider, precision=meta.precision, arch=meta.arch
+        )
+        self.metrics.set_model_ready(name, version, True)
+        log.info(
+            "model '%s' version %d ready on %s: %d instance(s) x %d threads, max batch %d, loaded in %.2f s%s",
+            name,
+            version,
+            served.provider,
+            served.instances,
+            served.threads_per_instance,
+            settings.max_batch_size,
+            time.perf_counter() - started,
+            f" (replacing version {old.version})" if old is not None else "",
+        )
+        status = self._set_status(entry, ModelStatus(name, version, READY, ""))
+        if old is not None:
+            task = loop.create_task(self._retire(old, keep_series=old.version == version))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return status
+
+    async def _retire(self, old: ServedModel, *, keep_series: bool) -> None:
+        try:
+            await old.retire()
+        finally:
+            await old.close()  # also when cancelled by close(): free the sessions and threads
+        if not keep_series:
+            self.metrics.remove_model(old.name, old.version)
+        log.info("model '%s' version %d unloaded (its accepted requests finished)", old.name, old.version)
+
+    def _failed(self, entry: _Entry, version: int | None, reason: str) -> ModelStatus:
+        if entry.serving is not None:
+            log.error("model '%s': %s; still serving version %d", entry.name, reason, entry.serving.version)
+            return ModelStatus(
+                entry.name, version, UNAVAILABLE, f"{reason} (still serving version {entry.serving.version})"
+            )
+        log.error("model '%s' unavailable: %s", entry.name, reason)
+        return self._set_status(entry, ModelStatus(entry.name, version, UNAVAILABLE, reason))
+
+    def _set_status(self, entry: _Entry, status: ModelStatus) -> ModelStatus:
+        if status != entry.status:
+            entry.status = status
+            for callback in list(self._listeners):
+                try:
+                    callback(status)
+                except Exception:
+                    log.exception("model status listener %r failed", callback)
+        return status
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name``: refuse new requests, finish accepted ones, free the sessions."""
+        check_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            raise errors.ModelNotFound(f"model '{name}' is not in the repository")
+        async with entry.lock:
+            await self._unload_locked(entry, "unloaded")
+
+    async def _unload_locked(self, entry: _Entry, reason: str) -> None:
+        old = entry.serving
+        entry.serving = None
+        entry.serving_fingerprint = None
+        if old is None:
+            self._set_status(entry, ModelStatus(entry.name, entry.status.version, UNAVAILABLE, reason))
+            return
+        self._set_status(entry, ModelStatus(entry.name, old.version, UNLOADING, reason))
+        self.metrics.set_model_ready(entry.name, old.version, False)
+        await old.retire()
+        self.metrics.remove_model(entry.name, old.version)
+        self._set_status(entry, ModelStatus(entry.name, old.version, UNAVAILABLE, reason))
+        log.info("model '%s' version %d %s", entry.name, old.version, reason)
+
+    async def refresh(self) -> None:
+        """Bring the served set in line with the repository (what polling runs)."""
+        on_disk = set(self._scan())
+        for name in sorted(on_disk | set(self._entries)):
+            entry = self._entries.get(name)
+            if entry is None:
+                await self.load(name)
+                continue
+            if name not in on_disk:
+                if entry.serving is not None or entry.status.state != UNAVAILABLE:
+                    async with entry.lock:
+                        await self._unload_locked(entry, "removed from the repository")
+                continue
+            current = _desired_fingerprint(entry.directory)
+            if current != entry.serving_fingerprint and current != entry.attempted_fingerprint:
+                await self.load(name)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("repository poll of %s failed", self.repository)
+
+    def _scan(self) -> list[str]:
+        names = []
+        for child in sorted(self.repository.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if not NAME_PATTERN.fullmatch(child.name) or ".." in child.name:
+                log.warning("ignoring %s: not a valid model name", child)
+                continue
+            names.append(child.name)
+        return names
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests with Draining; wait (up to ``timeout_s``) for everything accepted."""
+        self._draining = True
+        self._stop_polling()
+        models = [e.serving for e in self._entries.values() if e.serving is not None]
+        waits = [m.drain() for m in models] + list(self._retiring)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            left = sum(m.in_flight for m in models)
+            log.warning("drain: %d requests still in flight after %.1f s", left, timeout_s)
+
+    async def close(self) -> None:
+        """Free everything; requests still queued get Draining."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_polling()
+        for entry in self._entries.values():
+            if entry.serving is not None:
+                await entry.serving.close()
+        if self._retiring:
+            for task in list(self._retiring):
+                task.cancel()
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._loader.shutdown(wait=False)
+        if self._own_executor:
+            self._decode_executor.shutdown(wait=False)
+
+    def _stop_polling(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            self._poll_task = None
+
+
+def _parse_version(name: str, version: str | int) -> int:
+    if isinstance(version, int | np.integer) and not isinstance(version, bool):
+        if version >= 1:
+            return int(version)
+    elif isinstance(version, str) and version.isdigit() and int(version) >= 1:
+        return int(version)
+    raise errors.ModelNotFound(f"model '{name}' has no version {version!r} (versions are positive integers)")
+
+
+def _config_stamp(directory: Path) -> tuple:
+    stamps = []
+    for fname in ("config.yaml", "config.yml", "config.json"):
+        try:
+            st = (directory / fname).stat()
+        except OSError:
+            continue
+        stamps.append((fname, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+def _desired_fingerprint(directory: Path) -> tuple:
+    """What the repository currently asks to serve: (version, model file stamp, config stamp).
+
+    Polling reloads a model when this changes, and does not retry a failed
+    load until it changes (a half-copied file is retried once it is complete).
+    """
+    versions = repository_versions(directory)
+    try:
+        settings = config.ModelSettings.load(directory)
+        wanted: int | str | None = settings.version or (versions[-1] if versions else None)
+    except config.ConfigError:
+        wanted = "bad config"
+    stamp = None
+    if isinstance(wanted, int):
+        try:
+            st = (directory / str(wanted) / MODEL_FILE).stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+    return (wanted, stamp, _config_stamp(directory))
