@@ -1,0 +1,324 @@
+"""svertka's metrics as operators get them: a real server, real clients, a real Prometheus.
+
+One ``svertka serve`` subprocess (tiny real ONNX model) and one Debian
+Prometheus scraping it every second. A known mix of requests is sent through
+both APIs — some failing on purpose — and then:
+
+- ``promtool check metrics`` on the live scrape is clean;
+- every metric name the dashboard and the rules use is in that scrape;
+- PromQL through Prometheus' HTTP API shows exactly the requests sent, by
+  code; inferences equal the images/rows sent; histogram_quantile latencies
+  lie within what the client measured;
+- every dashboard query and every rule evaluates in a real Prometheus;
+- ModelStatistics equals the counters; the access log has one line per request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import io
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import latency_buckets
+from tests.observability import artifacts, live
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        live.PROMETHEUS is None or live.PROMTOOL is None, reason="needs prometheus + promtool"
+    ),
+]
+
+MODEL = "tiny"
+SIZE = 32
+N_OK = 40  # valid images, unary Classify
+N_BAD = 6  # undecodable bytes -> INVALID_ARGUMENT
+N_MISSING = 3  # unknown model -> NOT_FOUND (no model: only the gRPC metrics see it)
+TENSOR_REQUESTS = 2  # ModelInfer with TENSOR_ROWS rows each
+TENSOR_ROWS = 3
+
+
+@dataclass
+class Traffic:
+    server: live.Svertka
+    prom: live.Prometheus
+    baseline: dict[str, float]
+    client_latency_s: list[float] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for (n, lv), v in _samples(text).items():
+        if n == name and all(dict(lv).get(k) == want for k, want in labels.items()):
+            total += v
+    return total
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory) -> Traffic:
+    from service.gen.inference import grpc_service_pb2 as pb
+    from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+    from service.gen.svertka.v1 import classifier_pb2 as cpb
+    from service.gen.svertka.v1 import classifier_pb2_grpc as cpb_grpc
+    from tests.helpers.tinymodel import make_repository
+
+    work = tmp_path_factory.mktemp("live-obs")
+    repo = make_repository(work / "repo", {MODEL: [1]})
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(live.svertka_server(repo, work, "--access-log", "--log-format", "json"))
+        prom_dir = work / "prom"
+        prom_dir.mkdir()
+        prom = stack.enter_context(
+            live.prometheus_server(prom_dir, [server.metrics_url.split("/")[2]], artifacts.RULES)
+        )
+        live.wait_until(
+            lambda: prom.scalar('up{job="svertka"}') == 1, 30, "first scrape", prom.proc, prom.log
+        )
+        before = server.scrape()
+        baseline = {
+            "inferences": _sum(before, "svertka_inferences_total", model=MODEL),
+            "batch_rows": _sum(before, "svertka_batch_size_sum", model=MODEL),
+        }
+        t = Traffic(server, prom, baseline)
+
+        with grpc.insecure_channel(server.grpc_target) as ch:
+            classify = cpb_grpc.ImageClassifierStub(ch).Classify
+
+            def one(i: int) -> float:
+                req = cpb.ClassifyRequest(model=MODEL, image=_png(i), top_k=3, id=f"obs-ok-{i}")
+                start = time.perf_counter()
+                resp = classify(req, timeout=30)
+                elapsed = time.perf_counter() - start
+                assert len(resp.predictions) == 3
+                return elapsed
+
+            with ThreadPoolExecutor(8) as pool:  # concurrent, so batches of more than one form
+                t.client_latency_s = list(pool.map(one, range(N_OK)))
+            t.ids = [f"obs-ok-{i}" for i in range(N_OK)]
+            for i in range(N_BAD):
+                start = time.perf_counter()
+                with pytest.raises(grpc.RpcError) as err:
+                    classify(
+                        cpb.ClassifyRequest(model=MODEL, image=b"not an image" * (i + 1), id=f"obs-bad-{i}")
+                    )
+                t.client_latency_s.append(time.perf_counter() - start)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                t.ids.append(f"obs-bad-{i}")
+            for _ in range(N_MISSING):
+                with pytest.raises(grpc.RpcError) as err:
+                    classify(cpb.ClassifyRequest(model="no-such-model", image=_png(0)))
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+            infer = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer
+            rows = np.random.default_rng(1).normal(size=(TENSOR_ROWS, 3, SIZE, SIZE)).astype(np.float32)
+            for i in range(TENSOR_REQUESTS):
+                req = pb.ModelInferRequest(model_name=MODEL, id=f"obs-tensor-{i}")
+                tensor = req.inputs.add()
+                tensor.name, tensor.datatype = "input", "FP32"
+                tensor.shape.extend(rows.shape)
+                req.raw_input_contents.append(rows.tobytes())
+                resp = infer(req, timeout=30)
+                assert list(resp.outputs[0].shape) == [TENSOR_ROWS, 10]
+                t.ids.append(f"obs-tensor-{i}")
+
+        # Wait until Prometheus has scraped the final state (one more scrape after the last request).
+        total = N_OK + N_BAD + TENSOR_REQUESTS
+        live.wait_until(
+            lambda: prom.scalar(f'sum(svertka_requests_total{{model="{MODEL}"}})') == total,
+            30,
+            "Prometheus sees every request",
+            prom.proc,
+            prom.log,
+        )
+        yield t
+
+
+def test_promtool_check_metrics_on_live_scrape_is_clean(traffic: Traffic) -> None:
+    text = traffic.server.scrape()
+    res = subprocess.run(
+        [live.PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr
+
+
+def test_every_metric_the_dashboard_and_rules_use_is_in_the_live_scrape(traffic: Traffic) -> None:
+    exported = {name for name, _ in _samples(traffic.server.scrape())}
+    missing = artifacts.referenced_server_metrics() - exported - artifacts.GPU_ONLY
+    assert not missing, f"referenced but not exported by a running svertka: {sorted(missing)}"
+
+
+def test_prometheus_counts_exactly_what_was_sent(traffic: Traffic) -> None:
+    prom = traffic.prom
+    by_code = {
+        (r["metric"]["api"], r["metric"]["code"]): float(r["value"][1])
+        for r in prom.query(f'sum by (api, code) (svertka_requests_total{{model="{MODEL}"}}) > 0')
+    }
+    assert by_code == {
+        ("image", "OK"): N_OK,
+        ("image", "INVALID_ARGUMENT"): N_BAD,
+        ("tensor", "OK"): TENSOR_REQUESTS,
+    }
+    # images/rows inferred: the valid images plus the tensor rows; undecodable images never reach the model
+    inferred = (
+        prom.scalar(f'sum(svertka_inferences_total{{model="{MODEL}"}})') - traffic.baseline["inferences"]
+    )
+    assert inferred == N_OK + TENSOR_REQUESTS * TENSOR_ROWS
+    rows = prom.scalar(f'sum(svertka_batch_size_sum{{model="{MODEL}"}})') - traffic.baseline["batch_rows"]
+    assert rows == inferred
+    # NOT_FOUND never resolved a model, so only the gRPC server metrics count it
+    not_found = prom.scalar(
+        'sum(grpc_server_handled_total{grpc_service="svertka.v1.ImageClassifier",grpc_method="Classify",'
+        'grpc_code="NOT_FOUND"})'
+    )
+    assert not_found == N_MISSING
+    handled = prom.scalar(
+        'sum(grpc_server_handled_total{grpc_service="svertka.v1.ImageClassifier",grpc_method="Classify"})'
+    )
+    assert handled == N_OK + N_BAD + N_MISSING
+    assert prom.scalar(f'svertka_model_ready{{model="{MODEL}",version="1"}}') == 1
+    info = prom.query(f'svertka_model_info{{model="{MODEL}"}}')
+    assert len(info) == 1 and info[0]["metric"]["provider"] == "CPUExecutionProvider"
+    assert info[0]["metric"]["precision"] == "fp32"
+
+
+def test_histogram_quantiles_lie_within_the_client_measured_range(traffic: Traffic) -> None:
+    """Server-side latency <= client-side latency, request by request, so each order statistic is too.
+
+    histogram_quantile interpolates inside the bucket that holds the true
+    quantile; the estimate can therefore not exceed the upper bound of the
+    bucket holding the client's own quantile.
+    """
+    buckets = latency_buckets(traffic.prom.scalar("max(svertka_latency_slo_seconds)"))
+    lat = sorted(
+        traffic.client_latency_s
+    )  # every image request that reached the model: OK and INVALID_ARGUMENT
+    assert len(lat) == N_OK + N_BAD
+
+    def bucket_bound(seconds: float) -> float:
+        return buckets[bisect.bisect_left(buckets, seconds)]
+
+    for q in (0.5, 0.9, 0.99):
+        est = traffic.prom.scalar(
+            f"histogram_quantile({q}, sum by (le) "
+            f'(svertka_request_duration_seconds_bucket{{model="{MODEL}",api="image"}}))'
+        )
+        client_q = lat[int(np.ceil(q * len(lat))) - 1]
+        assert 0 < est <= bucket_bound(client_q), (q, est, client_q, lat[0], lat[-1])
+        assert est <= bucket_bound(lat[-1])
+    # and the per-stage histograms saw work
+    for metric in (
+        "svertka_preprocess_seconds",
+        "svertka_queue_wait_seconds",
+        "svertka_batch_compute_seconds",
+    ):
+        count = traffic.prom.scalar(f'sum({metric}_count{{model="{MODEL}"}})')
+        assert count and count > 0, metric
+    assert traffic.prom.scalar(f'sum(svertka_preprocess_seconds_count{{model="{MODEL}"}})') >= N_OK
+
+
+def test_every_dashboard_query_and_rule_evaluates_in_prometheus(traffic: Traffic) -> None:
+    prom = traffic.prom
+    empty = []
+    for expr in artifacts.dashboard_exprs():
+        result = prom.query(artifacts.concrete(expr, rate_interval="1h"))
+        if not result:
+            empty.append(expr)
+    gpu_only = [e for e in empty if artifacts.metric_names(e) <= artifacts.GPU_ONLY]
+    others = [
+        e for e in empty if e not in gpu_only and "svertka_rejections_total" not in e and "code!=" not in e
+    ]
+    assert not others, f"dashboard queries with no data after traffic: {others}"
+    for q in artifacts.variable_queries():
+        assert prom.query(q), q
+
+    def all_rules_evaluated() -> list[dict] | None:
+        groups = prom.api("rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        if len(rules) == len(artifacts.rules()) and all(
+            r.get("lastEvaluation", "0001").startswith("20") for r in rules
+        ):
+            return rules
+        return None
+
+    rules = live.wait_until(all_rules_evaluated, 30, "every rule evaluated once", prom.proc, prom.log)
+    unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not unhealthy
+    # the recording rules produce series from real data
+    live.wait_until(
+        lambda: (
+            (prom.scalar(f'model:svertka_request_duration_seconds:p99_rate5m{{model="{MODEL}"}}') or 0) > 0
+        ),
+        30,
+        "recording rule p99 from real traffic",
+    )
+    assert prom.scalar(f'model:svertka_inferences:rate5m{{model="{MODEL}"}}') > 0
+    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]}
+    assert "SvertkaModelNotReady" not in firing and "SvertkaTargetDown" not in firing
+
+
+def test_model_statistics_agree_with_prometheus_counters(traffic: Traffic) -> None:
+    from service.gen.inference import grpc_service_pb2 as pb
+    from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(traffic.server.grpc_target) as ch:
+        stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+            pb.ModelStatisticsRequest(name=MODEL), timeout=10
+        )
+    text = traffic.server.scrape()  # after the call: nothing else runs meanwhile
+    (ms,) = stats.model_stats
+    assert ms.inference_count == _sum(text, "svertka_inferences_total", model=MODEL)
+    assert ms.execution_count == _sum(text, "svertka_batches_total", model=MODEL)
+    assert ms.inference_stats.success.count == _sum(text, "svertka_requests_total", model=MODEL, code="OK")
+    assert ms.inference_stats.fail.count == N_BAD
+    assert sum(b.compute_infer.count for b in ms.batch_stats) == ms.execution_count
+    assert sum(b.batch_size * b.compute_infer.count for b in ms.batch_stats) == ms.inference_count
+
+
+def test_access_log_has_one_line_per_request_with_its_id(traffic: Traffic) -> None:
+    lines = []
+    for raw in traffic.server.output().splitlines():
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            continue
+        if rec.get("logger") == "svertka.access":
+            lines.append(rec)
+    by_id = {}
+    for rec in lines:
+        by_id.setdefault(rec["request_id"], []).append(rec)
+    for rid in traffic.ids:
+        assert len(by_id.get(rid, [])) == 1, rid
+    for rid in (i for i in traffic.ids if i.startswith("obs-bad-")):
+        assert by_id[rid][0]["code"] == "INVALID_ARGUMENT"
+    ok = by_id["obs-ok-0"][0]
+    assert ok["model"] == MODEL and ok["code"] == "OK" and ok["duration_ms"] > 0
+    assert "not an image" not in traffic.server.output()  # no payload bytes in the logs
