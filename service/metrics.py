@@ -69,6 +69,17 @@ BASE_LATENCY_BUCKETS_S = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input")
+#: gRPC codes a request on a loaded model ends with (NOT_FOUND and the auth codes end before a
+#: model is resolved, so they are only in grpc_server_handled_total).
+PRECREATED_CODES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
 APIS = ("image", "tensor")
 
 _GRPC_TYPES = {
@@ -154,9 +165,12 @@ class ModelRecorder:
         self.queue_depth = m.queue_depth.labels(*labels)
         self.in_flight = m.in_flight.labels(*labels)
         self._queue_capacity = m.queue_capacity
-        # Pre-create the OK series so rate() works from the first scrape.
+        # Series for the codes a resolved request can end with exist from load, at 0: Prometheus'
+        # rate() needs a sample before the first increment, or the first error of a kind is
+        # invisible to the error-ratio rules (a counter born at 1 has no increase).
         for api in APIS:
-            self._requests[(api, "OK")] = m.requests_total.labels(*labels, api, "OK")
+            for code in PRECREATED_CODES:
+                self._requests[(api, code)] = m.requests_total.labels(*labels, api, code)
 
         self._lock = threading.Lock()
         self._last_inference_ms = 0

@@ -46,6 +46,9 @@ N_BAD = 6  # undecodable bytes -> INVALID_ARGUMENT
 N_MISSING = 3  # unknown model -> NOT_FOUND (no model: only the gRPC metrics see it)
 TENSOR_REQUESTS = 2  # ModelInfer with TENSOR_ROWS rows each
 TENSOR_ROWS = 3
+FAIL_ABOVE = 50.0  # the model raises in onnxruntime on any input above this: a real INTERNAL
+N_INTERNAL = 1
+BROKEN = "broken"  # a corrupt model file: known to the server, never ready
 
 
 @dataclass
@@ -89,10 +92,11 @@ def traffic(tmp_path_factory) -> Traffic:
     from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
     from service.gen.svertka.v1 import classifier_pb2 as cpb
     from service.gen.svertka.v1 import classifier_pb2_grpc as cpb_grpc
-    from tests.helpers.tinymodel import make_repository
+    from tests.helpers.tinymodel import make_repository, write_corrupt_model
 
     work = tmp_path_factory.mktemp("live-obs")
-    repo = make_repository(work / "repo", {MODEL: [1]})
+    repo = make_repository(work / "repo", {MODEL: [1]}, fail_above=FAIL_ABOVE)
+    write_corrupt_model(repo / BROKEN / "1" / "model.onnx", "garbage")
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(live.svertka_server(repo, work, "--access-log", "--log-format", "json"))
         prom_dir = work / "prom"
@@ -149,9 +153,19 @@ def traffic(tmp_path_factory) -> Traffic:
                 resp = infer(req, timeout=30)
                 assert list(resp.outputs[0].shape) == [TENSOR_ROWS, 10]
                 t.ids.append(f"obs-tensor-{i}")
+            for i in range(N_INTERNAL):
+                req = pb.ModelInferRequest(model_name=MODEL, id=f"obs-internal-{i}")
+                tensor = req.inputs.add()
+                tensor.name, tensor.datatype = "input", "FP32"
+                tensor.shape.extend([1, 3, SIZE, SIZE])
+                req.raw_input_contents.append(np.full((1, 3, SIZE, SIZE), 1000.0, np.float32).tobytes())
+                with pytest.raises(grpc.RpcError) as err:
+                    infer(req, timeout=30)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                t.ids.append(f"obs-internal-{i}")
 
         # Wait until Prometheus has scraped the final state (one more scrape after the last request).
-        total = N_OK + N_BAD + TENSOR_REQUESTS
+        total = N_OK + N_BAD + TENSOR_REQUESTS + N_INTERNAL
         live.wait_until(
             lambda: prom.scalar(f'sum(svertka_requests_total{{model="{MODEL}"}})') == total,
             30,
@@ -186,8 +200,10 @@ def test_prometheus_counts_exactly_what_was_sent(traffic: Traffic) -> None:
         ("image", "OK"): N_OK,
         ("image", "INVALID_ARGUMENT"): N_BAD,
         ("tensor", "OK"): TENSOR_REQUESTS,
+        ("tensor", "INTERNAL"): N_INTERNAL,
     }
-    # images/rows inferred: the valid images plus the tensor rows; undecodable images never reach the model
+    # images/rows inferred: the valid images plus the tensor rows; undecodable images never reach the
+    # model, and the batch that failed in onnxruntime inferred nothing
     inferred = (
         prom.scalar(f'sum(svertka_inferences_total{{model="{MODEL}"}})') - traffic.baseline["inferences"]
     )
@@ -281,8 +297,26 @@ def test_every_dashboard_query_and_rule_evaluates_in_prometheus(traffic: Traffic
         "recording rule p99 from real traffic",
     )
     assert prom.scalar(f'model:svertka_inferences:rate5m{{model="{MODEL}"}}') > 0
-    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]}
-    assert "SvertkaModelNotReady" not in firing and "SvertkaTargetDown" not in firing
+    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
+    assert "SvertkaTargetDown" not in firing
+    # the server-side failure shows in the error-ratio rule (a client's INVALID_ARGUMENT does not count)
+    ratio = prom.scalar(f'model:svertka_requests_server_errors:ratio_rate5m{{model="{MODEL}"}}')
+    assert ratio is not None and 0 < ratio < 0.2
+
+
+def test_model_that_fails_to_load_is_not_ready_and_its_alert_is_pending(traffic: Traffic) -> None:
+    """A corrupt model must be visible to operators: readiness 0, SvertkaModelNotReady pending (for: 5m)."""
+    prom = traffic.prom
+    assert prom.scalar(f'svertka_model_ready{{model="{BROKEN}"}}') == 0
+    assert prom.scalar(f'svertka_model_ready{{model="{MODEL}"}}') == 1
+    live.wait_until(
+        lambda: prom.query(
+            f'ALERTS{{alertname="SvertkaModelNotReady",model="{BROKEN}",alertstate="pending"}}'
+        ),
+        30,
+        "SvertkaModelNotReady pending for the corrupt model",
+    )
+    assert not prom.query(f'ALERTS{{alertname="SvertkaModelNotReady",model="{MODEL}"}}')
 
 
 def test_model_statistics_agree_with_prometheus_counters(traffic: Traffic) -> None:
@@ -298,7 +332,7 @@ def test_model_statistics_agree_with_prometheus_counters(traffic: Traffic) -> No
     assert ms.inference_count == _sum(text, "svertka_inferences_total", model=MODEL)
     assert ms.execution_count == _sum(text, "svertka_batches_total", model=MODEL)
     assert ms.inference_stats.success.count == _sum(text, "svertka_requests_total", model=MODEL, code="OK")
-    assert ms.inference_stats.fail.count == N_BAD
+    assert ms.inference_stats.fail.count == N_BAD + N_INTERNAL
     assert sum(b.compute_infer.count for b in ms.batch_stats) == ms.execution_count
     assert sum(b.batch_size * b.compute_infer.count for b in ms.batch_stats) == ms.inference_count
 

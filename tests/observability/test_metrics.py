@@ -294,3 +294,11 @@ def test_queue_capacity_absent_until_reported(metrics: Metrics) -> None:
     assert value(metrics, "svertka_queue_capacity_rows", **M) == 256
     metrics.remove_model("tiny", 1)
     assert value(metrics, "svertka_queue_capacity_rows", **M) is None
+
+
+def test_error_series_exist_at_zero_before_the_first_error(metrics: Metrics) -> None:
+    """rate() needs a sample before the first increment; otherwise the first INTERNAL is invisible."""
+    metrics.model("tiny", 1)
+    for api in ("image", "tensor"):
+        for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "INTERNAL"):
+            assert value(metrics, "svertka_requests_total", **M, api=api, code=code) == 0
