@@ -1,0 +1,108 @@
+"""Engine benchmark (not a test): batching policy and onnxruntime thread spinning, in process.
+
+Closed-loop clients call ``ServedModel.infer_tensor`` (one row each) or
+``infer_images`` (one JPEG each) for a few seconds; prints throughput and
+latency percentiles. No gRPC: this isolates the engine's choices.
+
+    .venv/bin/python -m tests.engine.bench_batching --repository DIR --model NAME [--seconds 3]
+
+``DIR`` is any svertka repository (``make model`` builds models/; see
+docs/engine.md for the models the recorded numbers used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+
+from service import runtime
+from service.metrics import Metrics
+from service.models import ModelManager
+
+
+async def closed_loop(call, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+    latencies: list[float] = []
+    stop = time.monotonic() + seconds
+
+    async def client() -> None:
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - began
+    lat = np.array(latencies) * 1000
+    return (
+        len(latencies) / elapsed,
+        float(np.percentile(lat, 50)),
+        float(np.percentile(lat, 99)),
+        len(latencies),
+    )
+
+
+def photo_jpeg() -> bytes:
+    image = Image.fromarray(skdata.coffee()).resize((1024, 768), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+async def bench_policy(args) -> None:
+    manager = ModelManager(args.repository, Metrics(process_metrics=False, gpu_metrics=False))
+    await manager.start()
+    model = manager.get(args.model)
+    x = np.random.default_rng(0).standard_normal((1, *model.meta.input_shape), dtype=np.float32)
+    print(f"model {args.model}: provider {model.provider}, {model.threads_per_instance} threads")
+    print("policy               conc   req/s    p50 ms   p99 ms   rows/batch")
+    for concurrency in args.concurrency:
+        for idle_dispatch in (True, False):
+            model.batcher.dispatch_when_idle = idle_dispatch
+            before = model.recorder.snapshot()
+            rps, p50, p99, _ = await closed_loop(lambda: model.infer_tensor(x), concurrency, args.seconds)
+            after = model.recorder.snapshot()
+            rows = after.inference_count - before.inference_count
+            batches = after.execution_count - before.execution_count
+            name = "dispatch when idle" if idle_dispatch else f"wait {model.settings.max_queue_delay_ms:g} ms"
+            print(
+                f"{name:20s} {concurrency:4d} {rps:8.1f} {p50:8.2f} {p99:8.2f} {rows / max(batches, 1):8.2f}"
+            )
+    await manager.close()
+
+
+async def bench_spinning(args) -> None:
+    jpeg = photo_jpeg()
+    print("intra-op spinning   api     conc   req/s    p50 ms   p99 ms")
+    for spinning in (False, True):
+        runtime.ALLOW_SPINNING = spinning
+        manager = ModelManager(args.repository, Metrics(process_metrics=False, gpu_metrics=False))
+        await manager.start()
+        model = manager.get(args.model)
+        for concurrency in args.concurrency:
+            rps, p50, p99, _ = await closed_loop(
+                lambda m=model: m.infer_images([jpeg]), concurrency, args.seconds
+            )
+            print(f"{str(spinning):19s} image  {concurrency:4d} {rps:8.1f} {p50:8.2f} {p99:8.2f}")
+        await manager.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--what", choices=["policy", "spinning"], default="policy")
+    args = parser.parse_args()
+    asyncio.run(bench_policy(args) if args.what == "policy" else bench_spinning(args))
+
+
+if __name__ == "__main__":
+    main()
