@@ -201,13 +201,15 @@ class ServedModel:
             raise errors.ModelNotReady(f"{self.label} has been replaced or unloaded; retry the request")
         if self._draining:
             raise errors.Draining(f"{self.label}: the server is shutting down and accepts no new requests")
-        # (The svertka_in_flight_requests gauge is the API layer's: it spans response building too.)
+        # The engine owns svertka_in_flight_requests: accepted by infer_*, not yet answered by it.
         self._in_flight += 1
         self._idle.clear()
+        self.recorder.in_flight.inc()
         try:
             yield
         finally:
             self._in_flight -= 1
+            self.recorder.in_flight.dec()
             if not self._in_flight:
                 self._idle.set()
 

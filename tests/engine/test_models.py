@@ -486,7 +486,7 @@ def test_unload_and_drain(tmp_path):
     changes: list[ModelStatus] = []
 
     async def main():
-        manager, _ = await started(repo)
+        manager, metrics = await started(repo)
         manager.add_listener(changes.append)
         await manager.unload("a")
         with pytest.raises(errors.ModelNotReady, match="model 'a' is unavailable: unloaded"):
@@ -494,8 +494,10 @@ def test_unload_and_drain(tmp_path):
         model = manager.get("b")
         pending = [asyncio.create_task(model.infer_tensor(images(2, seed=i))) for i in range(20)]
         await asyncio.sleep(0)
+        assert sample(metrics, "svertka_in_flight_requests", model="b", version="1") == 20
         await manager.drain(30)
         assert all(t.done() and t.exception() is None for t in pending)
+        assert sample(metrics, "svertka_in_flight_requests", model="b", version="1") == 0
         with pytest.raises(errors.Draining):
             await model.infer_tensor(images(1))
         await manager.load("a")  # reload after unload works
