@@ -1,0 +1,334 @@
+"""``svertka train | export | quantize | inspect | build-default``.
+
+This module is imported by every ``svertka`` invocation, including ``svertka
+serve`` on installs without torch: it must not import torch, torchvision or
+onnxruntime at import time. Handlers import what they need; a missing torch
+becomes a one-line error saying which extra to install.
+
+User-fixable failures (bad paths, names, files, a failed verification or
+accuracy gate) become :class:`service.cli.CommandError`: one line, exit
+status 2, no traceback, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from service.cli import CommandError
+
+TRAIN_EXTRA_HINT = "install the training extra: pip install 'svertka[train]' (or make setup)"
+ARCH_CHOICES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110") + (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the export-stage subcommands to the ``svertka`` parser."""
+    _add_train(subparsers)
+    _add_export(subparsers)
+    _add_quantize(subparsers)
+    _add_inspect(subparsers)
+    _add_build_default(subparsers)
+
+
+# --- argument parsing -----------------------------------------------------------------------------
+
+
+def _arch(value: str) -> str:
+    if value not in ARCH_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"unknown architecture {value!r} (choose from {', '.join(ARCH_CHOICES)})"
+        )
+    return value
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.5,0.5, got {value!r}") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected >= 1, got {n}")
+    return n
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a ResNet on an ImageFolder (or the bundled digits)",
+        description="Train a ResNet (BatchNorm everywhere) on an ImageFolder directory; "
+        "writes OUTPUT/last.pt after every epoch.",
+    )
+    p.add_argument("--data", type=Path, help="ImageFolder root (with train/ and val/, or use --val-split)")
+    p.add_argument(
+        "--digits",
+        action="store_true",
+        help="use the bundled scikit-learn digits, written as PNGs to --data (default data/digits)",
+    )
+    p.add_argument("--arch", type=_arch, default="resnet20", help="architecture (default resnet20)")
+    p.add_argument("--output", type=Path, default=Path("runs/train"), help="checkpoint directory")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default 15)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument(
+        "--image-size", type=_positive_int, help="crop size (default 32 for resnet20-110, 224 otherwise)"
+    )
+    p.add_argument("--resize", type=_positive_int, help="shorter side before the centre crop")
+    p.add_argument("--val-split", type=float, help="hold out this fraction when DATA has no train/ and val/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.add_argument("--weights", type=Path, help="fine-tune from a local torchvision-format state dict")
+    p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (e.g. digits)")
+    p.add_argument("--mean", type=_floats, help="normalisation mean (default: computed on the train split)")
+    p.add_argument("--std", type=_floats, help="normalisation std (default: computed on the train split)")
+    p.add_argument("--keep-all", action="store_true", help="also keep epoch-NNN.pt for every epoch")
+    p.add_argument("--resume", type=Path, help="continue from a checkpoint (its settings are reused)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    _add_common(p)
+    p.set_defaults(handler=_guarded(_train))
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX in a model repository",
+        description="Export to REPOSITORY/NAME/VERSION/model.onnx with parity and batch-invariance checks.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a 'svertka train' checkpoint (last.pt)")
+    src.add_argument("--weights", help="a torchvision-format state dict file, or 'random' (benchmarks)")
+    p.add_argument("--arch", type=_arch, help="architecture (with --weights)")
+    p.add_argument("--labels", type=Path, help="class labels file, one per line (with --weights)")
+    p.add_argument("--num-classes", type=_positive_int, help="with --weights random and no --labels")
+    p.add_argument("--image-size", type=_positive_int, help="crop size (with --weights)")
+    p.add_argument("--resize", type=_positive_int, help="shorter side before the crop (with --weights)")
+    p.add_argument("--mean", type=_floats, help="normalisation mean (with --weights; default ImageNet)")
+    p.add_argument("--std", type=_floats, help="normalisation std (with --weights; default ImageNet)")
+    p.add_argument("--dataset", default="", help="dataset name recorded in the metadata (with --weights)")
+    p.add_argument(
+        "--data", type=Path, help="ImageFolder for parity and val top-1 (default: the checkpoint's)"
+    )
+    p.add_argument("--val-split", type=float, help="as in 'svertka train'")
+    p.add_argument("--repository", type=Path, required=True, help="model repository root")
+    p.add_argument("--name", required=True, help="model name (directory under the repository)")
+    p.add_argument("--version", type=_positive_int, help="version (default: the next free one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    p.add_argument("--int8", action="store_true", help="also write a quantized NAME-int8 model")
+    _add_quant_options(p)
+    _add_common(p)
+    p.set_defaults(handler=_guarded(_export))
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration-size", type=_positive_int, default=200, help="training images (>= 100)")
+    p.add_argument(
+        "--max-drop", type=float, default=1.0, help="allowed int8 top-1 drop in points (default 1.0)"
+    )
+    p.add_argument("--force", action="store_true", help="write the int8 model even if it fails the gate")
+
+
+def _add_quantize(sub: Any) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="static int8 quantization of an exported model, with an accuracy gate",
+        description="Quantize MODEL (QDQ, per-channel) calibrated on training images; refuses to write "
+        "it when val top-1 drops more than --max-drop points.",
+    )
+    p.add_argument("model", type=Path, help="fp32 model.onnx (or its model/version directory)")
+    p.add_argument(
+        "--data", type=Path, help="ImageFolder for calibration and accuracy (default: from metadata)"
+    )
+    p.add_argument("--val-split", type=float, help="as in 'svertka train'")
+    p.add_argument("--repository", type=Path, help="model repository (default: MODEL's)")
+    p.add_argument("--name", help="model name (default: MODEL's name + '-int8')")
+    p.add_argument("--version", type=_positive_int, help="version (default: the next free one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    _add_quant_options(p)
+    _add_common(p)
+    p.set_defaults(handler=_guarded(_quantize))
+
+
+def _add_inspect(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="print a model file's svertka metadata")
+    p.add_argument("model", type=Path, help="model.onnx, or a model/version directory (newest version)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_guarded(_inspect))
+
+
+def _add_build_default(sub: Any) -> None:
+    p = sub.add_parser(
+        "build-default",
+        help="build the bundled default models (digits fp32 + int8) if absent",
+        description="Train resnet20 on the bundled digits and write REPOSITORY/digits/1 and "
+        "REPOSITORY/digits-int8/1; does nothing when both are present.",
+    )
+    p.add_argument("--repository", type=Path, default=Path("models"))
+    p.add_argument("--data", type=Path, default=Path("data/digits"), help="where the digits PNGs are cached")
+    p.add_argument("--runs", type=Path, default=Path("runs/digits"), help="checkpoint directory")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    _add_common(p)
+    p.set_defaults(handler=_guarded(_build_default))
+
+
+# --- handlers -------------------------------------------------------------------------------------
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("onnxscript", "onnx_ir", "torch", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Map the errors a user can fix to CommandError (one line, exit 2)."""
+    try:
+        yield
+    except CommandError:
+        raise
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or ""
+        if missing.split(".")[0] in ("torch", "torchvision", "sklearn", "tqdm", "onnxscript"):
+            raise CommandError(f"this command needs {missing.split('.')[0]}: {TRAIN_EXTRA_HINT}") from None
+        if missing.split(".")[0] == "onnxruntime":
+            raise CommandError("this command needs onnxruntime: pip install 'svertka[cpu]'") from None
+        raise
+    except Exception as exc:
+        from export.errors import ExportError
+        from service.modelmeta import MetadataError
+
+        if isinstance(exc, ExportError | MetadataError):
+            raise CommandError(_one_line(str(exc))) from None
+        raise
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        _setup_logging(getattr(args, "verbose", False))
+        with _user_errors():
+            return handler(args)
+
+    return run
+
+
+def _train(args: argparse.Namespace) -> int:
+    from export import data as datamod
+    from export import train
+
+    if args.resume is not None:
+        cfg = train.resume_config(args.resume, args.epochs, args.progress)
+        train.main(cfg, resume=args.resume)
+        return 0
+    data = args.data
+    dataset_name = ""
+    if args.digits:
+        data = datamod.write_digits(data or Path("data/digits"))
+        dataset_name = datamod.DIGITS_DATASET_NAME
+    if data is None:
+        raise CommandError("--data DIR is required (or --digits for the bundled dataset)")
+    cfg = train.TrainConfig(
+        data=data,
+        arch=args.arch,
+        output=args.output,
+        epochs=args.epochs or 15,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        image_size=args.image_size,
+        resize=args.resize,
+        val_split=args.val_split,
+        seed=args.seed,
+        workers=args.workers,
+        strict=args.strict,
+        weights=args.weights,
+        hflip=args.hflip,
+        mean=args.mean,
+        std=args.std,
+        dataset_name=dataset_name,
+        keep_all=args.keep_all,
+        progress=args.progress,
+    )
+    if cfg.weights is not None:
+        train.load_state_dict_file(cfg.weights)  # fail before scanning a large dataset
+    train.main(cfg)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from export import pipeline
+
+    pipeline.export_command(args)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from export import pipeline
+
+    pipeline.quantize_command(args)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from export.repository import resolve_model_file
+    from service.modelmeta import read_model_file
+
+    path = resolve_model_file(args.model)
+    meta = read_model_file(str(path))
+    info = {"path": str(path), **meta.describe()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, list | tuple):
+            value = ", ".join(str(v) for v in value)
+        elif key == "val_top1" and value is not None:
+            value = f"{100 * value:.2f}%"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _build_default(args: argparse.Namespace) -> int:
+    from export import pipeline
+
+    pipeline.build_default(args.repository, args.data, args.runs, args.progress)
+    return 0
