@@ -1,0 +1,36 @@
+"""A ``svertka serve`` subprocess for tritonclient and perf_analyzer tests.
+
+tritonclient registers its own ``inference`` protos in the default
+descriptor pool, which clashes with service.gen.inference: so the server
+runs in another process and nothing here imports service.gen.inference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.api.serverproc import ServerProcess
+from tests.helpers.tinymodel import make_repository
+
+#: perf_analyzer needs libcudart.so.12 even for a CPU server (bundled by nvidia-cuda-runtime-cu12).
+VENV_SITE = Path(__file__).resolve().parents[2] / ".venv" / "lib" / "python3.11" / "site-packages"
+CUDART_DIR = VENV_SITE / "nvidia" / "cuda_runtime" / "lib"
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory) -> Path:
+    """``tiny`` (10 classes, 32x32) with a batch window wide enough to batch concurrent callers."""
+    root = make_repository(tmp_path_factory.mktemp("repo"), {"tiny": [1]})
+    (root / "tiny" / "config.yaml").write_text("max_batch_size: 16\nmax_queue_delay_ms: 10\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory) -> ServerProcess:
+    proc = ServerProcess(repository, tmp_path_factory.mktemp("logs") / "server.log")
+    proc.start().wait_serving()
+    yield proc
+    code = proc.stop()
+    assert code == 0, proc.log()

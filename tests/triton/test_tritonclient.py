@@ -1,0 +1,157 @@
+"""Triton's own clients against svertka: tritonclient.grpc and perf_analyzer, unchanged."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.api import images
+from tests.triton.conftest import CUDART_DIR
+
+pytestmark = pytest.mark.triton
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = grpcclient.InferenceServerClient(server.address)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def session(repository):
+    return ort.InferenceSession(
+        str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+
+
+def _input(x: np.ndarray) -> grpcclient.InferInput:
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return inp
+
+
+def test_metadata_config_and_readiness(client):
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL, as_json=True)
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]
+    config = client.get_model_config(MODEL, as_json=True)["config"]
+    assert config["max_batch_size"] == 16
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "10000"
+    server_meta = client.get_server_metadata(as_json=True)
+    assert "statistics" in server_meta["extensions"]
+    index = client.get_model_repository_index(as_json=True)
+    assert index["models"] == [{"name": MODEL, "version": "1", "state": "READY"}]
+
+
+def test_infer_equals_onnxruntime_bit_for_bit(client, session):
+    for rows in (1, 4):
+        x = np.random.default_rng(rows).normal(size=(rows, 3, 32, 32)).astype(np.float32)
+        result = client.infer(MODEL, [_input(x)], request_id=f"bits{rows}")
+        assert result.get_response().id == f"bits{rows}"
+        np.testing.assert_array_equal(result.as_numpy("logits"), session.run(None, {"input": x})[0])
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(client, session):
+    xs = [np.random.default_rng(100 + i).normal(size=(1, 3, 32, 32)).astype(np.float32) for i in range(64)]
+    before = client.get_inference_statistics(MODEL).model_stats[0]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda x: client.infer(MODEL, [_input(x)]).as_numpy("logits"), xs))
+    after = client.get_inference_statistics(MODEL).model_stats[0]
+    inferences = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert inferences == 64
+    assert executions < inferences, f"{executions} batches for {inferences} rows: nothing was batched"
+    assert max(b.batch_size for b in after.batch_stats) > 1
+    for x, logits in zip(xs, got, strict=True):
+        single = session.run(None, {"input": x})[0]
+        np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
+        assert logits.argmax() == single.argmax()
+
+
+def test_encoded_images_as_bytes_with_classification(client, repository):
+    payloads = [images.png(1), images.jpeg(2)]
+    inp = grpcclient.InferInput("input", [2], "BYTES")
+    inp.set_data_from_numpy(np.array(payloads, dtype=np.object_))
+    out = grpcclient.InferRequestedOutput("logits", class_count=3)
+    top3 = client.infer(MODEL, [inp], outputs=[out]).as_numpy("logits")
+    assert top3.shape == (2, 3)
+    x = np.stack([images.preprocess(repository, MODEL, 1, p) for p in payloads])
+    expected = images.offline_logits(repository, MODEL, 1, x)
+    for row in range(2):
+        indices = [int(item.decode().split(":")[1]) for item in top3[row]]
+        assert indices == np.argsort(-expected[row], kind="stable")[:3].tolist()
+
+
+def test_streaming(client, session):
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    xs = {
+        f"s{i}": np.random.default_rng(200 + i).normal(size=(1, 3, 32, 32)).astype(np.float32)
+        for i in range(10)
+    }
+    try:
+        for rid, x in xs.items():
+            client.async_stream_infer(MODEL, [_input(x)], request_id=rid)
+        client.async_stream_infer("nope", [_input(xs["s0"])], request_id="bad")
+        got = [responses.get(timeout=30) for _ in range(11)]
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "model 'nope' is not in the repository" in errors[0].message()
+    for result, _ in (g for g in got if g[1] is None):
+        rid = result.get_response().id
+        np.testing.assert_allclose(
+            result.as_numpy("logits"), session.run(None, {"input": xs[rid]})[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_errors_reach_tritonclient_with_their_status(client):
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer(MODEL, [_input(x)])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "expected FP32 shape [N,3,32,32], got [1,3,16,16]" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.get_cuda_shared_memory_status()
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
+def test_perf_analyzer_runs_against_the_server(server, tmp_path, streaming):
+    binary = str(Path(sys.executable).parent / "perf_analyzer")
+    if not os.path.exists(binary):
+        pytest.skip("perf_analyzer is not installed (tritonclient[grpc]==2.41.0 bundles it)")
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{CUDART_DIR}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    report = tmp_path / "perf.csv"
+    command = [
+        binary, "-i", "grpc", "-u", server.address, "-m", MODEL,
+        "--concurrency-range", "1:4", "--measurement-interval", "500",
+        "--stability-percentage", "100", "--max-trials", "10", "-f", str(report),
+        # perf_analyzer's default "random" FP32 data is random bytes, NaN and Inf included,
+        # which svertka rejects (INVALID_ARGUMENT); zeros are a valid tensor.
+        "--input-data", "zero",
+    ]  # fmt: skip
+    if streaming:
+        command.append("--streaming")
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = report.read_text().strip().splitlines()
+    assert rows[0].startswith("Concurrency,Inferences/Second")
+    # One row per concurrency level (perf_analyzer sorts them by throughput).
+    assert sorted(int(r.split(",")[0]) for r in rows[1:]) == [1, 2, 3, 4], run.stdout
+    assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
