@@ -169,7 +169,7 @@ def run_classify(args: argparse.Namespace) -> int:
             token = Path(args.token_file).read_text().strip()
         except OSError as exc:
             raise CommandError(f"--token-file: {exc}") from None
-    failures = 0
+    failures = printed = 0
     try:
         client = Client(
             args.server,
@@ -197,9 +197,10 @@ def run_classify(args: argparse.Namespace) -> int:
                 print(f"svertka classify: error: {image}: {exc.code}: {exc.message}", file=sys.stderr)
                 failures += 1
                 continue
-            if i:
+            if printed:
                 print()
             print(_format_table(image, result))
+            printed += 1
     return 1 if failures else 0
 
 
