@@ -1,0 +1,201 @@
+"""Work that must never be computed, and a runtime fault that must stay inside its batch.
+
+Each test first makes a real batch *run* (a model whose graph takes a few
+hundred milliseconds of onnxruntime compute per batch, tests/reliability/
+slowmodel.py), then queues requests behind it and expires, cancels or
+poisons them. What the server computed is read back the way an operator
+would: ModelStatistics over gRPC and the Prometheus counters.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.gen.inference import grpc_service_pb2_grpc as kgrpc
+from service.gen.svertka.v1 import classifier_pb2 as cpb
+from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
+from tests.api import images
+from tests.api.conftest import InProcessServer
+from tests.reliability import harness
+from tests.reliability.slowmodel import busy_tensor, make_slow_model
+
+#: About 7 ms each on this machine's cores with one thread: a batch runs for ~0.3 s.
+MATMULS = 40
+#: ``slow`` runs one row per batch, so requests sent first really queue ahead of the later ones;
+#: ``fragile`` batches up to 4 rows so that a poisoned request shares its batch with good ones.
+CONFIGS = {
+    "slow": "max_batch_size: 1\nmax_queue_size: 16\nintra_op_threads: 1\n",
+    "fragile": "max_batch_size: 4\nmax_queue_size: 16\nintra_op_threads: 1\n",
+}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    make_slow_model(repo / "slow" / "1" / "model.onnx", matmuls=MATMULS)
+    make_slow_model(repo / "fragile" / "1" / "model.onnx", matmuls=2 * MATMULS, fail_above=10.0)
+    for name, text in CONFIGS.items():
+        (repo / name / "config.yaml").write_text(text)
+    server = InProcessServer(repo)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def channel(srv):
+    with srv.channel() as ch:
+        yield ch
+
+
+class _Counts:
+    """ModelStatistics and rejection counters of one model, to compare before and after."""
+
+    def __init__(self, srv: InProcessServer, channel, name: str) -> None:
+        stats = harness.model_stats(channel, name)
+        self.inferences = stats.inference_count
+        self.executions = stats.execution_count
+        self.success = stats.inference_stats.success.count
+        self.fail = stats.inference_stats.fail.count
+        registry = srv.metrics.registry
+        self.rejections = {
+            reason: registry.get_sample_value(
+                "svertka_rejections_total", {"model": name, "version": "1", "reason": reason}
+            )
+            or 0.0
+            for reason in ("deadline", "cancelled", "queue_full")
+        }
+
+    def minus(self, before: _Counts) -> dict:
+        return {
+            "inferences": self.inferences - before.inferences,
+            "executions": self.executions - before.executions,
+            "success": self.success - before.success,
+            "fail": self.fail - before.fail,
+            **{f"rejected_{k}": int(v - before.rejections[k]) for k, v in self.rejections.items()},
+        }
+
+
+def _wait_running(srv: InProcessServer, name: str, queued: int = 0) -> None:
+    """Until a batch of ``name`` is computing and ``queued`` rows wait behind it."""
+    batcher = srv.manager.get(name).batcher
+    harness.wait_until(
+        lambda: batcher.busy and batcher.queued_rows == queued,
+        what=f"{name}: a batch running, {queued} queued",
+    )
+
+
+def _wait_queued(srv: InProcessServer, name: str, rows: int) -> None:
+    batcher = srv.manager.get(name).batcher
+    harness.wait_until(lambda: batcher.queued_rows == rows, what=f"{name}: {rows} rows queued")
+
+
+def _wait_settled(srv: InProcessServer, name: str) -> None:
+    batcher = srv.manager.get(name).batcher
+    harness.wait_until(lambda: not batcher.busy, what=f"{name}: queue empty and nothing running")
+
+
+def _code(future) -> tuple[grpc.StatusCode, str]:
+    try:
+        future.result()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_deadline_expiring_in_the_queue_is_never_computed(srv, channel):
+    tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
+    image_api = cgrpc.ImageClassifierStub(channel)
+    before = _Counts(srv, channel, "slow")
+    # Three one-row batches of ~0.3 s each: the late requests wait >= 0.6 s behind them.
+    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(3)]
+    _wait_running(srv, "slow", queued=2)
+    late = [
+        tensor_api.ModelInfer.future(harness.tensor_request(model="slow", rid="late-t"), timeout=0.25),
+        image_api.Classify.future(
+            cpb.ClassifyRequest(model="slow", image=images.png(1), id="late-i"), timeout=0.25
+        ),
+    ]
+    assert [_code(f)[0] for f in late] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    assert not ahead[-1].done(), "the queue ahead emptied before the deadlines passed; make it slower"
+    assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 3
+    _wait_settled(srv, "slow")
+    delta = _Counts(srv, channel, "slow").minus(before)
+    # Three rows computed in three batches (the requests ahead); the two late ones never were.
+    assert {k: delta[k] for k in ("inferences", "executions", "success", "fail")} == {
+        "inferences": 3,
+        "executions": 3,
+        "success": 3,
+        "fail": 2,
+    }
+    # Counted as rejected before compute. Which reason depends on who noticed first: the server's
+    # deadline timer ("deadline") or the client's own deadline arriving as a cancel ("cancelled").
+    assert delta["rejected_deadline"] + delta["rejected_cancelled"] == 2
+    assert delta["rejected_queue_full"] == 0
+
+
+def test_a_cancelled_stream_frees_its_queued_work(srv, channel):
+    tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
+    before = _Counts(srv, channel, "slow")
+    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(2)]
+    _wait_running(srv, "slow", queued=1)
+
+    outgoing: queue.Queue = queue.Queue()
+    stream = tensor_api.ModelStreamInfer(iter(outgoing.get, None), timeout=60)
+    for i in range(3):
+        outgoing.put(harness.tensor_request(model="slow", rid=f"s{i}"))
+    _wait_queued(srv, "slow", 4)
+    stream.cancel()
+    # The stream's rows leave the queue while the requests ahead are still waiting or computing.
+    _wait_queued(srv, "slow", 1)
+    assert not ahead[-1].done(), "the requests ahead finished before the cancel was seen; make them slower"
+    assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 2
+    _wait_settled(srv, "slow")
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    delta = _Counts(srv, channel, "slow").minus(before)
+    assert delta["inferences"] == 2 and delta["executions"] == 2
+    assert delta["rejected_cancelled"] == 3
+    # The model is not wedged: the next request is computed on its own.
+    assert tensor_api.ModelInfer(harness.tensor_request(model="slow"), timeout=60).model_name == "slow"
+
+
+def test_a_runtime_failure_fails_only_its_batch(srv, channel):
+    tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
+    before = _Counts(srv, channel, "fragile")
+    first = tensor_api.ModelInfer.future(
+        harness.tensor_request(busy_tensor(), model="fragile", rid="a"), timeout=60
+    )
+    _wait_running(srv, "fragile")
+    # One poisoned request (a value above the model's fail_above makes onnxruntime raise) and two
+    # good ones queue behind the running batch and form the next batch together.
+    poisoned = tensor_api.ModelInfer.future(
+        harness.tensor_request(busy_tensor(100.0), model="fragile", rid="p"), timeout=60
+    )
+    mates = [
+        tensor_api.ModelInfer.future(
+            harness.tensor_request(busy_tensor(), model="fragile", rid=f"m{i}"), timeout=60
+        )
+        for i in range(2)
+    ]
+    _wait_queued(srv, "fragile", 3)
+    assert not first.done(), "the running batch finished before the next one formed; make it slower"
+
+    assert _code(first)[0] == grpc.StatusCode.OK
+    for future in (poisoned, *mates):
+        code, details = _code(future)
+        assert code == grpc.StatusCode.INTERNAL
+        assert details.startswith("model 'fragile' version 1: inference failed on a batch of 3 rows: ")
+    # The next batch runs normally and answers exactly what the first one did.
+    after = tensor_api.ModelInfer(harness.tensor_request(busy_tensor(), model="fragile"), timeout=60)
+    np.testing.assert_array_equal(harness.logits_of(after), harness.logits_of(first.result()))
+    _wait_settled(srv, "fragile")
+    delta = _Counts(srv, channel, "fragile").minus(before)
+    assert (delta["inferences"], delta["executions"], delta["success"], delta["fail"]) == (2, 2, 2, 3)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fragile"))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
