@@ -406,6 +406,22 @@ class Batcher:
         return batch
 
     async def _loop(self) -> None:
+        try:
+            await self._form_batches()
+        except Exception:
+            # A bug here must not leave callers waiting forever: fail what is queued, restart on next submit.
+            log.exception("%s: batching loop failed; failing the queued requests", self.label)
+            self._task = None
+            while self._queue:
+                req = self._queue.popleft()
+                if req.state is _State.QUEUED:
+                    self._drop(req)
+                    if not req.future.done():
+                        req.future.set_exception(
+                            errors.InferenceFailed(f"{self.label}: internal batching error")
+                        )
+
+    async def _form_batches(self) -> None:
         while True:
             self._purge_head()
             if not self._queue or not self._idle:

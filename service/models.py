@@ -52,6 +52,9 @@ UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 
 MODEL_FILE = "model.onnx"
+#: Tensors up to this many elements are checked for NaN/Inf on the event loop: 2**20 floats take
+#: about 0.4 ms (np.isfinite(x).all(): 65 us for one 3x224x224 image, 3.9 ms for 32 of them).
+INLINE_CHECK_ELEMENTS = 1 << 20
 #: Model names are single path components: no separators, no leading dot, no "..".
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -224,6 +227,11 @@ class ServedModel:
     # -- requests ------------------------------------------------------------------
     def check_tensor(self, batch: object) -> np.ndarray:
         """The checks a float32 (n, 3, H, W) request must pass; returns it C-contiguous."""
+        x = self._check_layout(batch)
+        self._check_finite(x)
+        return x
+
+    def _check_layout(self, batch: object) -> np.ndarray:
         name = self.meta.input_name
         c, h, w = self.meta.input_shape
         limit = self.settings.max_rows_per_request
@@ -238,13 +246,15 @@ class ServedModel:
             raise self._invalid(
                 f"input '{name}': batch of {n} rows; expected 1 to {limit} rows per request (max_rows_per_request)"
             )
-        finite = np.isfinite(batch)
+        return np.ascontiguousarray(batch)
+
+    def _check_finite(self, x: np.ndarray) -> None:
+        finite = np.isfinite(x)
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
             raise self._invalid(
-                f"input '{name}': {bad} values are NaN or infinite; expected finite FP32 values"
+                f"input '{self.meta.input_name}': {bad} values are NaN or infinite; expected finite FP32 values"
             )
-        return np.ascontiguousarray(batch)
 
     async def infer_tensor(
         self, batch: np.ndarray, *, deadline: float | None = None, timings: Timings | None = None
@@ -257,8 +267,22 @@ class ServedModel:
         """
         timings = _start_timings(timings)
         with self._tracked():
-            x = self.check_tensor(batch)
-            res = await self.batcher.submit(x, deadline=deadline)
+            x = self._check_layout(batch)
+            if x.size <= INLINE_CHECK_ELEMENTS:
+                self._check_finite(x)
+                res = await self.batcher.submit(x, deadline=deadline)
+            else:
+                # Scanning a large tensor for NaN/Inf takes milliseconds: do it off the loop, holding
+                # its queue room (refused at once if full; a swap or drain meanwhile still lets it in).
+                held = self.batcher.reserve(x.shape[0])
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._decode_executor, self._check_finite, x
+                    )
+                except BaseException:
+                    held.release()
+                    raise
+                res = await self.batcher.submit(x, deadline=deadline, reservation=held)
         timings.add_results([res])
         return res.rows
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service import errors
+from service import errors, models
 from service.metrics import Metrics
 from service.models import ModelManager, ModelStatus, Timings, check_name, request_timings
 from tests.helpers.tinymodel import make_repository, make_tiny_model, write_corrupt_model
@@ -163,6 +163,28 @@ def test_tensor_validation_messages(tmp_path):
         return count
 
     assert run(main()) == 7
+
+
+def test_large_tensors_are_checked_off_the_loop(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "INLINE_CHECK_ELEMENTS", 0)
+    repo = make_repository(tmp_path, {"tiny": [1]})
+    x = images(3)
+
+    async def main():
+        manager, _ = await started(repo)
+        model = manager.get("tiny")
+        out = await model.infer_tensor(x)
+        bad = x.copy()
+        bad[2, 2, 2, 2] = np.nan
+        with pytest.raises(errors.InvalidInput, match="1 values are NaN or infinite"):
+            await model.infer_tensor(bad)
+        depth = model.batcher.queued_rows
+        await manager.close()
+        return out, depth
+
+    out, depth = run(main())
+    np.testing.assert_array_equal(out, direct(repo / "tiny/1/model.onnx", x))
+    assert depth == 0  # the reservation taken for the rejected tensor was released
 
 
 def test_top_k_scores_and_order(tmp_path):
