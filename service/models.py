@@ -404,6 +404,7 @@ class _Entry:
     versions: list[int] = dataclasses.field(default_factory=list)
     serving_fingerprint: tuple | None = None
     attempted_fingerprint: tuple | None = None
+    unready_version: int | None = None  # version whose svertka_model_ready is 0 after a failed load
 
 
 class ModelManager:
@@ -526,6 +527,7 @@ class ModelManager:
         if not entry.directory.is_dir():
             if entry.serving is not None:
                 await self._unload_locked(entry, "removed from the repository")
+            self._forget_unready(entry)
             return self._set_status(
                 entry, ModelStatus(name, None, UNAVAILABLE, "removed from the repository")
             )
@@ -572,6 +574,7 @@ class ModelManager:
         old = entry.serving
         entry.serving = served  # the swap: get() returns the new version from here on
         entry.serving_fingerprint = entry.attempted_fingerprint
+        self._forget_unready(entry, keep=version)
         self.metrics.set_model_info(
             name, version, provider=served.provider, precision=meta.precision, arch=meta.arch
         )
@@ -610,7 +613,19 @@ class ModelManager:
                 entry.name, version, UNAVAILABLE, f"{reason} (still serving version {entry.serving.version})"
             )
         log.error("model '%s' unavailable: %s", entry.name, reason)
+        # Operators see it as svertka_model_ready == 0 (and its alert), under the version it tried.
+        shown = version if version is not None else (entry.versions[-1] if entry.versions else None)
+        if shown is not None:
+            self._forget_unready(entry, keep=shown)
+            self.metrics.set_model_ready(entry.name, shown, False)
+            entry.unready_version = shown
         return self._set_status(entry, ModelStatus(entry.name, version, UNAVAILABLE, reason))
+
+    def _forget_unready(self, entry: _Entry, keep: int | None = None) -> None:
+        """Drop the readiness-0 series of an earlier failed attempt (another version now stands)."""
+        if entry.unready_version is not None and entry.unready_version != keep:
+            self.metrics.remove_model(entry.name, entry.unready_version)
+        entry.unready_version = None
 
     def _set_status(self, entry: _Entry, status: ModelStatus) -> ModelStatus:
         if status != entry.status:
@@ -632,6 +647,7 @@ class ModelManager:
             await self._unload_locked(entry, "unloaded")
 
     async def _unload_locked(self, entry: _Entry, reason: str) -> None:
+        self._forget_unready(entry)
         old = entry.serving
         entry.serving = None
         entry.serving_fingerprint = None

@@ -231,6 +231,18 @@ def test_corrupt_models_are_unavailable_with_a_reason_while_others_serve(tmp_pat
         ):
             manager.get("garbage")
         ready = sample(metrics, "svertka_model_ready", model="good", version="1")
+        # Operators see the broken model as not ready; once a good version lands, that series goes.
+        assert (
+            metrics.registry.get_sample_value("svertka_model_ready", {"model": "garbage", "version": "1"})
+            == 0
+        )
+        make_tiny_model(repo / "garbage/2/model.onnx")
+        assert (await manager.load("garbage")).state == "READY"
+        assert (
+            metrics.registry.get_sample_value("svertka_model_ready", {"model": "garbage", "version": "1"})
+            is None
+        )
+        assert sample(metrics, "svertka_model_ready", model="garbage", version="2") == 1
         await manager.close()
         return statuses, out, ready
 
