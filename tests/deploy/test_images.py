@@ -116,3 +116,23 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     assert {".git", ".venv", "tests"} <= ignored
     needed = {"pyproject.toml", "README.md", "service", "export", "deploy/docker", "models"}
     assert not needed & ignored
+
+
+@pytest.mark.parametrize("image", list(IMAGES))
+def test_image_settings_are_serve_settings(image):
+    """SVERTKA_* variables baked into the image are ones `svertka serve` reads."""
+    import argparse
+
+    from service import server_cli
+
+    parser = argparse.ArgumentParser()
+    server_cli.add_serve_arguments(parser)
+    known = {
+        cfg.ENV_PREFIX + option[2:].replace("-", "_").upper()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and not option.startswith("--no-")
+    }
+    final = dockerfile.stages(m.DOCKER / image)[-1]
+    baked = set(re.findall(r"\b(SVERTKA_[A-Z_]+)", " ".join(final.all("ENV") + final.all("HEALTHCHECK"))))
+    assert baked and baked <= known, sorted(baked - known)
