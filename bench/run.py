@@ -226,14 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         peer.setup()
         meta["peer_versions"] = peer.versions()
 
+    jpegs = images.load_jpegs(WORK / "images")
     available = {m.name: m for m in models.digits_models()}
     if any(n.startswith("resnet18") for n in names):
         log("models: resnet18 fp32/int8 224x224 (svertka export --weights random, svertka quantize)")
-        available.update({m.name: m for m in models.resnet18_models(WORK / "models")})
+        available.update({m.name: m for m in models.resnet18_models(WORK / "models", WORK / "images")})
     unknown = [n for n in names if n not in available]
     if unknown:
         parser.error(f"unknown or unavailable models {unknown}; available: {sorted(available)}")
-    jpegs = images.load_jpegs(WORK / "images")
     meta["images"] = {"count": len(jpegs), "width": images.WIDTH, "height": images.HEIGHT,
                       "mean_kib": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), "sources": list(images.PHOTOGRAPHS)}  # fmt: skip
 
