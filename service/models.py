@@ -496,6 +496,8 @@ class ModelManager:
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a directory")
         for name in self._scan():
+            if self._draining or self._closed:
+                break  # shutdown during start-up: load nothing more
             await self.load(name)
         if self.poll_interval_s > 0 and self._poll_task is None:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
@@ -510,8 +512,8 @@ class ModelManager:
         UNAVAILABLE with the reason.
         """
         check_name(name)
-        if self._closed:
-            raise errors.Draining("the model manager is closed")
+        if self._closed or self._draining:
+            raise errors.Draining("the server is shutting down; models are not loaded any more")
         directory = self.repository / name
         entry = self._entries.get(name)
         if entry is None:
@@ -560,6 +562,11 @@ class ModelManager:
         except Exception as exc:
             log.exception("model '%s' version %d: unexpected error while loading", name, version)
             return self._failed(entry, version, f"version {version}: unexpected error while loading: {exc!r}")
+        if self._closed or self._draining:
+            # Shutdown began while this model was loading: it must not start taking requests now.
+            for session in sessions:
+                session.close()
+            return self._failed(entry, version, "not started: the server is shutting down")
         meta = sessions[0].meta
         served = ServedModel(
             name,

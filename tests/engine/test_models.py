@@ -525,6 +525,7 @@ def test_unload_and_drain(tmp_path):
         await manager.unload("a")
         with pytest.raises(errors.ModelNotReady, match="model 'a' is unavailable: unloaded"):
             manager.get("a")
+        assert (await manager.load("a")).state == "READY"  # reload after unload works
         model = manager.get("b")
         pending = [asyncio.create_task(model.infer_tensor(images(2, seed=i))) for i in range(20)]
         await asyncio.sleep(0)
@@ -534,7 +535,8 @@ def test_unload_and_drain(tmp_path):
         assert sample(metrics, "svertka_in_flight_requests", model="b", version="1") == 0
         with pytest.raises(errors.Draining):
             await model.infer_tensor(images(1))
-        await manager.load("a")  # reload after unload works
+        with pytest.raises(errors.Draining, match="shutting down"):
+            await manager.load("a")
         await manager.close()
 
     run(main())
@@ -542,3 +544,26 @@ def test_unload_and_drain(tmp_path):
         ModelStatus("a", 1, "UNLOADING", "unloaded"),
         ModelStatus("a", 1, "UNAVAILABLE", "unloaded"),
     ]
+
+
+def test_drain_during_start_up_starts_nothing_more(tmp_path):
+    repo = make_repository(tmp_path, {"a": [1], "b": [1], "c": [1]})
+    changes: list[ModelStatus] = []
+
+    async def main():
+        manager = ModelManager(repo, new_metrics())
+        manager.add_listener(changes.append)
+        starting = asyncio.create_task(manager.start())
+        while not changes:  # "a" is loading
+            await asyncio.sleep(0.001)
+        await manager.drain(5)
+        await starting
+        statuses = {s.name: s for s in manager.statuses()}
+        with pytest.raises(errors.Draining):
+            await manager.load("b")
+        await manager.close()
+        return statuses
+
+    statuses = run(main())
+    assert statuses["a"] == ModelStatus("a", 1, "UNAVAILABLE", "not started: the server is shutting down")
+    assert set(statuses) == {"a"}  # b and c were never started
