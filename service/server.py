@@ -50,6 +50,12 @@ KEEPALIVE_OPTIONS = (
 )
 
 
+#: After draining: stop once no inference call arrived for this long (see Server._linger) ...
+LINGER_QUIET_S = 0.2
+#: ... or after this long at most, whichever comes first.
+LINGER_MAX_S = 2.0
+
+
 def grpc_options(config: cfg.ServerConfig) -> list[tuple[str, int]]:
     """Channel arguments of the server, from the config."""
     options = [
@@ -120,6 +126,7 @@ class Server:
             await self.manager.drain(grace_s)
         except Exception:
             log.exception("draining the models failed")
+        await self._linger(deadline)
         # Let the handlers of finished requests write their responses, then close.
         await self.grpc_server.stop(max(0.5, deadline - time.monotonic()))
         try:
@@ -128,6 +135,21 @@ class Server:
             log.exception("closing the models failed")
         self._stopped.set()
         log.info("stopped")
+
+    async def _linger(self, deadline: float) -> None:
+        """Keep refusing with UNAVAILABLE while clients are still sending, before closing the transport.
+
+        grpc answers calls that arrive while ``stop()`` runs with CANCELLED,
+        which a client would read as "I cancelled" rather than "go elsewhere".
+        So once everything accepted is answered, wait until no inference call
+        has arrived for ``LINGER_QUIET_S`` (at most ``LINGER_MAX_S``, never past
+        the grace period): in that window late callers get a clean UNAVAILABLE.
+        """
+        started = time.monotonic()
+        self.state.last_call = max(self.state.last_call, started)
+        limit = min(deadline, started + LINGER_MAX_S)
+        while time.monotonic() < limit and time.monotonic() - self.state.last_call < LINGER_QUIET_S:
+            await asyncio.sleep(LINGER_QUIET_S / 4)
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()

@@ -42,8 +42,11 @@ class ServerState:
         self.draining = False
         #: Set when draining starts: open streams stop reading new requests.
         self.drain_event = asyncio.Event()
+        #: time.monotonic() of the latest inference call (accepted or refused).
+        self.last_call = 0.0
 
     def check_accepting(self) -> None:
+        self.last_call = time.monotonic()
         if self.draining:
             raise errors.Draining(
                 "server is shutting down and accepts no new requests; retry on another replica"
