@@ -79,17 +79,21 @@ async def bench_policy(args) -> None:
 
 async def bench_spinning(args) -> None:
     jpeg = photo_jpeg()
-    print("intra-op spinning   api     conc   req/s    p50 ms   p99 ms")
-    for spinning in (False, True):
+    print("intra-op spinning   api     conc   req/s    p50 ms   p99 ms   CPU ms/req")
+    for spinning in args.spinning_order:
         runtime.ALLOW_SPINNING = spinning
         manager = ModelManager(args.repository, Metrics(process_metrics=False, gpu_metrics=False))
         await manager.start()
         model = manager.get(args.model)
         for concurrency in args.concurrency:
-            rps, p50, p99, _ = await closed_loop(
+            cpu = time.process_time()  # all threads of this process: spinning shows up here
+            rps, p50, p99, count = await closed_loop(
                 lambda m=model: m.infer_images([jpeg]), concurrency, args.seconds
             )
-            print(f"{str(spinning):19s} image  {concurrency:4d} {rps:8.1f} {p50:8.2f} {p99:8.2f}")
+            cpu_ms = (time.process_time() - cpu) * 1000 / max(count, 1)
+            print(
+                f"{str(spinning):19s} image  {concurrency:4d} {rps:8.1f} {p50:8.2f} {p99:8.2f} {cpu_ms:10.2f}"
+            )
         await manager.close()
 
 
@@ -100,6 +104,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--what", choices=["policy", "spinning"], default="policy")
+    parser.add_argument(
+        "--spinning-order", type=lambda v: v == "on", nargs="+", default=[False, True], metavar="on|off"
+    )
     args = parser.parse_args()
     asyncio.run(bench_policy(args) if args.what == "policy" else bench_spinning(args))
 
