@@ -539,11 +539,21 @@ class ModelManager:
             settings = config.ModelSettings.load(entry.directory)
         except config.ConfigError as exc:
             return self._failed(entry, None, f"bad config: {exc}")
+        version = settings.version or (entry.versions[-1] if entry.versions else None)
+        if (
+            entry.serving is not None
+            and entry.serving.version not in entry.versions
+            and version not in entry.versions
+        ):
+            # The serving version left the repository and nothing can replace it: stop serving it
+            # (after its accepted requests), rather than serve a model that is no longer deployed.
+            await self._unload_locked(
+                entry, f"version {entry.serving.version} was removed from the repository"
+            )
         if not entry.versions:
             return self._failed(
                 entry, None, f"no versions: expected {entry.directory}/<version>/{MODEL_FILE}"
             )
-        version = settings.version or entry.versions[-1]
         if version not in entry.versions:
             return self._failed(
                 entry,

@@ -488,6 +488,11 @@ def test_repository_refresh_follows_the_disk(tmp_path):
         (repo / "other").rmdir()
         await manager.refresh()
         statuses = {s.name: s for s in manager.statuses()}
+        # The last version of a model is removed: it stops serving.
+        (repo / "tiny/1/model.onnx").unlink()
+        await manager.refresh()
+        with pytest.raises(errors.ModelNotReady, match="model 'tiny' is unavailable: no versions"):
+            manager.get("tiny")
         await manager.close()
         return statuses
 
