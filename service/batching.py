@@ -220,6 +220,7 @@ class Batcher:
         if self._draining or self._closed:
             raise errors.Draining(f"{self.label} is shutting down and accepts no new requests")
         if rows > self.max_queue_rows:
+            self._hook(self.hooks.rejected, "queue_full")
             raise errors.Overloaded(
                 f"{self.label}: a request of {rows} rows can never fit the queue of {self.max_queue_rows} rows"
             )

@@ -243,7 +243,7 @@ def test_full_queue_is_refused_immediately():
             await b.submit(rows(*range(5)))
         # Refused while the instance is still blocked: the refusal did not wait for room.
         assert model.batches == []
-        assert rec.rejected == {"queue_full": 1}
+        assert rec.rejected == {"queue_full": 2}
         model.gate.set()
         await asyncio.gather(first, *queued)
         assert 9 not in model.rows_seen
