@@ -1,0 +1,79 @@
+"""Provider selection and the load-time checks of a model file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from service import config, modelmeta, runtime
+from tests.helpers.tinymodel import build_tiny_model, make_tiny_model, tiny_meta
+
+CPU, CUDA, TRT = runtime.CPU, runtime.CUDA, runtime.TENSORRT
+
+
+def settings(*providers: str) -> config.ModelSettings:
+    return config.ModelSettings(providers=providers) if providers else config.ModelSettings()
+
+
+def test_default_providers_take_what_the_build_has_in_order():
+    assert runtime.resolve_providers(settings(), available=[CPU]) == [CPU]
+    assert runtime.resolve_providers(settings(), available=[CPU, CUDA]) == [CUDA, CPU]
+    assert runtime.resolve_providers(settings(), available=[TRT, CUDA, CPU]) == [TRT, CUDA, CPU]
+
+
+def test_explicit_gpu_provider_missing_is_an_error_not_a_cpu_fallback():
+    with pytest.raises(runtime.ModelLoadError, match=r"providers \['tensorrt', 'cuda'\] were requested"):
+        runtime.resolve_providers(settings("tensorrt", "cuda"), available=[CUDA, CPU])
+    assert runtime.resolve_providers(settings("cuda", "cpu"), available=[CUDA, CPU]) == [CUDA, CPU]
+    assert runtime.resolve_providers(settings("cpu"), available=[CUDA, CPU]) == [CPU]
+
+
+def test_threads_are_shared_among_instances():
+    cpus = config.default_intra_op_threads()
+    assert runtime.intra_op_threads(config.ModelSettings()) == cpus
+    assert runtime.intra_op_threads(config.ModelSettings(instances=2)) == max(1, cpus // 2)
+    assert runtime.intra_op_threads(config.ModelSettings(intra_op_threads=3, instances=2)) == 3
+
+
+def _save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_session_runs_and_warms_up(tmp_path):
+    make_tiny_model(tmp_path / "m.onnx", num_classes=7)
+    session = runtime.Session(tmp_path / "m.onnx", config.ModelSettings(max_batch_size=4), threads=1)
+    assert session.provider == CPU and session.meta.num_classes == 7
+    assert set(session.warm_up(4)) == {1, 4}
+    out = session.run(np.zeros((3, 3, 32, 32), np.float32))
+    assert out.shape == (3, 7) and out.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("fixed_batch", "input 'input' has a fixed batch dimension of 1; re-export it with a dynamic batch"),
+        ("input_name", "the graph's input is named 'input' but the metadata says 'pixels'"),
+        ("output_name", "the graph has no output 'scores' (the metadata's output name); it has ['logits']"),
+        ("crop", "input 'input' has shape ['batch', 3, 32, 32]; the metadata implies [batch, 3, 24, 24]"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_incompatible_models_fail_with_a_reason(tmp_path, change, message):
+    meta = tiny_meta()
+    model = build_tiny_model(meta)
+    if change == "fixed_batch":
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    elif change == "input_name":
+        modelmeta.attach(model, meta.replace(input_name="pixels"))
+    elif change == "output_name":
+        modelmeta.attach(model, meta.replace(output_name="scores"))
+    elif change == "crop":
+        modelmeta.attach(model, meta.replace(crop=(24, 24), resize=24))
+    path = tmp_path / "m.onnx"
+    if change != "missing":
+        _save(model, path)
+    with pytest.raises(runtime.ModelLoadError) as info:
+        runtime.load_instances(path, config.ModelSettings())
+    assert message in str(info.value)
