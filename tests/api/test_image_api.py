@@ -107,3 +107,29 @@ def test_python_client_and_classify_many(server, tmp_path):
         with pytest.raises(ClassifyError) as info:
             client.classify(path, model="nope")
         assert info.value.code == "NOT_FOUND"
+
+
+def test_draining_ends_open_streams_after_answering_what_they_sent(make_server):
+    """A stream that stays open during shutdown gets its answers, then UNAVAILABLE (not a hang, not CANCELLED)."""
+    import threading
+
+    srv = make_server()
+    release = threading.Event()
+    answered = []
+
+    def requests():
+        for i in range(5):
+            yield pb.ClassifyRequest(model="tiny", image=images.png(i), id=str(i))
+        release.wait(30)  # the client has nothing more to say for now, but keeps the stream open
+
+    with srv.channel() as channel:
+        stream = pb_grpc.ImageClassifierStub(channel).ClassifyStream(requests(), timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            for response in stream:
+                answered.append(response.id)
+                if len(answered) == 5:
+                    srv.loop.call_soon_threadsafe(lambda: srv.loop.create_task(srv.server.shutdown(10)))
+        release.set()
+    assert sorted(answered) == ["0", "1", "2", "3", "4"]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "server is shutting down" in info.value.details()
