@@ -149,13 +149,19 @@ class Preprocessor:
             )
         image = self._open(data, fmt)
         width, height = image.size
+        fast_jpeg = fmt == "JPEG" and image.mode in ("RGB", "L")
+        if not fast_jpeg:
+            # Decode before reading the EXIF: a PNG's getexif() decodes the whole image, and
+            # _orientation() takes any failure for a broken EXIF block -- a broken pixel
+            # stream would then be served as a blank image instead of being refused.
+            self._load_pillow(image, fmt)
         orientation = self._orientation(image)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        if fmt == "JPEG" and image.mode in ("RGB", "L"):
+        if fast_jpeg:
             image = self._decode_jpeg(data)
         else:
-            image = self._decode_pillow(image, fmt)
+            image = self._to_rgb(image, fmt)
         if orientation in _TRANSPOSE:
             image = image.transpose(_TRANSPOSE[orientation])
         return self._resize_crop(image, width, height)
@@ -179,8 +185,10 @@ class Preprocessor:
             # Pillow's own guard (2x its MAX_IMAGE_PIXELS) fired while parsing: same limit, same message.
             raise self._too_many_pixels(fmt, exc) from None
         except (UnidentifiedImageError, *_PIL_DATA_ERRORS) as exc:
+            # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" says nothing more.
+            detail = "" if isinstance(exc, UnidentifiedImageError) else f" ({exc})"
             raise errors.InvalidInput(
-                f"{fmt} image is corrupt or truncated: cannot read its header ({exc})"
+                f"{fmt} image is corrupt or truncated: cannot read its header{detail}"
             ) from None
         width, height = image.size
         if width < 1 or height < 1:
@@ -217,8 +225,8 @@ class Preprocessor:
             raise errors.InvalidInput(f"JPEG image is corrupt or truncated: {exc}") from None
         return Image.fromarray(pixels, "RGB")
 
-    def _decode_pillow(self, image: Image.Image, fmt: str) -> Image.Image:
-        """Pillow for everything else (and CMYK/YCCK JPEGs); GIF/WebP give their first frame."""
+    def _load_pillow(self, image: Image.Image, fmt: str) -> None:
+        """Pillow decodes everything else (and CMYK/YCCK JPEGs); GIF/WebP give their first frame."""
         if fmt == "JPEG":
             # DCT-domain downscaling in Pillow (scale 1/2, 1/4, 1/8) for the JPEGs simplejpeg can't convert.
             image.draft(None, (self.meta.resize, self.meta.resize))
@@ -228,7 +236,6 @@ class Preprocessor:
             raise self._too_many_pixels(fmt, exc) from None
         except _PIL_DATA_ERRORS as exc:
             raise errors.InvalidInput(f"{fmt} image is corrupt or truncated: {exc}") from None
-        return self._to_rgb(image, fmt)
 
     @staticmethod
     def _to_rgb(image: Image.Image, fmt: str) -> Image.Image:
