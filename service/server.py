@@ -228,8 +228,13 @@ async def serve(config: cfg.ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    try:
+        metrics_port = metrics.start_http(config.host, config.metrics_port)
+    except OSError as exc:
+        raise cfg.ConfigError(
+            f"cannot serve metrics on {_address(config.host, config.metrics_port)}: {exc}"
+        ) from None
     await server.start()
-    metrics_port = metrics.start_http(config.host, config.metrics_port)
     log.info(
         "svertka listening: grpc %s metrics %s (tls %s, auth %s)",
         _address(config.host, port),

@@ -108,3 +108,26 @@ def test_signal_under_load_loses_no_accepted_request(tmp_path, signum):
     assert server_ok == client_ok
     assert len(client_ok) >= 200
     assert "stopped" in log
+
+
+@pytest.mark.parametrize("which", ["--grpc-port", "--metrics-port"])
+def test_a_busy_port_is_a_one_line_error(tmp_path, which):
+    import socket
+    import subprocess
+    import sys
+
+    repo = make_repository(tmp_path / "repo", {"tiny": [1]})
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        ports = {"--grpc-port": "0", "--metrics-port": "0", which: port}
+        run = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+             "--grpc-port", ports["--grpc-port"], "--metrics-port", ports["--metrics-port"]],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("svertka serve: error: cannot ")
+    assert f"127.0.0.1:{port}" in last
