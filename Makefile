@@ -51,6 +51,16 @@ BENCH_ARGS ?=
 bench: setup system-deps model
 	$(PY) -m bench $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
 
+## fuzz: long fuzzing of image decoding and tensor request parsing: the hypothesis properties with
+## FUZZ_EXAMPLES examples each, then atheris (coverage-guided) for FUZZ_SECONDS per target.
+## Failing inputs: build/hypothesis (replayed first next time), build/fuzz/<target>/crash-*
+FUZZ_EXAMPLES ?= 20000
+FUZZ_SECONDS ?= 300
+fuzz: setup
+	SVERTKA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/reliability/test_fuzz.py --timeout=0 $(PYTEST_ARGS)
+	$(PY) -m tests.reliability.fuzz_atheris decode -max_total_time=$(FUZZ_SECONDS)
+	$(PY) -m tests.reliability.fuzz_atheris request -max_total_time=$(FUZZ_SECONDS)
+
 lint: setup
 	$(VENV)/bin/ruff check service export tests bench
 	$(VENV)/bin/ruff format --check service export tests bench
