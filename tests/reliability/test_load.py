@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -18,7 +19,8 @@ from tests.reliability import harness
 from tests.reliability.load import KINDS, Workload, run_load
 
 WARMUP_REQUESTS = 2_000
-REQUESTS = 20_000
+#: 20,000 in ``make test``; set SVERTKA_LOAD_REQUESTS for a longer soak (docs/reliability.md).
+REQUESTS = int(os.environ.get("SVERTKA_LOAD_REQUESTS", "20000"))
 CONCURRENCY = 32
 #: Resident memory may grow by less than this after warm-up (issue 6).
 RSS_GROWTH_LIMIT_MB = 50
