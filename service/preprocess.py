@@ -248,6 +248,9 @@ class Preprocessor:
                 raise errors.InvalidInput(f"{fmt} image mode {mode} has negative grey values")
             scaled = np.rint(grey.astype(np.float32) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
             return Image.fromarray(scaled, "L").convert("RGB")
+        if mode in ("P", "PA") and image.palette is None:
+            # e.g. a palette PNG without its PLTE chunk; Pillow's convert() would fail an assert.
+            raise errors.InvalidInput(f"{fmt} image has palette mode {mode} but no palette")
         try:
             # Alpha is dropped, not composited: that is what torchvision's pil_loader does in training.
             return image.convert("RGB")
