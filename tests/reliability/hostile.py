@@ -45,6 +45,14 @@ def palette_png(transparency: bool = False) -> bytes:
     return _save(image, "PNG", **({"transparency": 0} if transparency else {}))
 
 
+def palette_png_without_plte() -> bytes:
+    """A palette PNG with its PLTE chunk cut out (found by the atheris decode fuzzer)."""
+    data = palette_png()
+    at = data.index(b"PLTE") - 4
+    length = struct.unpack_from(">I", data, at)[0]
+    return data[:at] + data[at + 12 + length :]
+
+
 def gif(frames: int) -> bytes:
     images = [noise(40, 40, seed).convert("P", palette=Image.Palette.ADAPTIVE) for seed in range(frames)]
     return _save(images[0], "GIF", save_all=frames > 1, append_images=images[1:], duration=100, loop=0)

@@ -175,6 +175,7 @@ IMAGE_CASES = [
     Case("truncated-gif", "classify", classify(lambda: H.gif(1)[:30]), C.INVALID_ARGUMENT, "GIF image is corrupt or truncated"),
     Case("truncated-webp", "classify", classify(lambda: H.webp()[:30]), C.INVALID_ARGUMENT, "WEBP image is corrupt or truncated"),
     Case("truncated-bmp", "classify", classify(lambda: H.bmp()[:40]), C.INVALID_ARGUMENT, "BMP image is corrupt or truncated"),
+    Case("palette-png-without-palette", "classify", classify(H.palette_png_without_plte), C.INVALID_ARGUMENT, "PNG image has palette mode P but no palette"),
     Case("zero-width-png", "classify", classify(lambda: H.png_claiming(0, 10)), C.INVALID_ARGUMENT, "PNG image is corrupt or truncated"),
     Case("text", "classify", classify(b"hello world"), C.INVALID_ARGUMENT, "not an image: 11 bytes that are not JPEG, PNG, WebP, BMP or GIF (it starts with the text 'hello wo')"),
     Case("json", "classify", classify(b'{"image": "aGVsbG8="}'), C.INVALID_ARGUMENT, "not an image: 21 bytes that are not JPEG, PNG, WebP, BMP or GIF (it looks like JSON text)"),
