@@ -61,7 +61,8 @@ def version() -> str:
     out = subprocess.run(
         [str(perf_analyzer_path()), "--version"], capture_output=True, text=True, env=environment()
     )
-    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "Version" in ln]
+    return lines[0].strip() if lines else "perf_analyzer (version unknown)"
 
 
 def parse_csv(path: Path) -> dict[str, float]:
