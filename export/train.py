@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "svertka-checkpoint"
 CHECKPOINT_VERSION = 1
+AUGMENTATIONS = ("standard", "affine")
 
 TORCHVISION_WEIGHTS_HINT = (
     "nothing is downloaded at run time: fetch the torchvision weights file on a machine with internet "
@@ -62,6 +63,7 @@ class TrainConfig:
     strict: bool = False
     weights: Path | None = None
     hflip: bool = True
+    augment: str = "standard"  # "standard" or "affine" (small rotations/shifts/scaling: digits, glyphs)
     crop_padding: int | None = None  # small-image random-crop padding; default image_size // 8
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -79,6 +81,8 @@ class TrainConfig:
                 raise ExportError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ExportError(f"--lr: expected > 0, got {self.lr}")
+        if self.augment not in AUGMENTATIONS:
+            raise ExportError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.workers < 0:
             raise ExportError(f"--workers: expected >= 0, got {self.workers}")
         if self.image_size is None:
@@ -144,10 +148,18 @@ def build_transforms(cfg: TrainConfig, mean: Sequence[float], std: Sequence[floa
     steps: list[Any]
     if not train:
         steps = [T.Resize(cfg.resize, interpolation=bilinear, antialias=True), T.CenterCrop(crop)]
+    elif cfg.augment == "affine":
+        steps = [
+            T.Resize(cfg.resize, interpolation=bilinear, antialias=True),
+            T.CenterCrop(crop),
+            T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=bilinear),
+        ]
     elif models.is_small_image_arch(cfg.arch):
         steps = [
             T.Resize(cfg.resize, interpolation=bilinear, antialias=True),
-            T.RandomCrop(crop, padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, crop // 8)),
+            T.RandomCrop(
+                crop, padding=cfg.crop_padding if cfg.crop_padding is not None else max(1, crop // 8)
+            ),
         ]
     else:
         steps = [T.RandomResizedCrop(crop, interpolation=bilinear, antialias=True)]
