@@ -3,16 +3,17 @@
     .venv/bin/python -m tests.engine.bench_preprocess [--repeat 200]
 
 Prints the 10th-percentile time of each pipeline (the machine is shared, so
-the fast tail is the stable number), its mean absolute difference from a full
-decode + Pillow resize + crop in grey levels, and whether the decode releases
-the GIL (a pure-Python loop's progress on the main thread while another
-thread decodes, relative to running alone).
+the fast tail is the stable number; pipelines run interleaved), its mean
+absolute difference from a full decode + Pillow resize + crop in grey
+levels, and whether the decode releases the GIL (``releases_gil``), next to
+a pure-Python baseline that holds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 import threading
 import time
 
@@ -89,35 +90,55 @@ def pipelines(jpeg: bytes) -> dict:
     }
 
 
-def p10_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def p10_ms(funcs: dict, repeat: int) -> dict[str, float]:
+    """10th-percentile ms per pipeline, the pipelines interleaved so load changes hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in funcs}
+    for fn in funcs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.percentile(times, 10) * 1000)
+    for _ in range(repeat):
+        for name, fn in funcs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.percentile(t, 10) * 1000) for name, t in times.items()}
 
 
-def python_progress(seconds: float, background=None) -> int:
-    """Iterations of a pure-Python loop in ``seconds``, optionally with ``background`` looping in a thread."""
-    stop = threading.Event()
+def releases_gil(fn, tries: int = 20) -> float:
+    """Fraction of calls during which another thread ran Python (1.0: ``fn`` releases the GIL).
 
-    def spin():
-        while not stop.is_set():
-            background()
+    Forced GIL switching is pushed out to 10 s, so the main thread, woken
+    while the worker starts ``fn``, can only run before ``fn`` returns if
+    ``fn`` itself lets go of the GIL. Independent of how busy the cores are.
+    """
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    released = 0
+    try:
+        for _ in range(tries):
+            started = threading.Event()
+            stamps: dict[str, float] = {}
 
-    thread = threading.Thread(target=spin) if background else None
-    if thread:
-        thread.start()
-    count = 0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        count += 1
-    stop.set()
-    if thread:
-        thread.join()
-    return count
+            def worker(started: threading.Event = started, stamps: dict = stamps) -> None:
+                started.set()
+                fn()
+                stamps["end"] = time.perf_counter()
+
+            thread = threading.Thread(target=worker)
+            thread.start()
+            started.wait()
+            stamps["main"] = time.perf_counter()
+            thread.join()
+            released += stamps["main"] < stamps["end"]
+    finally:
+        sys.setswitchinterval(old)
+    return released / tries
+
+
+def python_busy() -> None:
+    """A GIL-holding baseline of a few milliseconds."""
+    total = 0
+    for i in range(60_000):
+        total += i * i
 
 
 def main() -> None:
@@ -130,17 +151,17 @@ def main() -> None:
     reference = funcs["Pillow full decode + resize + crop (reference)"]().astype(np.float32)
     print(f"1024x768 JPEG, {len(jpeg)} bytes -> {CROP}x{CROP} (resize {RESIZE})")
     print(f"{'pipeline':50s} {'p10 ms':>7s} {'mean |diff|':>12s}")
+    timings = p10_ms(funcs, args.repeat)
     for name, fn in funcs.items():
         out = fn()
         diff = np.abs(out.astype(np.float32) - reference).mean() if out.dtype == np.uint8 else float("nan")
-        print(f"{name:50s} {p10_ms(fn, args.repeat):7.2f} {diff:12.2f}")
-    alone = python_progress(1.0)
+        print(f"{name:50s} {timings[name]:7.2f} {diff:12.2f}")
     for name in (
         "service.preprocess.Preprocessor (+ normalize)",
         "Pillow full decode + resize + crop (reference)",
     ):
-        shared = python_progress(1.0, funcs[name])
-        print(f"GIL: main-thread Python progress while decoding with {name!r}: {shared / alone:.0%} of alone")
+        print(f"GIL released during {name}: {releases_gil(funcs[name]):.0%} of calls")
+    print(f"GIL released during a pure-Python baseline: {releases_gil(python_busy):.0%} of calls")
 
 
 if __name__ == "__main__":
