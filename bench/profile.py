@@ -30,6 +30,7 @@ from bench import images, loadgen, target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PY_SPY = REPO_ROOT / ".bench" / "pytriton-venv" / "bin" / "py-spy"
+PROFILE_RATE_HZ = 100
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -97,7 +98,9 @@ def summarize(raw: str, top: int = 12) -> dict:
     }
 
 
-def record(pid: int, seconds: float, out: Path, *, gil: bool, rate: int = 100) -> subprocess.Popen:
+def record(
+    pid: int, seconds: float, out: Path, *, gil: bool, rate: int = PROFILE_RATE_HZ
+) -> subprocess.Popen:
     """Start py-spy on ``pid`` for ``seconds`` (returns the running recorder; wait on it)."""
     cmd = [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
            "--format", "raw", "--threads", "--nonblocking", "-o", str(out)]  # fmt: skip
@@ -138,6 +141,9 @@ async def profile_server(server: target.Server, model: str, jpegs: list[bytes], 
                     )
                 summary = summarize(raw.read_text())
                 summary["images_per_s_while_sampled"] = load.images_per_s
+                # Samples per sampling tick: the mean number of busy Python threads (active view) or
+                # the fraction of wall time some thread held the GIL (gil view).
+                summary["busy"] = summary["samples"] / (PROFILE_RATE_HZ * int(seconds))
                 summary["command"] = (
                     f"py-spy record --pid PID --duration {int(seconds)} --rate 100 --format raw --threads --nonblocking{' --gil' if view == 'gil' else ''}"
                 )

@@ -378,7 +378,9 @@ def _profile_section(model: dict) -> list[str]:
             summ = prof.get(f"{api}_{view}")
             if not summ:
                 continue
-            lines += [f"**{api} API, {view}** ({summ['samples']} samples, {fmt(summ['images_per_s_while_sampled'])} "
+            busy = (f"the GIL was held {summ['busy']:.0%} of the time" if view == "gil"
+                    else f"{summ['busy']:.2f} Python threads busy on average")  # fmt: skip
+            lines += [f"**{api} API, {view}** ({summ['samples']} samples: {busy}; {fmt(summ['images_per_s_while_sampled'])} "
                       f"img/s while sampled; `{summ['command']}`):", ""]  # fmt: skip
             rows = []
             depth = max(len(summ["threads"]), len(summ["self"]), 8)
