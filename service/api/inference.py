@@ -93,7 +93,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._model(request.name, request.version)
         except errors.ModelNotReady as exc:
             # The bool alone cannot say why; the reason travels as trailing metadata.
-            context.set_trailing_metadata((("svertka-reason", exc.message),))
+            context.set_trailing_metadata((("svertka-reason", _metadata_text(exc.message)),))
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -278,6 +278,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", _SHM)
     TraceSetting = _unimplemented("TraceSetting", "request tracing is not available; use the access log")
     LogSettings = _unimplemented("LogSettings", "log settings are fixed at start (--log-level, --log-format)")
+
+
+def _metadata_text(text: str, limit: int = 1024) -> str:
+    """Text safe for an ASCII metadata value: no control characters, non-ASCII escaped, bounded."""
+    flat = " ".join(text.split())
+    return flat.encode("ascii", "backslashreplace").decode("ascii")[:limit]
 
 
 def _stack_image_results(results, input_name: str):
