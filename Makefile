@@ -49,7 +49,7 @@ test-fast: setup
 BENCH_QUICK ?=
 BENCH_ARGS ?=
 bench: setup system-deps model
-	$(PY) -m bench $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
+	$(PY) -m bench --default-models $(MODELS) $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
 
 ## fuzz: long fuzzing of image decoding and tensor request parsing: the hypothesis properties with
 ## FUZZ_EXAMPLES examples each, then atheris (coverage-guided) for FUZZ_SECONDS per target.

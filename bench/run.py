@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default="", help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8"
     )
     parser.add_argument(
+        "--default-models",
+        type=Path,
+        default=REPO_ROOT / "models",
+        metavar="DIR",
+        help="repository holding the default digits models (make model; default models/)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["peer_versions"] = peer.versions()
 
     jpegs = images.load_jpegs(WORK / "images")
-    available = {m.name: m for m in models.digits_models()}
+    available = {m.name: m for m in models.digits_models(args.default_models)}
     if any(n.startswith("resnet18") for n in names):
         log("models: resnet18 fp32/int8 224x224 (svertka export --weights random, svertka quantize)")
         available.update({m.name: m for m in models.resnet18_models(WORK / "models", WORK / "images")})
