@@ -29,6 +29,18 @@ class PerfSettings:
     max_trials: int = 6
 
 
+#: perf_analyzer's per-request stage columns (means, microseconds); the server ones come from ModelStatistics.
+BREAKDOWN_COLUMNS = (
+    "Client Send",
+    "Network+Server Send/Recv",
+    "Server Queue",
+    "Server Compute Input",
+    "Server Compute Infer",
+    "Server Compute Output",
+    "Client Recv",
+)
+
+
 @dataclasses.dataclass
 class PerfPoint:
     """One concurrency level; latencies in ms; ``batches`` maps batch size to batches executed."""
@@ -36,7 +48,7 @@ class PerfPoint:
     concurrency: int
     images_per_s: float | None
     latency_ms: dict[str, float]
-    server_us: dict[str, float]
+    breakdown_us: dict[str, float]  # perf_analyzer's mean time per stage, microseconds
     batches: dict[int, int]
     stable: bool
     command: str
@@ -120,12 +132,7 @@ def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, wo
                 concurrency=concurrency,
                 images_per_s=row["Inferences/Second"],
                 latency_ms={p: row[f"{p} latency"] / 1e3 for p in ("p50", "p90", "p95", "p99")},
-                server_us={
-                    "queue": row.get("Server Queue", float("nan")),
-                    "compute_input": row.get("Server Compute Input", float("nan")),
-                    "compute_infer": row.get("Server Compute Infer", float("nan")),
-                    "compute_output": row.get("Server Compute Output", float("nan")),
-                },
+                breakdown_us={k: row[k] for k in BREAKDOWN_COLUMNS if k in row},
                 batches=modelstats.difference(after, before),
                 stable=True,
                 command=shown,
