@@ -333,6 +333,20 @@ def _model_section(model: dict, img_rel: str, bound_ms: float) -> list[str]:
         rows.append(row)
     lines += _table(header, rows) + [""]
 
+    stages = ["Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
+              "Server Compute Infer", "Server Compute Output", "Client Recv"]  # fmt: skip
+    rows = []
+    for label, points in (("svertka", model["svertka"]["perf"]), ("peer", peer["perf"] if peer else [])):
+        p = at_concurrency(points, 1)
+        if p and p.get("breakdown_us"):
+            rows.append([label, *(fmt(p["breakdown_us"].get(k, float("nan")) / 1e3, 2) for k in stages),
+                         fmt(p["latency_ms"]["p50"], 2)])  # fmt: skip
+    if rows:
+        lines += [f"**Where a request's time goes at concurrency 1** (perf_analyzer's mean per stage, ms; the server "
+                  f"stages come from the server's ModelStatistics; onnxruntime alone takes {fmt(raw_b1_ms(model), 2)} ms "
+                  "at batch 1):", ""]  # fmt: skip
+        lines += _table(["server", *(k.lower() for k in stages), "p50 total"], rows) + [""]
+
     lines += [
         "**Image API, closed loop** (svertka's asyncio client, `Classify` with 1024x768 JPEGs, top_k 1):",
         "",
