@@ -307,13 +307,20 @@ class ServedModel:
                 self.recorder.rejected("deadline")
                 raise errors.DeadlineExceeded(f"{self.label}: the deadline passed before decoding started")
             reservations = self.batcher.reserve_each(n)
-            outcomes = await asyncio.gather(
-                *(
-                    self._one_image(data, held, deadline)
-                    for data, held in zip(images, reservations, strict=True)
-                ),
-                return_exceptions=True,
-            )
+            try:
+                outcomes = await asyncio.gather(
+                    *(
+                        self._one_image(data, held, deadline)
+                        for data, held in zip(images, reservations, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+            except BaseException:
+                # Cancelled (the client went away): an image task cancelled before its first step
+                # never runs its own release, so give back whatever room is still held (idempotent).
+                for held in reservations:
+                    held.release()
+                raise
         out: list[np.ndarray | errors.SvertkaError] = []
         results: list[Result] = []
         decode_s = 0.0
