@@ -59,15 +59,15 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         self._state = state
 
     async def _classify(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, peer: str | None = None
     ) -> pb.ClassifyResponse:
-        """One request; raises a domain error on failure."""
+        """One request; raises a domain error on failure. ``peer``: the stream's, taken at its start."""
         start = time.perf_counter()
         self._state.check_accepting()
         model = resolve_model(self._manager, request.model, request.version)
         rid = common.request_id(request.id, context)
         record = common.RequestRecord(
-            model, api="image", method="Classify", rid=rid, peer=context.peer(), start=start
+            model, api="image", method="Classify", rid=rid, peer=peer or context.peer(), start=start
         )
         record.images = 1
         with common.track(record):
@@ -100,9 +100,13 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             await status.abort(context, exc)
 
     async def ClassifyStream(self, request_iterator, context):
+        # context.peer() reads the C call: once the client is gone, a request of this stream still
+        # being handled would read freed memory (grpcio 1.85 segfaults). Take it while the call lives.
+        peer = context.peer()
+
         async def handle(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
             try:
-                return await self._classify(request, context)
+                return await self._classify(request, context, peer)
             except Exception as exc:  # answered in-band: the stream stays open
                 code, message = status.status_for(exc)
                 return pb.ClassifyResponse(

@@ -127,7 +127,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=model_config(model))
 
     # -- inference -----------------------------------------------------------
-    async def _infer(self, request: pb.ModelInferRequest, context, method: str) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, context, method: str, peer: str | None = None
+    ) -> pb.ModelInferResponse:
         start = time.perf_counter()
         self._state.check_accepting()
         model = self._model(request.model_name, request.model_version)
@@ -136,7 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             api="tensor",
             method=method,
             rid=common.request_id(request.id, context),
-            peer=context.peer(),
+            peer=peer or context.peer(),
             start=start,
         )
         with common.track(record):
@@ -162,10 +164,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request, context, "ModelInfer")
 
     async def ModelStreamInfer(self, request_iterator, context):
+        # Taken once while the call is alive: see ImageClassifierServicer.ClassifyStream.
+        peer = context.peer()
+
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
                 return pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(request, context, "ModelStreamInfer")
+                    infer_response=await self._infer(request, context, "ModelStreamInfer", peer)
                 )
             except Exception as exc:  # answered in-band, as Triton does: the stream stays open
                 _, message = status.status_for(exc)
