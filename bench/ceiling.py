@@ -46,6 +46,21 @@ class Ceiling:
         return next(p for p in self.points if p.batch_size == 1).latency_ms["p50"]
 
 
+def best_of(passes: list[Ceiling]) -> Ceiling:
+    """Per batch size, the faster of several passes: the ceiling is what onnxruntime *can* do here.
+
+    Keeping the best pass is the conservative choice for a served/ceiling
+    ratio (and for the batch-1 latency floor) on a machine others share.
+    """
+    points = []
+    for group in zip(*(c.points for c in passes), strict=True):
+        points.append(max(group, key=lambda p: p.images_per_s))
+    first = passes[0]
+    return Ceiling(
+        model=first.model, provider=first.provider, intra_op_threads=first.intra_op_threads, points=points
+    )
+
+
 def batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, ... up to and including ``max_batch_size`` (even when it is no power of two)."""
     sizes, b = [], 1

@@ -164,11 +164,11 @@ def bench_model(
 
     passes = [first]
     if plan is not QUICK:
-        log(f"{m.label}: onnxruntime ceiling again (the higher pass is kept)")
+        log(f"{m.label}: onnxruntime ceiling again (per batch size, the faster pass is kept)")
         passes.append(ceiling.measure(m.path, model=m.name, max_batch_size=settings.max_batch_size,
                                       threads=threads, seconds_per_batch=plan.ceiling_s_per_batch))  # fmt: skip
     out["ceiling_passes"] = [_asdict(c) for c in passes]
-    out["ceiling"] = _asdict(max(passes, key=lambda c: c.images_per_s))
+    out["ceiling"] = _asdict(ceiling.best_of(passes))
     return out
 
 

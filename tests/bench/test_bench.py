@@ -57,14 +57,27 @@ def test_batch_count_difference_keeps_only_new_batches() -> None:
     assert modelstats.mean_batch_size({2: 4, 4: 3}) == pytest.approx(20 / 7)
 
 
-def test_p99_at_equal_throughput_interpolates_inside_the_curve_only() -> None:
+def test_p99_at_equal_throughput_is_the_best_point_that_keeps_up() -> None:
     points = [
         {"concurrency": 1, "images_per_s": 10.0, "latency_ms": {"p99": 20.0}},
         {"concurrency": 2, "images_per_s": 30.0, "latency_ms": {"p99": 40.0}},
-        {"concurrency": 4, "images_per_s": None},
+        {"concurrency": 4, "images_per_s": 29.0, "latency_ms": {"p99": 90.0}},
+        {"concurrency": 8, "images_per_s": None},
     ]
-    assert report.p99_at_throughput(points, 20.0) == pytest.approx(30.0)
+    assert report.p99_at_throughput(points, 5.0) == 20.0
+    assert report.p99_at_throughput(points, 20.0) == 40.0
     assert report.p99_at_throughput(points, 31.0) is None
+
+
+def test_ceiling_keeps_the_faster_pass_per_batch_size() -> None:
+    def point(b: int, ips: float) -> ceiling.BatchPoint:
+        return ceiling.BatchPoint(b, 5, ips, {"p50": b / ips * 1e3})
+
+    slow_then_fast = ceiling.Ceiling("m", "CPU", 2, [point(1, 50.0), point(2, 70.0)])
+    fast_then_slow = ceiling.Ceiling("m", "CPU", 2, [point(1, 55.0), point(2, 60.0)])
+    best = ceiling.best_of([slow_then_fast, fast_then_slow])
+    assert [p.images_per_s for p in best.points] == [55.0, 70.0]
+    assert best.images_per_s == 70.0 and best.batch1_latency_ms == pytest.approx(1 / 55 * 1e3)
 
 
 @pytest.mark.slow
