@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,8 +23,9 @@ from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from tests.api.serverproc import ROOT, ServerProcess
 
-#: The bundled default model, built by ``make model``.
-DEFAULT_REPOSITORY = ROOT / "models"
+#: The bundled default model, built by ``make model`` (SVERTKA_RELIABILITY_MODELS: another repository
+#: holding a ``digits`` model, e.g. one built with ``svertka build-default --repository DIR``).
+DEFAULT_REPOSITORY = Path(os.environ.get("SVERTKA_RELIABILITY_MODELS", ROOT / "models"))
 DEFAULT_MODEL = "digits"
 
 
