@@ -66,6 +66,8 @@ QUICK = Plan(
 #: The profiled load: enough concurrency for full batches, long enough for a few thousand samples.
 PROFILE_CONCURRENCY = 8
 PROFILE_SECONDS = 10.0
+#: Profiled models: the big one (compute-bound) and the small one (where per-request work shows).
+PROFILED = ("resnet18", "digits")
 
 
 def log(message: str) -> None:
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="seconds per step, the digits models only, no peer"
     )
     parser.add_argument("--no-peer", action="store_true", help="skip the Triton peer")
-    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of resnet18 fp32")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy profiles (resnet18 and digits fp32)"
+    )
     parser.add_argument(
         "--models", default="", help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8"
     )
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"meta": meta, "models": []}
     for name in names:
-        profile = not (quick or args.no_profile) and name == "resnet18" and profiler.available()
+        profile = not (quick or args.no_profile) and name in PROFILED and profiler.available()
         results["models"].append(
             bench_model(available[name], plan, jpegs, with_peer=with_peer, profile=profile, workdir=workdir)
         )
