@@ -371,3 +371,54 @@ def test_close_fails_whatever_is_still_queued():
         assert (await first).rows.tolist() == [[0, 0]]
 
     run(main())
+
+
+@pytest.mark.parametrize("idle_dispatch", [True, False])
+def test_randomised_traffic_always_settles(idle_dispatch):
+    """Many callers with random sizes, cancellations and deadlines: everyone gets an answer."""
+
+    async def main():
+        rng = np.random.default_rng(1)
+        model, rec = FakeModel(), Recorded()
+        b = make(
+            model,
+            rec,
+            runners=[model, FakeModel()],
+            max_batch_size=8,
+            max_queue_rows=40,
+            max_queue_delay_s=0.0005,
+            preferred_batch_sizes=(4,),
+            dispatch_when_idle=idle_dispatch,
+        )
+        outcomes: Counter[str] = Counter()
+
+        async def caller(i: int) -> None:
+            for j in range(20):
+                n = int(rng.integers(1, 5))
+                x = rows(*[i * 1000 + j * 10 + k for k in range(n)])
+                deadline = time.monotonic() + float(rng.uniform(0.0, 0.01)) if rng.random() < 0.2 else None
+                task = asyncio.ensure_future(b.submit(x, deadline=deadline))
+                if rng.random() < 0.1:
+                    await asyncio.sleep(0)
+                    task.cancel()
+                try:
+                    res = await task
+                except asyncio.CancelledError:
+                    outcomes["cancelled"] += 1
+                except errors.DeadlineExceeded:
+                    outcomes["deadline"] += 1
+                except errors.Overloaded:
+                    outcomes["overloaded"] += 1
+                else:
+                    np.testing.assert_array_equal(res.rows[:, 0], x[:, 0])
+                    outcomes["ok"] += 1
+
+        await asyncio.gather(*(caller(i) for i in range(16)))
+        await b.drain()
+        assert b.queued_rows == 0 and not b.busy and rec.depth == 0
+        await b.close()
+        return outcomes
+
+    outcomes = run(main())
+    assert sum(outcomes.values()) == 16 * 20
+    assert outcomes["ok"] > 0
