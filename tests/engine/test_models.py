@@ -572,3 +572,34 @@ def test_drain_during_start_up_starts_nothing_more(tmp_path):
     statuses = run(main())
     assert statuses["a"] == ModelStatus("a", 1, "UNAVAILABLE", "not started: the server is shutting down")
     assert set(statuses) == {"a"}  # b and c were never started
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_instances_and_precisions_from_the_repository(tmp_path, precision):
+    repo = make_repository(tmp_path, {"tiny": [1]}, precision=precision)
+    write_config(repo, "tiny", "instances: 2\nmax_batch_size: 4\npreferred_batch_sizes: [2, 4]\n")
+    x = images(6)
+    reference = direct(repo / "tiny/1/model.onnx", x)
+
+    async def main():
+        manager, metrics = await started(repo)
+        model = manager.get("tiny")
+        outs = await asyncio.gather(*(model.infer_tensor(x[i : i + 1]) for i in range(6)))
+        info = sample(
+            metrics,
+            "svertka_model_info",
+            model="tiny",
+            version="1",
+            provider="CPUExecutionProvider",
+            precision=precision,
+            arch="tinycnn",
+        )
+        stats = model.recorder.snapshot()
+        await manager.close()
+        return model, outs, info, stats
+
+    model, outs, info, stats = run(main())
+    assert model.instances == 2 and info == 1.0
+    assert stats.inference_count == 6 and set(stats.batch_stats) <= {1, 2, 3, 4}
+    for i, out in enumerate(outs):
+        np.testing.assert_allclose(out[0], reference[i], rtol=1e-3, atol=1e-3)
