@@ -105,6 +105,13 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--weights", type=Path, help="fine-tune from a local torchvision-format state dict")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (e.g. digits)")
+    p.add_argument(
+        "--augment",
+        choices=("standard", "affine"),
+        default="standard",
+        help="standard: padded random crops (small images) or random-resized crops; "
+        "affine: small rotations, shifts and scaling (digits, glyphs)",
+    )
     p.add_argument("--mean", type=_floats, help="normalisation mean (default: computed on the train split)")
     p.add_argument("--std", type=_floats, help="normalisation std (default: computed on the train split)")
     p.add_argument("--keep-all", action="store_true", help="also keep epoch-NNN.pt for every epoch")
@@ -281,6 +288,7 @@ def _train(args: argparse.Namespace) -> int:
         strict=args.strict,
         weights=args.weights,
         hflip=args.hflip,
+        augment=args.augment,
         mean=args.mean,
         std=args.std,
         dataset_name=dataset_name,

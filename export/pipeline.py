@@ -35,7 +35,15 @@ DEFAULT_INT8_NAME = "digits-int8"
 DEFAULT_MIN_TOP1 = 0.985
 #: The default recipe (resnet20 on the bundled digits, 32x32); see docs/training.md for its numbers.
 DEFAULT_RECIPE = dict(
-    arch="resnet20", epochs=12, batch_size=64, lr=0.1, weight_decay=5e-4, hflip=False, seed=0
+    arch="resnet20",
+    epochs=15,
+    batch_size=32,
+    lr=0.1,
+    weight_decay=5e-4,
+    label_smoothing=0.1,
+    augment="affine",  # digits are not mirror-symmetric: small rotations/shifts/scaling, no flips
+    hflip=False,
+    seed=0,
 )
 
 

@@ -57,12 +57,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_staging(directory: Path) -> list[Path]:
-    """Delete staging entries left in ``directory`` by processes that no longer exist."""
-    removed = []
-    if not directory.is_dir():
+def remove_stale_staging(model_dir: Path) -> list[Path]:
+    """Delete staging entries left by processes that no longer exist in a model directory and its versions."""
+    removed: list[Path] = []
+    if not model_dir.is_dir():
         return removed
-    for entry in directory.iterdir():
+    entries = list(model_dir.iterdir())
+    for version_dir in [e for e in entries if e.is_dir() and e.name.isdigit()]:
+        entries.extend(version_dir.iterdir())
+    for entry in entries:
         m = _STAGING_RE.match(entry.name)
         if not m or _pid_alive(int(m.group(1))):
             continue
@@ -137,7 +140,6 @@ def publish(
 
 
 def _replace_file(target: Path, data: bytes) -> Path:
-    remove_stale_staging(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".model.onnx.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)

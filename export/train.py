@@ -423,7 +423,7 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
         nesterov=cfg.momentum > 0,
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader), pct_start=0.25
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader), pct_start=0.15, div_factor=10
     )
     start_epoch, history = 0, []
     if state is not None:
