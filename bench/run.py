@@ -54,11 +54,11 @@ FULL = Plan(
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
-    perf=perf.PerfSettings(measurement_interval_ms=1000, stability_percentage=50, max_trials=3),
+    perf=perf.PerfSettings(measurement_interval_ms=500, stability_percentage=50, max_trials=3),
     concurrencies=(1, 4),
     image_concurrencies=(1, 4),
-    load_s=1.5,
-    warmup_s=0.5,
+    load_s=1.0,
+    warmup_s=0.3,
     rate_steps=2,
 )
 
