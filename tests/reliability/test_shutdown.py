@@ -97,11 +97,15 @@ def _stream(address: str, no: int, kind: str, record: _Record, x, image) -> None
             call = cgrpc.ImageClassifierStub(channel).ClassifyStream(requests(), timeout=120)
         try:
             for reply in call:
+                # A request read just as the drain began is refused in-band (the stream stays
+                # orderly): the image API says UNAVAILABLE, Triton's stream only has the message.
                 if kind == "tensor_stream":
-                    rid, failed = reply.infer_response.id, bool(reply.error_message)
+                    rid, message = reply.infer_response.id, reply.error_message
+                    code = "OK" if not message else "UNAVAILABLE" if "shutting down" in message else message
                 else:
-                    rid, failed = reply.id, reply.HasField("error")
-                record.answer(rid, "IN_BAND_ERROR" if failed else "OK")
+                    rid = reply.id
+                    code = reply.error.code_name if reply.HasField("error") else "OK"
+                record.answer(rid, code)
                 window.release()
             record.endings.append(("OK", "stream ended without a status"))
         except grpc.RpcError as exc:
