@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
@@ -53,14 +54,26 @@ async def _burst(address: str, x: np.ndarray) -> list[tuple[str, float, str]]:
         return await asyncio.gather(*(_one(channel, n, x, "burst") for n in range(BURST)))
 
 
-async def _sustained(address: str, x: np.ndarray) -> list[tuple[str, float, str]]:
+async def _sustained(
+    address: str, x: np.ndarray, probes: list[tuple[int, float]]
+) -> list[tuple[str, float, str]]:
     """OVERLOAD_CLIENTS clients each sending back to back for OVERLOAD_S seconds.
 
     Unlike the one-shot burst, each client has one request outstanding, so a
     reply time is the server's answer time and not the client's own send queue.
+    Meanwhile a Kubernetes-style probe checks health every 0.2 s (into ``probes``):
+    an overloaded pod must still answer its probes, or it would be restarted.
     """
     out: list[tuple[str, float, str]] = []
     stop = time.monotonic() + OVERLOAD_S
+
+    async def prober(channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < stop:
+            start = time.perf_counter()
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service="slow"), timeout=10)
+            probes.append((reply.status, time.perf_counter() - start))
+            await asyncio.sleep(0.2)
 
     async def client(channel, k: int) -> None:
         n = k
@@ -69,7 +82,7 @@ async def _sustained(address: str, x: np.ndarray) -> list[tuple[str, float, str]
             n += OVERLOAD_CLIENTS
 
     async with grpc.aio.insecure_channel(address) as a, grpc.aio.insecure_channel(address) as b:
-        await asyncio.gather(*(client((a, b)[k % 2], k) for k in range(OVERLOAD_CLIENTS)))
+        await asyncio.gather(prober(a), *(client((a, b)[k % 2], k) for k in range(OVERLOAD_CLIENTS)))
     return out
 
 
@@ -94,7 +107,8 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
     with harness.running_server(repo, tmp_path / "server.log", *log_args) as server:
         before = asyncio.run(_probe(server.address, x))
         outcomes = asyncio.run(_burst(server.address, x))
-        sustained = asyncio.run(_sustained(server.address, x))
+        probes: list[tuple[int, float]] = []
+        sustained = asyncio.run(_sustained(server.address, x, probes))
         settled = harness.wait_until(
             lambda: (
                 (m := harness.scrape(server.metrics_port))
@@ -128,6 +142,7 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
     assert len(held_refused) > len(held_ok) > 0
     refused_p50, accepted_p50 = statistics.median(held_refused), statistics.median(held_ok)
     assert refused_p50 < accepted_p50 / 2
+    assert len(probes) >= 5 and {status for status, _ in probes} == {health_pb2.HealthCheckResponse.SERVING}
     # After the burst, latency is what it was before it (both are ~one batch of compute).
     before_p50, after_p50 = statistics.median(before), statistics.median(after)
     assert after_p50 < 2 * before_p50
@@ -158,6 +173,8 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
         sustained_refused_reply_p90_ms=round(harness.percentile(held_refused, 90) * 1000, 1),
         sustained_accepted_latency_p50_ms=round(accepted_p50 * 1000, 1),
         sustained_accepted_latency_p90_ms=round(harness.percentile(held_ok, 90) * 1000, 1),
+        health_probes_during_overload=len(probes),
+        health_probe_max_ms=round(max(t for _, t in probes) * 1000, 1),
         idle_latency_before_p50_ms=round(before_p50 * 1000, 1),
         idle_latency_after_p50_ms=round(after_p50 * 1000, 1),
     )
