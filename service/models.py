@@ -162,6 +162,8 @@ class ServedModel:
         self.meta = meta
         self.settings = settings
         self.recorder = recorder
+        # Exported so the queue-saturation alert and dashboard can compare depth with capacity.
+        recorder.set_queue_capacity(settings.max_queue_size)
         self.path = path
         self.provider = sessions[0].provider
         self.instances = len(sessions)
