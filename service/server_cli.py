@@ -59,6 +59,16 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     ),
 }
 
+_METAVARS = {
+    "host": "HOST",
+    "grpc_port": "PORT",
+    "metrics_port": "PORT",
+    "max_message_bytes": "BYTES",
+    "log_format": "{text,json}",
+    "log_level": "LEVEL",
+}
+_METAVARS |= {f: "SECONDS" for f, (kind, _) in SERVE_FLAGS.items() if kind == "float"}
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -96,7 +106,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            parser.add_argument(flag, dest=field, default=None, metavar=kind.upper(), help=help_text)
+            parser.add_argument(
+                flag, dest=field, default=None, metavar=_METAVARS.get(field, kind.upper()), help=help_text
+            )
 
 
 def server_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> cfg.ServerConfig:
