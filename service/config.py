@@ -63,7 +63,7 @@ class ModelSettings:
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     instances: int = 1
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    intra_op_threads: int = 0  # 0: default_intra_op_threads() divided among instances
+    intra_op_threads: int = 0  # 0: the server's CPU budget divided among instances
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
     version: int | None = None  # serve this version instead of the newest
@@ -155,9 +155,14 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_token_file: Path | None = None
+    #: CPU threads for onnxruntime and decoding; 0: the CPUs this process may run on.
+    #: In a container set it to the CPU limit (the affinity mask shows the whole node).
+    intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"intra_op_threads: expected >= 0, got {self.intra_op_threads}")
         for port_name in ("grpc_port", "metrics_port"):
             port = getattr(self, port_name)
             if not 0 <= int(port) <= 65535:

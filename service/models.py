@@ -422,6 +422,8 @@ class ModelManager:
     ``executor`` decodes images (default: a pool with one thread per usable
     CPU). ``poll_interval_s`` > 0 rescans the repository that often: new
     models and versions are loaded (swapped in), removed ones unloaded.
+    ``cpu_budget`` (0: the CPUs this process may use) sizes the decode pool and
+    is shared among a model's instances for onnxruntime's intra-op threads.
     """
 
     def __init__(
@@ -431,13 +433,15 @@ class ModelManager:
         *,
         executor: concurrent.futures.Executor | None = None,
         poll_interval_s: float = 0.0,
+        cpu_budget: int = 0,
     ) -> None:
         self.repository = Path(repository)
         self.metrics = metrics
         self.poll_interval_s = float(poll_interval_s)
+        self.cpu_budget = int(cpu_budget) or config.default_intra_op_threads()
         self._own_executor = executor is None
         self._decode_executor = executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.default_intra_op_threads(), thread_name_prefix="svertka-decode"
+            max_workers=self.cpu_budget, thread_name_prefix="svertka-decode"
         )
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="svertka-load")
         self._entries: dict[str, _Entry] = {}
@@ -575,7 +579,9 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            sessions = await loop.run_in_executor(self._loader, runtime.load_instances, path, settings)
+            sessions = await loop.run_in_executor(
+                self._loader, runtime.load_instances, path, settings, self.cpu_budget
+            )
         except runtime.ModelLoadError as exc:
             return self._failed(entry, version, f"version {version}: {exc}")
         except Exception as exc:

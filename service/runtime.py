@@ -49,11 +49,15 @@ class ModelLoadError(Exception):
     """The model file cannot be served; the message is the model's unavailability reason."""
 
 
-def intra_op_threads(settings: config.ModelSettings) -> int:
-    """Threads per instance: the setting, or the process's CPUs shared among the instances."""
+def intra_op_threads(settings: config.ModelSettings, cpu_budget: int = 0) -> int:
+    """Threads per instance: the model's setting, or the CPU budget shared among the instances.
+
+    ``cpu_budget`` 0 means the CPUs this process may run on.
+    """
     if settings.intra_op_threads:
         return settings.intra_op_threads
-    return max(1, config.default_intra_op_threads() // settings.instances)
+    budget = cpu_budget or config.default_intra_op_threads()
+    return max(1, budget // settings.instances)
 
 
 def resolve_providers(settings: config.ModelSettings, available: Sequence[str] | None = None) -> list[str]:
@@ -290,10 +294,10 @@ def _first_line(exc: BaseException) -> str:
     return line
 
 
-def load_instances(path: str | Path, settings: config.ModelSettings) -> list[Session]:
+def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget: int = 0) -> list[Session]:
     """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
     providers = resolve_providers(settings)
-    threads = intra_op_threads(settings)
+    threads = intra_op_threads(settings, cpu_budget)
     sessions = []
     for i in range(settings.instances):
         session = Session(path, settings, providers=providers, threads=threads, instance=i)

@@ -48,3 +48,13 @@ def test_server_config_tls_needs_cert_and_key(tmp_path):
         ServerConfig(model_repository=tmp_path, tls_cert=tmp_path / "c.pem")
     with pytest.raises(ConfigError, match="grpc_port"):
         ServerConfig(model_repository=tmp_path, grpc_port=70000)
+
+
+def test_thread_budget_is_shared_among_instances_unless_a_model_sets_it():
+    from service.runtime import intra_op_threads
+
+    assert intra_op_threads(ModelSettings(instances=2), cpu_budget=8) == 4
+    assert intra_op_threads(ModelSettings(instances=3), cpu_budget=2) == 1
+    assert intra_op_threads(ModelSettings(intra_op_threads=5, instances=2), cpu_budget=8) == 5
+    with pytest.raises(ConfigError, match="intra_op_threads"):
+        ServerConfig(model_repository=".", intra_op_threads=-1)
