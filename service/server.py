@@ -223,7 +223,12 @@ async def serve(config: cfg.ServerConfig) -> int:
             force_task.add_done_callback(lambda _t: None)
 
     metrics = Metrics()
-    manager = ModelManager(config.model_repository, metrics, poll_interval_s=config.repository_poll_s)
+    manager = ModelManager(
+        config.model_repository,
+        metrics,
+        poll_interval_s=config.repository_poll_s,
+        cpu_budget=config.intra_op_threads,
+    )
     server, port = build_server(config, manager, metrics)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -53,6 +53,11 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
     "tls_cert": ("path", "PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
     "tls_key": ("path", "PEM private key for --tls-cert"),
     "tls_client_ca": ("path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
+    "intra_op_threads": (
+        "int",
+        "CPU threads for onnxruntime and image decoding; 0: the CPUs this process may use "
+        "(in a container, set it to the CPU limit)",
+    ),
     "auth_token_file": (
         "path",
         "file holding a bearer token that both APIs require (health and reflection stay open)",
@@ -64,6 +69,7 @@ _METAVARS = {
     "grpc_port": "PORT",
     "metrics_port": "PORT",
     "max_message_bytes": "BYTES",
+    "intra_op_threads": "N",
     "log_format": "{text,json}",
     "log_level": "LEVEL",
 }
