@@ -58,11 +58,15 @@ def _serving(url: str) -> bool:
 
 @contextlib.contextmanager
 def serve(repository: Path, *, log_path: Path, extra_env: dict[str, str] | None = None,
-          timeout_s: float = 180.0) -> Iterator[Server]:  # fmt: skip
-    """``svertka serve`` on loopback ports until the block exits (SIGTERM: graceful drain)."""
+          timeout_s: float = 180.0, launcher: list[str] | None = None) -> Iterator[Server]:  # fmt: skip
+    """``svertka serve`` on loopback ports until the block exits (SIGTERM: graceful drain).
+
+    ``launcher`` replaces ``python -m service`` (``bench/experiments.py`` uses it
+    to run the same server with one policy changed).
+    """
     grpc_port, metrics_port = free_port(), free_port()
     cmd = [
-        sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
+        *(launcher or [sys.executable, "-m", "service"]), "serve", "--model-repository", str(repository),
         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--log-level", "warning", "--grace-period-s", "5",
     ]  # fmt: skip

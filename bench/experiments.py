@@ -1,0 +1,140 @@
+"""A/B measurements of server changes proposed by the profile, without editing service/.
+
+``python -m bench.experiments ab --model-path M --name N`` starts two svertka
+servers on the same model, the current code (A) and the same code with one
+policy patched in at start-up (B), and runs the same perf_analyzer levels
+against each in ABBA order, so that drift in the machine's background load
+falls on both equally. The patch lives here, applied to the class in the
+server's own process (``python -m bench.experiments --policy NAME serve ...``):
+the service code stays as it is until the numbers justify changing it.
+
+Policy ``adaptive-idle``: svertka dispatches a batch the moment its instance
+is idle. Under a closed loop this splits the callers into a large batch and a
+lone request that happened to arrive first: at concurrency 8 the batches
+alternate 7 and 1 (``docs/benchmarks.md``, batch-size plots), and the lone
+request costs a whole batch-1 run while seven requests wait. The patch keeps
+dispatch-when-idle but, while fewer rows are queued than the previous batch
+held, waits for them up to ``max_queue_delay`` counted from the moment the
+instance went idle -- the callers just answered are about to come back. At
+low load the previous batch was 1 row, so nothing ever waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def patch_adaptive_idle() -> None:
+    import time
+
+    from service import batching
+
+    original_close, original_take = batching.Batcher._close_time, batching.Batcher._take
+    original_execute = batching.Batcher._execute
+
+    def _close_time(self):
+        close_at = original_close(self)
+        if (
+            close_at is None
+            and not self._draining
+            and self._queued_rows < getattr(self, "_bench_last_rows", 1)
+        ):
+            # Counted from when the instance went idle: the lone request may have queued for a whole batch.
+            since = max(self._queue[0].enqueued, getattr(self, "_bench_idle_at", 0.0))
+            return since + self.max_queue_delay_s
+        return close_at
+
+    def _take(self):
+        batch = original_take(self)
+        if batch:
+            self._bench_last_rows = sum(r.n for r in batch)
+        return batch
+
+    async def _execute(self, runner, batch):
+        try:
+            await original_execute(self, runner, batch)
+        finally:
+            self._bench_idle_at = time.monotonic()
+
+    batching.Batcher._close_time = _close_time
+    batching.Batcher._take = _take
+    batching.Batcher._execute = _execute
+
+
+POLICIES = {"adaptive-idle": patch_adaptive_idle}
+
+
+def ab(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from bench import modelstats, perf, target
+
+    workdir = REPO_ROOT / ".bench" / "experiments"
+    repo = target.single_model_repository(args.model_path, args.name, workdir / "repos")
+    settings = perf.PerfSettings(args.interval_ms, args.stability, 6)
+    launcher_b = [sys.executable, "-m", "bench.experiments", "--policy", args.policy]
+    results: dict[str, list] = {"A": [], "B": []}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            "A": stack.enter_context(target.serve(repo, log_path=workdir / "A.log")),
+            "B": stack.enter_context(target.serve(repo, log_path=workdir / "B.log", launcher=launcher_b)),
+        }
+        for i, c in enumerate(args.concurrency):
+            for arm in ("AB" if i % 2 == 0 else "BA") * args.repeats:
+                point = perf.run_level(servers[arm].grpc_url, args.name, c, settings, workdir / arm)
+                results[arm].append(perf.dataclasses.asdict(point))
+                mean = modelstats.mean_batch_size(point.batches) if point.batches else float("nan")
+                ips = f"{point.images_per_s:7.1f}" if point.images_per_s else "unstable"
+                print(f"{arm} c={c:2d}: {ips} img/s  p99 {point.latency_ms.get('p99', float('nan')):7.1f} ms  mean batch {mean:.2f}", flush=True)  # fmt: skip
+    out = workdir / f"ab-{args.name}-{args.policy}.json"
+    out.write_text(json.dumps({"policy": args.policy, "model": args.name, "results": results}, indent=1))
+    print("A = current svertka; B = svertka with --policy", args.policy)
+    print(
+        f"{'c':>3} {'A img/s':>9} {'B img/s':>9} {'B/A':>6} {'A p99':>8} {'B p99':>8} {'A batch':>8} {'B batch':>8}"
+    )
+    for c in args.concurrency:
+        row = {}
+        for arm in "AB":
+            pts = [p for p in results[arm] if p["concurrency"] == c and p["images_per_s"]]
+            ips = sum(p["images_per_s"] for p in pts) / len(pts) if pts else float("nan")
+            p99 = sum(p["latency_ms"]["p99"] for p in pts) / len(pts) if pts else float("nan")
+            counts: dict[int, int] = {}
+            for p in pts:
+                for size, n in p["batches"].items():
+                    counts[int(size)] = counts.get(int(size), 0) + n
+            row[arm] = (ips, p99, modelstats.mean_batch_size(counts))
+        (a, ap, ab_), (b, bp, bb) = row["A"], row["B"]
+        print(f"{c:3d} {a:9.1f} {b:9.1f} {b / a:6.2f} {ap:8.1f} {bp:8.1f} {ab_:8.2f} {bb:8.2f}")
+    print(f"results: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--policy"]:
+        # Server mode: patch, then run the ordinary CLI with the remaining arguments.
+        POLICIES[argv[1]]()
+        from service.cli import main as svertka_main
+
+        return svertka_main(argv[2:])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ab", help="perf_analyzer, current server vs a patched policy, ABBA order")
+    p.add_argument("--model-path", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--policy", choices=sorted(POLICIES), default="adaptive-idle")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--repeats", type=int, default=1, help="ABBA blocks per level")
+    p.add_argument("--interval-ms", type=int, default=3000)
+    p.add_argument("--stability", type=int, default=25)
+    args = parser.parse_args(argv)
+    return ab(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
