@@ -1,8 +1,8 @@
 """The hardware limit: onnxruntime alone, as the server configures it, at every batch size.
 
-No server, no gRPC, no copies: the same execution providers and intra-op
-thread budget as ``svertka serve`` (``service.config``), fed a ready
-float32 batch in a loop. The best images/s over batch sizes 1, 2, 4, ...,
+No server, no gRPC, no copies: the server's own onnxruntime session
+(``service.runtime.Session``: the same execution providers, intra-op threads
+and session options as ``svertka serve``), fed a ready float32 batch in a loop. The best images/s over batch sizes 1, 2, 4, ...,
 ``max_batch_size`` is the ceiling a server on this machine can at most reach;
 the batch-1 latency is the floor of its latency at concurrency 1.
 """
@@ -71,48 +71,38 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
-def make_session(path: Path, threads: int, providers: tuple[str, ...] = ("cpu",)):
-    """An onnxruntime session configured like the server's (threads, providers, optimizations)."""
-    import onnxruntime as ort
-
-    from service import config
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    available = set(ort.get_available_providers())
-    wanted = [config.PROVIDER_NAMES[p] for p in providers if config.PROVIDER_NAMES[p] in available]
-    return ort.InferenceSession(str(path), sess_options=options, providers=wanted)
-
-
 def measure(
     path: Path,
     *,
     model: str,
-    max_batch_size: int,
-    threads: int,
     seconds_per_batch: float,
+    settings=None,
     min_iterations: int = 5,
-    providers: tuple[str, ...] = ("cpu",),
 ) -> Ceiling:
-    """Time ``session.run`` at each batch size for about ``seconds_per_batch`` after a warm-up."""
-    session = make_session(path, threads, providers)
-    (inp,) = session.get_inputs()
-    shape = tuple(int(d) for d in inp.shape[1:])
+    """Time the server's own session at each batch size for about ``seconds_per_batch`` after a warm-up.
+
+    The session is ``service.runtime.Session``, built from the model's
+    ``ModelSettings`` exactly as ``svertka serve`` builds it (providers,
+    intra-op threads, spinning, graph optimizations): only the server around
+    it is missing.
+    """
+    from service import config, runtime
+
+    settings = settings or config.ModelSettings.load(Path(path).parent.parent)
+    session = runtime.Session(path, settings)
+    shape = session.meta.input_shape
+    max_batch_size = settings.max_batch_size
     rng = np.random.default_rng(0)
     points = []
     for b in batch_sizes(max_batch_size):
         x = rng.standard_normal((b, *shape), dtype=np.float32)
-        feed = {inp.name: x}
         for _ in range(2):  # warm-up: first runs at a new shape allocate
-            session.run(None, feed)
+            session.run(x)
         times = []
         start = time.perf_counter()
         while len(times) < min_iterations or time.perf_counter() - start < seconds_per_batch:
             t0 = time.perf_counter()
-            session.run(None, feed)
+            session.run(x)
             times.append(time.perf_counter() - t0)
         elapsed = time.perf_counter() - start
         lat = np.asarray(times) * 1e3
@@ -124,4 +114,5 @@ def measure(
                 latency_ms={**percentiles(lat), "mean": float(lat.mean())},
             )
         )
-    return Ceiling(model=model, provider=session.get_providers()[0], intra_op_threads=threads, points=points)
+    session.close()
+    return Ceiling(model=model, provider=session.provider, intra_op_threads=session.threads, points=points)

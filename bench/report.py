@@ -475,8 +475,8 @@ def render(results: dict, img_rel: str) -> str:
         "",
         "## Method",
         "",
-        "- **Ceiling** (`bench/ceiling.py`): an onnxruntime `InferenceSession` configured as the server configures it "
-        "(CPU provider, the server's default intra-op thread count, sequential execution, all graph optimizations), "
+        "- **Ceiling** (`bench/ceiling.py`): the server's own onnxruntime session (`service.runtime.Session`, built from "
+        "the model's settings as `svertka serve` builds it: providers, intra-op threads, session options), "
         f"timed for {plan['ceiling_s_per_batch']:g} s at each batch size 1, 2, 4, ..., max_batch_size on a ready "
         "float32 batch. Best images/s is the ceiling; batch-1 p50 is the latency floor. Measured before the servers "
         "and again after them; per batch size the faster pass is kept (the conservative choice for served/ceiling).",

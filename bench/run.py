@@ -122,16 +122,17 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
 def bench_model(
     m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, profile: bool, workdir: Path
 ) -> dict:
-    from service import config
+    from service import config, runtime
 
     settings = config.ModelSettings.load(m.path.parent.parent)
-    threads = settings.intra_op_threads or max(1, config.default_intra_op_threads() // settings.instances)
+    threads = runtime.intra_op_threads(settings)  # what svertka serve gives each instance by default
     out: dict = {"name": m.name, "label": m.label, "path": str(m.path), "max_batch_size": settings.max_batch_size,
                  "max_queue_delay_ms": settings.max_queue_delay_ms, "threads": threads}  # fmt: skip
 
     log(f"{m.label}: onnxruntime ceiling ({threads} intra-op threads, batch 1..{settings.max_batch_size})")
-    first = ceiling.measure(m.path, model=m.name, max_batch_size=settings.max_batch_size, threads=threads,
-                            seconds_per_batch=plan.ceiling_s_per_batch)  # fmt: skip
+    first = ceiling.measure(
+        m.path, model=m.name, settings=settings, seconds_per_batch=plan.ceiling_s_per_batch
+    )
     for p in first.points:
         log(f"  batch {p.batch_size:2d}: {p.images_per_s:7.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
 
@@ -167,8 +168,11 @@ def bench_model(
     passes = [first]
     if plan is not QUICK:
         log(f"{m.label}: onnxruntime ceiling again (per batch size, the faster pass is kept)")
-        passes.append(ceiling.measure(m.path, model=m.name, max_batch_size=settings.max_batch_size,
-                                      threads=threads, seconds_per_batch=plan.ceiling_s_per_batch))  # fmt: skip
+        passes.append(
+            ceiling.measure(
+                m.path, model=m.name, settings=settings, seconds_per_batch=plan.ceiling_s_per_batch
+            )
+        )
     out["ceiling_passes"] = [_asdict(c) for c in passes]
     out["ceiling"] = _asdict(ceiling.best_of(passes))
     return out
