@@ -17,6 +17,9 @@ dispatch-when-idle but, while fewer rows are queued than the previous batch
 held, waits for them up to ``max_queue_delay`` counted from the moment the
 instance went idle -- the callers just answered are about to come back. At
 low load the previous batch was 1 row, so nothing ever waits.
+
+Policy ``spinning``: onnxruntime's idle worker threads spin-wait (its
+default) rather than sleep (``service.runtime.ALLOW_SPINNING = False``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,14 @@ def patch_adaptive_idle() -> None:
     batching.Batcher._execute = _execute
 
 
-POLICIES = {"adaptive-idle": patch_adaptive_idle}
+def patch_spinning() -> None:
+    """onnxruntime's idle intra-op threads spin (its default) instead of sleeping (svertka's choice)."""
+    from service import runtime
+
+    runtime.ALLOW_SPINNING = True
+
+
+POLICIES = {"adaptive-idle": patch_adaptive_idle, "spinning": patch_spinning}
 
 
 def ab(args: argparse.Namespace) -> int:
