@@ -76,18 +76,7 @@ def settings_names() -> list:
         names |= {
             n for n in m.container_env(objects, m.server_container(spec)) if n.startswith(cfg.ENV_PREFIX)
         }
-    params = []
-    for name in sorted(names):
-        marks = ()
-        if name == "SVERTKA_INTRA_OP_THREADS":
-            marks = pytest.mark.xfail(
-                strict=True,
-                reason="the server has no thread-budget setting yet: wanted `svertka serve --intra-op-threads N` "
-                "(ServerConfig.intra_op_threads; 0 = sched_getaffinity), used for models whose config leaves "
-                "intra_op_threads at 0; see docs/deploy.md",
-            )
-        params.append(pytest.param(name, marks=marks))
-    return params
+    return sorted(names)
 
 
 # -- settings ---------------------------------------------------------------
