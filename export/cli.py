@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,8 +247,20 @@ def _user_errors() -> Iterator[None]:
         raise
 
 
+def _quiet_openmp() -> None:
+    """Let idle OpenMP threads sleep instead of spin (must happen before torch is imported).
+
+    On a shared machine spinning threads fight over the cores: 10 resnet20 training
+    steps (batch 32) took 49.4 s of wall time with the default policy and 4.5 s with
+    PASSIVE at a load average of ~8 on 2 cores (runs/scratch/omp.py, docs/training.md).
+    A user's own OMP_WAIT_POLICY wins.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
+        _quiet_openmp()
         _setup_logging(getattr(args, "verbose", False))
         with _user_errors():
             return handler(args)

@@ -7,9 +7,12 @@ verification, accuracy gate or bad input leaves the model repository as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -275,8 +278,40 @@ def _present(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _exclusive(repository: Path) -> Iterator[None]:
+    """One build-default per repository at a time (``make model`` from two shells, CI retries).
+
+    A second build waits, then finds the models present and does nothing. flock(2)
+    is released by the kernel if the holder dies, so a killed build never wedges the next.
+    """
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+        handle = open(repository / ".build-default.lock", "a+")  # noqa: SIM115 - held for the build
+    except OSError as exc:
+        raise ExportError(f"{repository}: cannot use it as a model repository ({exc.strerror})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another build-default is writing {repository}; waiting for it", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def build_default(repository: Path, data: Path, runs: Path, progress: bool | None = None) -> None:
     """``models/digits/1`` (resnet20 fp32) and ``models/digits-int8/1``, each only if absent."""
+    repository = Path(repository)
+    fp32_path = model_path(repository, DEFAULT_NAME, 1)
+    int8_path = model_path(repository, DEFAULT_INT8_NAME, 1)
+    if _present(fp32_path) and _present(int8_path):
+        print(f"default models present ({fp32_path}, {int8_path}): nothing to do")
+        return
+    with _exclusive(repository):
+        _build_default(repository, data, runs, progress)
+
+
+def _build_default(repository: Path, data: Path, runs: Path, progress: bool | None) -> None:
     started = time.perf_counter()
     fp32_path = model_path(repository, DEFAULT_NAME, 1)
     int8_path = model_path(repository, DEFAULT_INT8_NAME, 1)
