@@ -77,6 +77,12 @@ def remove_stale_staging(model_dir: Path) -> list[Path]:
     return removed
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_file(path: Path, data: bytes) -> None:
     """Write and fsync, so the rename that publishes it publishes complete bytes."""
     with open(path, "wb") as f:
@@ -121,6 +127,7 @@ def publish(
     while True:
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=model_dir))
         try:
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; a version dir is for all readers
             _write_file(staging / MODEL_FILENAME, data)
             os.rename(staging, model_dir / str(candidate))
         except OSError as exc:
@@ -144,6 +151,7 @@ def _replace_file(target: Path, data: bytes) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
         _write_file(tmp, data)
         os.replace(tmp, target)
     except OSError as exc:
