@@ -28,6 +28,8 @@ from tests.reliability.harness import logits_of, tensor_request
 KINDS = ("image_unary", "image_stream", "tensor_unary", "tensor_stream")
 #: Every DELIBERATE_EVERY-th request is malformed on purpose.
 DELIBERATE_EVERY = 97
+#: Requests per stream before it is closed and a new one opened (a few seconds of traffic).
+STREAM_REQUESTS = 200
 #: Batched and single-row inference differ in the last bits (different kernels); answers must agree to this.
 ATOL = 1e-4
 
@@ -109,16 +111,34 @@ def _tensor_request(workload: Workload, n: int) -> tuple[kpb.ModelInferRequest, 
     return request, index
 
 
+async def _close_stream(call, kind: str, tally: Tally) -> None:
+    await call.done_writing()
+    while await call.read() is not grpc.aio.EOF:
+        tally.unexpected.append(f"{kind}: an answer nobody asked for")
+
+
 async def _worker(kind: str, channel: grpc.aio.Channel, workload: Workload, counter: _Counter, tally: Tally):
     image_stub = cgrpc.ImageClassifierStub(channel)
     tensor_stub = kgrpc.GRPCInferenceServiceStub(channel)
     call = None
-    if kind == "image_stream":
-        call = image_stub.ClassifyStream(timeout=600)
-    elif kind == "tensor_stream":
-        call = tensor_stub.ModelStreamInfer(timeout=600)
+    sent_on_stream = 0
+
+    def open_stream():
+        if kind == "image_stream":
+            return image_stub.ClassifyStream(timeout=600)
+        if kind == "tensor_stream":
+            return tensor_stub.ModelStreamInfer(timeout=600)
+        return None
+
+    call = open_stream()
     try:
         while (n := counter.take()) is not None:
+            if call is not None and sent_on_stream == STREAM_REQUESTS:
+                # Like a good client: a stream must not outlive the server's max connection age
+                # (plus its grace), or the server cuts it with UNAVAILABLE; reopen it well before.
+                await _close_stream(call, kind, tally)
+                call, sent_on_stream = open_stream(), 0
+            sent_on_stream += 1
             image = kind.startswith("image")
             request, index = _image_request(workload, n) if image else _tensor_request(workload, n)
             start = time.perf_counter()
@@ -162,9 +182,7 @@ async def _worker(kind: str, channel: grpc.aio.Channel, workload: Workload, coun
             tally.latencies_s.append(elapsed)
     finally:
         if call is not None:
-            await call.done_writing()
-            while await call.read() is not grpc.aio.EOF:
-                tally.unexpected.append(f"{kind}: an answer nobody asked for")
+            await _close_stream(call, kind, tally)
 
 
 async def run_load(
