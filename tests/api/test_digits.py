@@ -80,6 +80,6 @@ def test_image_api_top1_equals_the_offline_model_on_digits_val(tmp_path_factory)
     np.testing.assert_array_equal(served_top1, offline.argmax(axis=1))
     labels = np.array([meta.labels.index(val.classes[t]) for _, t in val.samples])
     accuracy = float((served_top1 == labels).mean())
-    # The model's own recorded validation accuracy (export measured it on the same split).
+    # The accuracy the export recorded in the file (measured on the same split with torch).
     if meta.val_top1 is not None:
-        assert accuracy == pytest.approx(meta.val_top1, abs=1e-9)
+        assert accuracy == pytest.approx(meta.val_top1, abs=1.5 / len(paths))  # within one image
