@@ -155,3 +155,25 @@ def test_perf_analyzer_runs_against_the_server(server, tmp_path, streaming):
     # One row per concurrency level (perf_analyzer sorts them by throughput).
     assert sorted(int(r.split(",")[0]) for r in rows[1:]) == [1, 2, 3, 4], run.stdout
     assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
+
+
+def test_default_model_infer_equals_onnxruntime_bit_for_bit(tmp_path):
+    """The same parity on the real default model (ResNet-20 with BatchNorm), when `make model` built it."""
+    from tests.api.serverproc import ServerProcess
+
+    model_file = Path(__file__).resolve().parents[2] / "models" / "digits" / "1" / "model.onnx"
+    if not model_file.is_file():
+        pytest.skip(f"{model_file} is not built: run `make model`")
+    repo = tmp_path / "repo"
+    (repo / "digits").mkdir(parents=True)
+    (repo / "digits" / "1").symlink_to(model_file.parent)
+    server = ServerProcess(repo, tmp_path / "server.log").start().wait_serving()
+    try:
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        with grpcclient.InferenceServerClient(server.address) as client:
+            for rows in (1, 3):
+                x = np.random.default_rng(rows).normal(size=(rows, 3, 32, 32)).astype(np.float32)
+                got = client.infer("digits", [_input(x)]).as_numpy("logits")
+                np.testing.assert_array_equal(got, session.run(None, {"input": x})[0])
+    finally:
+        assert server.stop() == 0
