@@ -406,7 +406,12 @@ def _profile_section(model: dict) -> list[str]:
     return lines
 
 
-def render(results: dict, img_rel: str) -> str:
+#: Hand-written reading of a full run (profile findings, suggestions, A/B results with their commands),
+#: appended to the full report. Quick runs leave it out: their numbers are not the ones it cites.
+FINDINGS = Path(__file__).resolve().parent / "findings.md"
+
+
+def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     meta = results["meta"]
     m = meta["machine"]
     plan = meta["plan"]
@@ -514,9 +519,8 @@ def render(results: dict, img_rel: str) -> str:
         "where it loads) on fp16 and fp32 resnet50 with IO binding will be recorded here when one is.",
         "",
     ]
-    notes = results.get("notes")
-    if notes:
-        lines += ["## Notes", "", *notes, ""]
+    if findings and findings.is_file():
+        lines += [findings.read_text().strip(), ""]
     return "\n".join(lines)
 
 
@@ -539,5 +543,5 @@ def write(results: dict, out: Path) -> list[Path]:
             else:
                 fn(model, path)
             written.append(path)
-    out.write_text(render(results, "img/benchmarks"))
+    out.write_text(render(results, "img/benchmarks", None if results["meta"]["quick"] else FINDINGS))
     return [out, *written]
