@@ -1,7 +1,7 @@
 """``grpc.health.v1.Health`` fed from the model manager's state.
 
 Service names: ``""`` is the whole server (SERVING once every model has been
-loaded or has failed, until draining starts); each model name is SERVING
+loaded or has failed and at least one is READY, until draining starts); each model name is SERVING
 while at least one of its versions is READY; the two API service names
 follow the server. Kubernetes probes ask for ``""`` (readiness) or a model
 name. Draining is permanent: once NOT_SERVING for shutdown, nothing flips a
@@ -71,7 +71,8 @@ class HealthReporter:
         self._models |= set(ready)
         for name, ok in sorted(ready.items()):
             await self.servicer.set(name, SERVING if ok else NOT_SERVING)
-        server = SERVING if self._serving else NOT_SERVING
+        # A server with no model it can run must not attract traffic (e.g. every model file corrupt).
+        server = SERVING if self._serving and any(ready.values()) else NOT_SERVING
         for name in (config.SERVER_HEALTH_SERVICE, *API_SERVICES):
             await self.servicer.set(name, server)
 

@@ -83,7 +83,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self._state.started and not self._state.draining)
+        ready = self._state.started and not self._state.draining
+        ready = ready and any(s.state == "READY" for s in self._manager.statuses())
+        return pb.ServerReadyResponse(ready=ready)
 
     @rpc
     async def ModelReady(self, request, context):

@@ -119,3 +119,14 @@ def test_reflection_lists_and_describes_every_service(server):
         assert config.message_type.full_name == "inference.ModelConfig"
         method = pool.FindServiceByName("svertka.v1.ImageClassifier").methods_by_name["ClassifyStream"]
         assert method.client_streaming and method.server_streaming
+
+
+def test_a_server_whose_every_model_failed_is_not_serving(make_server, tmp_path):
+    repo = tmp_path / "repo"
+    write_corrupt_model(repo / "broken" / "1" / "model.onnx", "truncated")
+    srv = make_server(repo)
+    with srv.channel() as channel:
+        assert _check(channel) == H.NOT_SERVING
+        assert _check(channel, "broken") == H.NOT_SERVING
+        assert kgrpc.GRPCInferenceServiceStub(channel).ServerReady(kpb.ServerReadyRequest()).ready is False
+        assert kgrpc.GRPCInferenceServiceStub(channel).ServerLive(kpb.ServerLiveRequest()).live is True
