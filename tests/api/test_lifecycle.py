@@ -131,3 +131,12 @@ def test_a_busy_port_is_a_one_line_error(tmp_path, which):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("svertka serve: error: cannot ")
     assert f"127.0.0.1:{port}" in last
+
+
+def test_a_signal_while_starting_exits_cleanly(tmp_path):
+    """SIGTERM as soon as the port is open (typically while models still load): exit 0, nothing left running."""
+    repo = make_repository(tmp_path / "repo", {"a": [1], "b": [1], "c": [1]})
+    server = ServerProcess(repo, tmp_path / "server.log").start()
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout_s=30) == 0, server.log()
+    assert "stopped" in server.log()
