@@ -141,7 +141,9 @@ def test_perf_analyzer_runs_against_the_server(server, tmp_path, streaming):
     command = [
         binary, "-i", "grpc", "-u", server.address, "-m", MODEL,
         "--concurrency-range", "1:4", "--measurement-interval", "500",
-        "--stability-percentage", "100", "--max-trials", "10", "-f", str(report),
+        # This checks that perf_analyzer works against svertka, not how fast: accept any
+        # stability, so a busy CI machine (noisy windows) cannot fail it.
+        "--stability-percentage", "1000", "--max-trials", "10", "-f", str(report),
         # perf_analyzer's default "random" FP32 data is random bytes, NaN and Inf included,
         # which svertka rejects (INVALID_ARGUMENT); zeros are a valid tensor.
         "--input-data", "zero",
