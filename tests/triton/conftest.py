@@ -7,6 +7,7 @@ runs in another process and nothing here imports service.gen.inference.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,11 @@ def server(repository, tmp_path_factory) -> ServerProcess:
     yield proc
     code = proc.stop()
     assert code == 0, proc.log()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _never_load_our_inference_protos():
+    """Guard the rule above: a test here that pulls in service.gen.inference fails the session."""
+    yield
+    leaked = sorted(m for m in sys.modules if m.startswith("service.gen.inference"))
+    assert not leaked, f"tests/triton imported {leaked}; talk to a subprocess server instead"
