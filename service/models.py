@@ -258,6 +258,22 @@ class ServedModel:
                 f"input '{self.meta.input_name}': {bad} values are NaN or infinite; expected finite FP32 values"
             )
 
+    def warm_up_decode(self) -> None:
+        """Decode one small JPEG and PNG so the first real image does not pay for first use.
+
+        Measured on a fresh server: the first image took 75.9 ms to decode, the next 0.4 ms
+        (codec plugin imports and initialisation). Blocking: run it in the decode executor.
+        """
+        import io
+
+        from PIL import Image
+
+        image = Image.new("RGB", (self.meta.crop[1] * 2, self.meta.crop[0] * 2), (120, 60, 30))
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            image.save(buffer, format=fmt)
+            self.preprocessor(buffer.getvalue())
+
     async def infer_tensor(
         self, batch: np.ndarray, *, deadline: float | None = None, timings: Timings | None = None
     ) -> np.ndarray:
@@ -603,6 +619,10 @@ class ModelManager:
             decode_executor=self._decode_executor,
             path=path,
         )
+        try:
+            await loop.run_in_executor(self._decode_executor, served.warm_up_decode)
+        except Exception:  # a decode warm-up failure must not make a good model unavailable
+            log.warning("model '%s' version %d: decode warm-up failed", name, version, exc_info=True)
         old = entry.serving
         entry.serving = served  # the swap: get() returns the new version from here on
         entry.serving_fingerprint = entry.attempted_fingerprint
