@@ -107,29 +107,38 @@ def _code(future) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
+def _settle(srv: InProcessServer, name: str, futures) -> None:
+    """Let every request of a test finish, so a failing test does not leak work into the next."""
+    for future in futures:
+        _code(future)
+    _wait_settled(srv, name)
+
+
 def test_deadline_expiring_in_the_queue_is_never_computed(srv, channel):
     tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
     image_api = cgrpc.ImageClassifierStub(channel)
     before = _Counts(srv, channel, "slow")
-    # Three one-row batches of ~0.3 s each: the late requests wait >= 0.6 s behind them.
-    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(3)]
-    _wait_running(srv, "slow", queued=2)
-    late = [
-        tensor_api.ModelInfer.future(harness.tensor_request(model="slow", rid="late-t"), timeout=0.25),
-        image_api.Classify.future(
-            cpb.ClassifyRequest(model="slow", image=images.png(1), id="late-i"), timeout=0.25
-        ),
-    ]
-    assert [_code(f)[0] for f in late] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
-    assert not ahead[-1].done(), "the queue ahead emptied before the deadlines passed; make it slower"
-    assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 3
-    _wait_settled(srv, "slow")
+    # Five one-row batches of ~0.3 s each: the late requests (0.5 s deadline) wait >= 1.2 s behind them.
+    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(5)]
+    late = []
+    try:
+        _wait_running(srv, "slow", queued=4)
+        late = [
+            tensor_api.ModelInfer.future(harness.tensor_request(model="slow", rid="late-t"), timeout=0.5),
+            image_api.Classify.future(
+                cpb.ClassifyRequest(model="slow", image=images.png(1), id="late-i"), timeout=0.5
+            ),
+        ]
+        assert [_code(f)[0] for f in late] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 5
+    finally:
+        _settle(srv, "slow", ahead + late)
     delta = _Counts(srv, channel, "slow").minus(before)
-    # Three rows computed in three batches (the requests ahead); the two late ones never were.
+    # Five rows computed in five batches (the requests ahead); the two late ones never were.
     assert {k: delta[k] for k in ("inferences", "executions", "success", "fail")} == {
-        "inferences": 3,
-        "executions": 3,
-        "success": 3,
+        "inferences": 5,
+        "executions": 5,
+        "success": 5,
         "fail": 2,
     }
     # Counted as rejected before compute. Which reason depends on who noticed first: the server's
@@ -140,26 +149,37 @@ def test_deadline_expiring_in_the_queue_is_never_computed(srv, channel):
 
 def test_a_cancelled_stream_frees_its_queued_work(srv, channel):
     tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
+    batcher = srv.manager.get("slow").batcher
     before = _Counts(srv, channel, "slow")
-    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(2)]
-    _wait_running(srv, "slow", queued=1)
+    ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(4)]
+
+    def stream_rows() -> int:
+        """Rows queued beyond the requests ahead that still wait (one of those not done is computing)."""
+        waiting_ahead = max(sum(not f.done() for f in ahead) - 1, 0)
+        return batcher.queued_rows - waiting_ahead
 
     outgoing: queue.Queue = queue.Queue()
-    stream = tensor_api.ModelStreamInfer(iter(outgoing.get, None), timeout=60)
-    for i in range(3):
-        outgoing.put(harness.tensor_request(model="slow", rid=f"s{i}"))
-    _wait_queued(srv, "slow", 4)
-    stream.cancel()
-    # The stream's rows leave the queue while the requests ahead are still waiting or computing.
-    _wait_queued(srv, "slow", 1)
-    assert not ahead[-1].done(), "the requests ahead finished before the cancel was seen; make them slower"
-    assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 2
-    _wait_settled(srv, "slow")
+    stream = None
+    try:
+        _wait_running(srv, "slow", queued=3)
+        stream = tensor_api.ModelStreamInfer(iter(outgoing.get, None), timeout=60)
+        for i in range(3):
+            outgoing.put(harness.tensor_request(model="slow", rid=f"s{i}"))
+        harness.wait_until(lambda: stream_rows() == 3, what="the stream's 3 rows queued behind the others")
+        stream.cancel()
+        # The stream's rows leave the queue; the requests ahead are still there or computing.
+        harness.wait_until(lambda: stream_rows() == 0, what="the stream's rows dropped")
+        assert [_code(f)[0] for f in ahead] == [grpc.StatusCode.OK] * 4
+    finally:
+        if stream is not None:
+            stream.cancel()
+        _settle(srv, "slow", ahead)
     with pytest.raises(grpc.RpcError) as info:
         next(stream)
     assert info.value.code() == grpc.StatusCode.CANCELLED
     delta = _Counts(srv, channel, "slow").minus(before)
-    assert delta["inferences"] == 2 and delta["executions"] == 2
+    # Only the four requests ahead were computed: the stream's three never were.
+    assert delta["inferences"] == 4 and delta["executions"] == 4
     assert delta["rejected_cancelled"] == 3
     # The model is not wedged: the next request is computed on its own.
     assert tensor_api.ModelInfer(harness.tensor_request(model="slow"), timeout=60).model_name == "slow"
@@ -183,14 +203,16 @@ def test_a_runtime_failure_fails_only_its_batch(srv, channel):
         )
         for i in range(2)
     ]
-    _wait_queued(srv, "fragile", 3)
-    assert not first.done(), "the running batch finished before the next one formed; make it slower"
-
-    assert _code(first)[0] == grpc.StatusCode.OK
-    for future in (poisoned, *mates):
-        code, details = _code(future)
-        assert code == grpc.StatusCode.INTERNAL
-        assert details.startswith("model 'fragile' version 1: inference failed on a batch of 3 rows: ")
+    try:
+        # All three waiting at once: the batcher takes them together (max_batch_size 4).
+        _wait_queued(srv, "fragile", 3)
+        assert _code(first)[0] == grpc.StatusCode.OK
+        for future in (poisoned, *mates):
+            code, details = _code(future)
+            assert code == grpc.StatusCode.INTERNAL
+            assert details.startswith("model 'fragile' version 1: inference failed on a batch of 3 rows: ")
+    finally:
+        _settle(srv, "fragile", [first, poisoned, *mates])
     # The next batch runs normally and answers exactly what the first one did.
     after = tensor_api.ModelInfer(harness.tensor_request(busy_tensor(), model="fragile"), timeout=60)
     np.testing.assert_array_equal(harness.logits_of(after), harness.logits_of(first.result()))
