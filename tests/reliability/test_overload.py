@@ -86,14 +86,15 @@ async def _sustained(
     return out
 
 
-async def _probe(address: str, x: np.ndarray) -> list[float]:
-    """Latency of PROBES requests sent one after another (an idle server's normal latency)."""
+async def _probe(address: str) -> list[tuple[float, int, int]]:
+    """PROBES image requests one after another: (latency s, server queue us, server compute us) each."""
     async with grpc.aio.insecure_channel(address) as channel:
+        stub = cgrpc.ImageClassifierStub(channel)
         out = []
         for n in range(PROBES):
-            code, seconds, details = await _one(channel, 2 * n, x, "probe")
-            assert code == "OK", details
-            out.append(seconds)
+            start = time.perf_counter()
+            reply = await stub.Classify(cpb.ClassifyRequest(model="slow", image=images.png(n)), timeout=60)
+            out.append((time.perf_counter() - start, reply.timings.queue_us, reply.timings.compute_us))
         return out
 
 
@@ -105,7 +106,7 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
     x = np.full((1, 3, 32, 32), 0.25, np.float32)
     log_args = ("--access-log", "--log-format", "json")
     with harness.running_server(repo, tmp_path / "server.log", *log_args) as server:
-        before = asyncio.run(_probe(server.address, x))
+        before = asyncio.run(_probe(server.address))
         outcomes = asyncio.run(_burst(server.address, x))
         probes: list[tuple[int, float]] = []
         sustained = asyncio.run(_sustained(server.address, x, probes))
@@ -117,7 +118,7 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
             ),
             what="queue empty after the burst",
         )
-        after = asyncio.run(_probe(server.address, x))
+        after = asyncio.run(_probe(server.address))
         access = [r for r in harness.json_log_records(server.log()) if r.get("logger") == "svertka.access"]
 
     codes = [code for code, _, _ in outcomes + sustained]
@@ -143,9 +144,14 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
     refused_p50, accepted_p50 = statistics.median(held_refused), statistics.median(held_ok)
     assert refused_p50 < accepted_p50 / 2
     assert len(probes) >= 5 and {status for status, _ in probes} == {health_pb2.HealthCheckResponse.SERVING}
-    # After the burst, latency is what it was before it (both are ~one batch of compute).
-    before_p50, after_p50 = statistics.median(before), statistics.median(after)
-    assert after_p50 < 2 * before_p50
+    # After the burst the server is back to normal: a request waits for nothing (server-side queue
+    # time a small fraction of its compute, as before the burst). End-to-end latencies are recorded
+    # but not compared: on a shared 2-core machine they swing 2x with the neighbours' load.
+    before_p50 = statistics.median(t for t, _, _ in before)
+    after_p50 = statistics.median(t for t, _, _ in after)
+    queue_after_us = statistics.median(q for _, q, _ in after)
+    compute_after_us = statistics.median(c for _, _, c in after)
+    assert queue_after_us < compute_after_us / 4
     # Server side (the access log's duration: handler start to answer), the burst's refusals are
     # decided without waiting for any compute.
     in_burst = [r for r in access if r["request_id"].startswith("burst-")]
@@ -156,7 +162,6 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
     harness.record_figures(
         "overload_burst",
         burst=BURST,
-        capacity_rows_per_s_approx=round(4 / before_p50, 1),
         burst_accepted=len(accepted),
         burst_refused=len(refused),
         burst_refused_reply_p50_ms=round(statistics.median(refused) * 1000, 1),
@@ -177,4 +182,6 @@ def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_
         health_probe_max_ms=round(max(t for _, t in probes) * 1000, 1),
         idle_latency_before_p50_ms=round(before_p50 * 1000, 1),
         idle_latency_after_p50_ms=round(after_p50 * 1000, 1),
+        idle_after_server_queue_p50_ms=round(queue_after_us / 1000, 3),
+        idle_after_server_compute_p50_ms=round(compute_after_us / 1000, 1),
     )
