@@ -45,12 +45,12 @@ class Plan:
 
 FULL = Plan(
     ceiling_s_per_batch=3.0,
-    perf=perf.PerfSettings(measurement_interval_ms=3000, stability_percentage=20, max_trials=6),
-    concurrencies=(1, 2, 3, 4, 6, 8, 12, 16),
-    image_concurrencies=(1, 2, 4, 8, 16),
-    load_s=10.0,
+    perf=perf.PerfSettings(measurement_interval_ms=2500, stability_percentage=25, max_trials=5),
+    concurrencies=(1, 2, 4, 8, 12, 16),
+    image_concurrencies=(1, 4, 8, 16),
+    load_s=8.0,
     warmup_s=2.0,
-    rate_steps=6,
+    rate_steps=5,
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
