@@ -82,6 +82,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def found_rate(search: dict) -> float | None:
+    """The search's answer; 0 when it tried rates and none passed (even the lowest failed the bound)."""
+    if search["best_rate"] is not None:
+        return search["best_rate"]
+    return 0.0 if search["tried"] else None
+
+
 def summary(model: dict) -> dict:
     """The headline numbers of one model (None where a measurement is missing)."""
     ceil = ceiling_best(model)
@@ -106,9 +113,9 @@ def summary(model: dict) -> dict:
         "peer_c": pe["concurrency"] if pe else None,
         "peer_efficiency": ratio(pe["images_per_s"] if pe else None, ceil["images_per_s"]),
         "vs_peer": ratio(sv["images_per_s"] if sv else None, pe["images_per_s"] if pe else None),
-        "rate_tensor": model["svertka"]["tensor_rate"]["best_rate"],
-        "rate_image": model["svertka"]["image"]["rate"]["best_rate"],
-        "rate_peer": peer["tensor_rate"]["best_rate"] if peer else None,
+        "rate_tensor": found_rate(model["svertka"]["tensor_rate"]),
+        "rate_image": found_rate(model["svertka"]["image"]["rate"]),
+        "rate_peer": found_rate(peer["tensor_rate"]) if peer else None,
     }
 
 
@@ -368,7 +375,10 @@ def _model_section(model: dict, img_rel: str, bound_ms: float) -> list[str]:
             f"{r['load']:.0f}/s: p99 {fmt(r['latency_ms']['p99'], 0)} ms"
             for r in sorted(search["tried"], key=lambda r: r["load"])
         )
-        rows.append([label, fmt(search["best_rate"], 1, " req/s"), tried])
+        best = search["best_rate"]
+        lowest = min((r["load"] for r in search["tried"]), default=None)
+        shown = fmt(best, 1, " req/s") if best is not None else f"none (even {fmt(lowest)} req/s failed)"
+        rows.append([label, shown, tried])
     lines += _table(["server", "highest passing rate", "rates tried (p99)"], rows) + [""]
     if s["vs_peer"] is not None:
         lines += [f"Best tensor-API throughput: svertka {fmt(s['served'])} img/s (concurrency {s['served_c']}), "
