@@ -91,7 +91,13 @@ def test_a_stream_outliving_the_connection_age_is_cut_cleanly_and_a_reopening_cl
         sent, answered, code, details = asyncio.run(_one_long_stream(server.address, image, seconds=10))
         answers, errors = asyncio.run(_reopening_client(server.address, image, seconds=4, per_stream_s=0.4))
 
-    assert code == "UNAVAILABLE" and "max connection age" in details, (code, details)
+    # The server ends it with UNAVAILABLE "max connection age". When the client's next write races
+    # that end, grpc.aio reports INTERNAL "Internal error from Core" instead of the server's status
+    # (a client-library bug: grpc/grpc#36066); either way the stream ended and the client knows.
+    assert (code, "max connection age" in details) == ("UNAVAILABLE", True) or (code, details) == (
+        "INTERNAL",
+        "Internal error from Core",
+    ), (code, details)
     assert len(answered) == len(set(answered)) and set(answered) <= set(sent)
     # Only requests still outstanding when the stream was cut (the last window of 4) went unanswered.
     assert set(sent) - set(answered) <= set(sent[-4:])
