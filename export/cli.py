@@ -208,14 +208,22 @@ def _add_build_default(sub: Any) -> None:
 # --- handlers -------------------------------------------------------------------------------------
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (in-process callers and tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D401
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in ("onnxscript", "onnx_ir", "torch", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -270,9 +278,10 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 def _train(args: argparse.Namespace) -> int:
     from export import data as datamod
-    from export import train
 
     if args.resume is not None:
+        from export import train
+
         cfg = train.resume_config(args.resume, args.epochs, args.progress)
         train.main(cfg, resume=args.resume)
         return 0
@@ -283,6 +292,10 @@ def _train(args: argparse.Namespace) -> int:
         dataset_name = datamod.DIGITS_DATASET_NAME
     if data is None:
         raise CommandError("--data DIR is required (or --digits for the bundled dataset)")
+    if not data.is_dir():  # before importing torch: a typo should not cost seconds
+        raise CommandError(f"{data}: no such dataset directory")
+    from export import train
+
     cfg = train.TrainConfig(
         data=data,
         arch=args.arch,

@@ -23,7 +23,7 @@ from export import models, verify
 from export.errors import ExportError
 from export.onnx_export import EvalData, prepare_export
 from export.quantize import MIN_CALIBRATION_IMAGES, quantize
-from export.repository import check_name, model_path, publish, resolve_model_file
+from export.repository import check_target, model_path, publish, resolve_model_file
 from service.modelmeta import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_model_file
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,13 @@ def _evaluation(dataset: DatasetArrays | None, meta: ModelMeta) -> EvalData:
     return EvalData(dataset.val_images[idx], "val images", dataset.val_images, dataset.val_targets)
 
 
-def _calibration(dataset: DatasetArrays, meta: ModelMeta, count: int) -> np.ndarray:
+def _check_calibration_size(count: int) -> None:
     if count < MIN_CALIBRATION_IMAGES:
         raise ExportError(f"--calibration-size: expected >= {MIN_CALIBRATION_IMAGES}, got {count}")
+
+
+def _calibration(dataset: DatasetArrays, meta: ModelMeta, count: int) -> np.ndarray:
+    _check_calibration_size(count)
     available = len(dataset.splits.train.samples)
     if available < MIN_CALIBRATION_IMAGES:
         raise ExportError(
@@ -165,9 +169,10 @@ def _model_from_checkpoint(path: Path) -> tuple[Any, ModelMeta, dict[str, Any]]:
 
 
 def export_command(args: argparse.Namespace) -> None:
-    check_name(args.name)
+    check_target(args.repository, args.name, args.version, args.overwrite)
+    _check_calibration_size(args.calibration_size)
     if args.int8:
-        check_name(args.name + "-int8")
+        check_target(args.repository, args.name + "-int8", args.version, args.overwrite)
     data, val_split = args.data, args.val_split
     if args.checkpoint is not None:
         given = [
@@ -243,14 +248,15 @@ def quantize_command(args: argparse.Namespace) -> None:
     name = args.name or (name + "-int8" if name else None)
     if repository is None or name is None:
         raise ExportError(f"{path} is not inside a model repository: pass --repository and --name")
-    check_name(name)
+    check_target(repository, name, args.version, args.overwrite)
+    _check_calibration_size(args.calibration_size)
+    if meta.precision != "fp32":
+        raise ExportError(f"{path} is already {meta.precision}; quantize an fp32 model")
     data = args.data
     if data is None:
         if meta.dataset != datamod.DIGITS_DATASET_NAME:
             raise ExportError("--data DIR is required (calibration and the accuracy gate use the dataset)")
         data = datamod.write_digits(Path("data/digits"))
-    if meta.precision != "fp32":
-        raise ExportError(f"{path} is already {meta.precision}; quantize an fp32 model")
     dataset = _load_dataset(data, args.val_split, meta)
     result = quantize(
         path.read_bytes(),

@@ -104,6 +104,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_target(repository: Path, name: str, version: int | None, overwrite: bool) -> None:
+    """Fail fast, before any work, when :func:`publish` would refuse these arguments."""
+    check_name(name)
+    if version is not None and version < 1:
+        raise ExportError(f"--version: expected >= 1, got {version}")
+    repository = Path(repository)
+    if repository.exists() and not repository.is_dir():
+        raise ExportError(f"{repository}: not a directory")
+    if version is not None and not overwrite and model_path(repository, name, version).exists():
+        raise ExportError(
+            f"{model_path(repository, name, version)} already exists (pass --overwrite to replace it, or omit --version)"
+        )
+
+
 def publish(
     repository: Path, name: str, data: bytes, version: int | None = None, overwrite: bool = False
 ) -> Path:

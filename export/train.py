@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -341,6 +342,13 @@ def confusion_summary(result: EvalResult, labels: Sequence[str], worst: int = 5)
     return lines
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    """One-cycle, stepped per batch: a short warm-up (15 %) then cosine annealing to ~0."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15, div_factor=10
+    )
+
+
 def make_loaders(cfg: TrainConfig, splits: datamod.Splits, mean: Sequence[float], std: Sequence[float]):
     from torch.utils.data import DataLoader
 
@@ -380,6 +388,10 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
     state: dict[str, Any] | None = None
     if resume is not None:
         state = load_checkpoint(resume)
+        if int(state["epoch"]) >= cfg.epochs:
+            raise ExportError(
+                f"{resume}: already trained {state['epoch']} of {cfg.epochs} epochs (raise --epochs)"
+            )
         log.info("resuming %s from %s after epoch %d", cfg.arch, resume, state["epoch"])
     torch.manual_seed(cfg.seed)
     splits = datamod.load_splits(cfg.data, cfg.val_split, cfg.seed, cfg.strict)
@@ -422,21 +434,26 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
         momentum=cfg.momentum,
         nesterov=cfg.momentum > 0,
     )
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(train_loader), pct_start=0.15, div_factor=10
-    )
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     start_epoch, history = 0, []
     if state is not None:
+        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        planned = int(state["config"]["epochs"])
+        if planned == cfg.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        else:
+            # More epochs than planned: the same one-cycle shape over the new length, at the
+            # step already reached (the learning rate rises again a little, then anneals).
+            scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+                for _ in range(start_epoch * len(train_loader)):
+                    scheduler.step()
+            log.info("learning-rate schedule stretched from %d to %d epochs", planned, cfg.epochs)
         torch.set_rng_state(state["rng"]["torch"])
         generator.set_state(state["rng"]["loader"])
-        if start_epoch >= cfg.epochs:
-            raise ExportError(
-                f"{resume}: already trained {start_epoch} of {cfg.epochs} epochs (raise --epochs)"
-            )
 
     cfg.output.mkdir(parents=True, exist_ok=True)
     progress = _progress_enabled(cfg)

@@ -1,35 +1,60 @@
-"""The commands as users run them (``.venv/bin/svertka ...`` in a subprocess).
+"""The commands as users run them.
 
-Bad inputs to every subcommand: a one-line error naming the problem, a
-non-zero exit, no traceback, and nothing written.
+Bad inputs to every subcommand: a one-line error naming the problem, exit
+status 2, no traceback, and nothing written. Each subcommand is run at least
+once as ``.venv/bin/svertka`` in a subprocess (the real entry point, the real
+stderr); the remaining cases go through ``service.cli.main`` in-process (the
+same parser, handlers and error mapping) so that each does not pay for a
+torch import.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from export.models import build_model
 from export.repository import publish
 
-from .conftest import run_cli
+from .conftest import main_in_process, run_cli
 
 
 def _assert_one_line_error(result, *needles: str) -> str:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    return _check_stderr(result.stderr, *needles)
+
+
+def _check_stderr(stderr: str, *needles: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
 
 
+def _in_process_error(capsys, *args, needles=()) -> None:
+    code, _, err = main_in_process(capsys, *args)
+    assert code == 2, err
+    _check_stderr(err, *needles)
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def labels3(tmp_path) -> Path:
+    path = tmp_path / "labels.txt"
+    path.write_text("cat\ndog\nbird\n")
+    return path
+
+
+# --- train ----------------------------------------------------------------------------------------
 
 
 def test_train_missing_data_dir(tmp_path):
@@ -46,35 +71,46 @@ def test_train_bad_arch_name(tiny_digits, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_train_unreadable_weights_file(tiny_digits, tmp_path):
+def test_train_unreadable_weights_file(tiny_digits, tmp_path, capsys):
     bad = tmp_path / "resnet18.pth"
     bad.write_bytes(b"\x00garbage, not a torch file")
-    r = run_cli("train", "--data", tiny_digits, "--weights", bad, "--output", tmp_path / "run")
+    out = tmp_path / "run"
+    r = run_cli("train", "--data", tiny_digits, "--weights", bad, "--output", out)
     _assert_one_line_error(r, str(bad), "not a readable PyTorch weights file")
-    r = run_cli(
-        "train", "--data", tiny_digits, "--weights", tmp_path / "missing.pth", "--output", tmp_path / "run"
-    )
-    _assert_one_line_error(r, "no such weights file", "nothing is downloaded at run time")
+    _in_process_error(
+        capsys, "train", "--data", tiny_digits, "--weights", tmp_path / "missing.pth", "--output", out,
+        needles=("no such weights file", "nothing is downloaded at run time"),
+    )  # fmt: skip
+    assert not out.exists()
+
+
+def test_train_dataset_with_one_class_or_an_empty_class(tmp_path, capsys):
+    (tmp_path / "data" / "only").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "data" / "only" / "a.png")
+    args = ("train", "--data", tmp_path / "data", "--val-split", "0.5", "--output", tmp_path / "run")
+    _in_process_error(capsys, *args, needles=("found one class",))
+    (tmp_path / "data" / "empty").mkdir()
+    _in_process_error(capsys, *args, needles=("empty: class folder has no image files",))
     assert not (tmp_path / "run").exists()
 
 
-def test_train_dataset_with_one_class(tmp_path):
-    (tmp_path / "data" / "only").mkdir(parents=True)
-    shutil.copy(Path(__file__), tmp_path / "data" / "only" / "notes.txt")
-    from PIL import Image
+def test_train_strict_names_the_corrupt_file(tiny_digits, tmp_path, capsys):
+    import shutil
 
-    Image.new("L", (8, 8)).save(tmp_path / "data" / "only" / "a.png")
-    r = run_cli("train", "--data", tmp_path / "data", "--val-split", "0.5", "--output", tmp_path / "run")
-    _assert_one_line_error(r, "found one class")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    (data / "train" / "1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    args = ("train", "--data", data, "--strict", "--output", tmp_path / "run")
+    _in_process_error(capsys, *args, needles=("broken.png: unreadable image",))
+    assert not (tmp_path / "run").exists()
 
 
-def test_export_labels_count_differs_from_classes(tmp_path):
+# --- export ---------------------------------------------------------------------------------------
+
+
+def test_export_labels_count_differs_from_classes(tmp_path, labels3):
     weights = tmp_path / "resnet20.pth"
-    from export.models import build_model
-
     torch.save(build_model("resnet20", 10).state_dict(), weights)
-    labels = tmp_path / "labels.txt"
-    labels.write_text("cat\ndog\nbird\n")
     repo = tmp_path / "repo"
     r = run_cli(
         "export",
@@ -83,61 +119,120 @@ def test_export_labels_count_differs_from_classes(tmp_path):
         "--arch",
         "resnet20",
         "--labels",
-        labels,
+        labels3,
         "--repository",
         repo,
         "--name",
         "m",
     )
-    _assert_one_line_error(r, "3 labels", "10 classes")
+    _assert_one_line_error(r, "svertka export: error:", "3 labels", "10 classes")
     assert _files(repo) == []
 
 
-def test_export_unreadable_weights_and_missing_checkpoint(tmp_path):
+def test_export_other_bad_inputs(tmp_path, labels3, capsys):
     bad = tmp_path / "w.pth"
     bad.write_text("not a state dict")
-    labels = tmp_path / "labels.txt"
-    labels.write_text("a\nb\n")
     repo = tmp_path / "repo"
     common = ("--repository", repo, "--name", "m")
-    r = run_cli("export", "--weights", bad, "--arch", "resnet18", "--labels", labels, *common)
-    _assert_one_line_error(r, "not a readable PyTorch weights file")
-    r = run_cli("export", "--checkpoint", tmp_path / "nope.pt", *common)
-    _assert_one_line_error(r, "no such checkpoint file")
-    r = run_cli("export", "--checkpoint", bad, *common)
-    _assert_one_line_error(r, "not a readable checkpoint")
-    r = run_cli("export", "--weights", "random", "--arch", "resnet20", "--num-classes", "4", "--repository", repo,
-                "--name", "../escape")  # fmt: skip
-    _assert_one_line_error(r, "not a valid model name")
+    cases = [
+        (
+            ("--weights", bad, "--arch", "resnet18", "--labels", labels3),
+            "not a readable PyTorch weights file",
+        ),
+        (
+            ("--weights", tmp_path / "nope.pth", "--arch", "resnet18", "--labels", labels3),
+            "no such weights file",
+        ),
+        (("--checkpoint", tmp_path / "nope.pt"), "no such checkpoint file"),
+        (("--checkpoint", bad), "not a readable checkpoint"),
+        (("--weights", "random", "--arch", "resnet20"), "--name"),
+        (("--weights", bad, "--labels", labels3), "--weights needs --arch"),
+        (("--weights", "random", "--arch", "resnet20", "--labels", tmp_path / "nolabels.txt"), "cannot read"),
+    ]
+    for extra, needle in cases:
+        args = ("export", *extra, *common)
+        if needle == "--name":  # a model name that would escape the repository
+            args = ("export", *extra, "--repository", repo, "--name", "../escape")
+            needle = "not a valid model name"
+        _in_process_error(capsys, *args, needles=(needle,))
     assert _files(repo) == []
 
 
-def test_export_weights_for_another_arch(tmp_path):
-    from export.models import build_model
-
+def test_export_weights_for_another_arch(tmp_path, capsys):
     weights = tmp_path / "resnet20.pth"
     torch.save(build_model("resnet20", 2).state_dict(), weights)
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\n")
-    r = run_cli("export", "--weights", weights, "--arch", "resnet32", "--labels", labels, "--repository", tmp_path / "r",
-                "--name", "m")  # fmt: skip
-    _assert_one_line_error(r, "does not fit resnet32", "missing")
+    args = ("export", "--weights", weights, "--arch", "resnet32", "--labels", labels)
+    _in_process_error(
+        capsys, *args, "--repository", tmp_path / "r", "--name", "m", needles=("does not fit resnet32",)
+    )
+    assert _files(tmp_path / "r") == []
 
 
-def test_quantize_bad_inputs(tmp_path, tiny_digits):
+def test_export_from_checkpoint_then_an_existing_version_is_refused_up_front(trained, tmp_path):
+    repo = tmp_path / "repo"
+    r = run_cli("export", "--checkpoint", trained.checkpoint, "--repository", repo, "--name", "tiny")
+    assert r.returncode == 0, r.stderr
+    written = repo / "tiny" / "1" / "model.onnx"
+    assert f"wrote {written}" in r.stdout and "val top-1 100.00%" in r.stdout
+    assert "parity on 45 val images" in r.stdout and "top-1 identical 45/45" in r.stdout
+    before = written.stat().st_mtime_ns
+    r = run_cli(
+        "export", "--checkpoint", trained.checkpoint, "--repository", repo, "--name", "tiny", "--version", "1"
+    )
+    _assert_one_line_error(r, "already exists", "--overwrite")
+    assert written.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_export_random_weights_for_benchmarks(tmp_path, capsys):
+    code, out, err = main_in_process(
+        capsys, "export", "--weights", "random", "--arch", "resnet20", "--num-classes", "4",
+        "--repository", tmp_path, "--name", "rand",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "random inputs" in out
+    info = json.loads(main_in_process(capsys, "inspect", tmp_path / "rand", "--json")[1])
+    assert info["labels"] == ["class_0", "class_1", "class_2", "class_3"] and info["val_top1"] is None
+
+
+# --- quantize / inspect / build-default -----------------------------------------------------------
+
+
+def test_quantize_bad_inputs(tmp_path, tiny_digits, capsys):
     r = run_cli("quantize", tmp_path / "none.onnx", "--data", tiny_digits)
-    _assert_one_line_error(r, "no such model file")
+    _assert_one_line_error(r, "svertka quantize: error:", "no such model file")
     junk = tmp_path / "repo" / "junk" / "1" / "model.onnx"
     junk.parent.mkdir(parents=True)
     junk.write_bytes(b"not onnx")
-    r = run_cli("quantize", junk, "--data", tiny_digits)
-    _assert_one_line_error(r, "not a readable ONNX model")
+    _in_process_error(capsys, "quantize", junk, "--data", tiny_digits, needles=("not a readable ONNX model",))
     assert [p.name for p in (tmp_path / "repo").iterdir()] == ["junk"]
 
 
-def test_inspect_bad_inputs(tmp_path):
-    _assert_one_line_error(run_cli("inspect", tmp_path / "missing.onnx"), "no such model file")
-    foreign = tmp_path / "foreign.onnx"
+def test_quantize_refuses_an_int8_input_and_a_missing_data_dir(tiny_export, tiny_digits, tmp_path, capsys):
+    import onnx
+
+    from service.modelmeta import attach
+
+    _, _, prepared = tiny_export
+    path = publish(tmp_path, "tiny", prepared.model_bytes)
+    absent = tmp_path / "absent"
+    _in_process_error(capsys, "quantize", path, "--data", absent, needles=("no such dataset directory",))
+    _in_process_error(capsys, "quantize", path, needles=("--data DIR is required",))
+    args = ("quantize", path, "--data", tiny_digits, "--calibration-size", "50")
+    _in_process_error(capsys, *args, needles=("--calibration-size: expected >= 100",))
+    proto = onnx.load_from_string(prepared.model_bytes)
+    attach(proto, prepared.meta.replace(precision="int8"))
+    int8 = publish(tmp_path, "already", proto.SerializeToString())
+    _in_process_error(capsys, "quantize", int8, "--data", tiny_digits, needles=("is already int8",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["already", "tiny"]
+
+
+def test_inspect_bad_inputs(tmp_path, capsys):
+    _assert_one_line_error(
+        run_cli("inspect", tmp_path / "missing.onnx"), "svertka inspect: error:", "no such model"
+    )
     import onnx
     from onnx import TensorProto, helper
 
@@ -147,16 +242,35 @@ def test_inspect_bad_inputs(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
+    foreign = tmp_path / "foreign.onnx"
     onnx.save(helper.make_model(graph), foreign)
-    _assert_one_line_error(run_cli("inspect", foreign), "no svertka metadata")
+    _in_process_error(capsys, "inspect", foreign, needles=("no svertka metadata",))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff" * 100)
+    _in_process_error(capsys, "inspect", garbage, needles=("not a readable ONNX model",))
 
 
 def test_build_default_into_a_file_path(tmp_path):
     target = tmp_path / "models"
     target.write_text("a file, not a directory")
     r = run_cli("build-default", "--repository", target, "--data", tmp_path / "digits")
-    _assert_one_line_error(r, "cannot use it as a model repository")
+    _assert_one_line_error(r, "svertka build-default: error:", "cannot use it as a model repository")
     assert target.read_text() == "a file, not a directory" and not (tmp_path / "digits").exists()
+
+
+def test_build_default_does_nothing_when_both_models_are_present(tiny_export, tmp_path):
+    _, _, prepared = tiny_export
+    fp32 = publish(tmp_path, "digits", prepared.model_bytes)
+    int8 = publish(tmp_path, "digits-int8", prepared.model_bytes)
+    before = [(p, p.stat().st_mtime_ns) for p in (fp32, int8)]
+    r = run_cli("build-default", "--repository", tmp_path, "--data", tmp_path / "never-written")
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do" in r.stdout
+    assert [(p, p.stat().st_mtime_ns) for p in (fp32, int8)] == before
+    assert not (tmp_path / "never-written").exists()
+
+
+# --- train smoke ----------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -180,42 +294,3 @@ def test_train_smoke_one_epoch_then_resume(tiny_digits, tmp_path):
     assert [p.name for p in out.iterdir()] == ["last.pt"]
     r = run_cli("train", "--resume", out / "last.pt", "--epochs", "2")
     _assert_one_line_error(r, "already trained 2 of 2 epochs")
-
-
-@pytest.mark.slow
-def test_export_from_checkpoint_numbers_versions(trained, tmp_path):
-    repo = tmp_path / "repo"
-    for expected in (1, 2):
-        r = run_cli("export", "--checkpoint", trained.checkpoint, "--repository", repo, "--name", "tiny")
-        assert r.returncode == 0, r.stderr
-        assert f"wrote {repo / 'tiny' / str(expected) / 'model.onnx'}" in r.stdout
-        assert "parity on" in r.stdout and "top-1 identical" in r.stdout
-    r = run_cli(
-        "export", "--checkpoint", trained.checkpoint, "--repository", repo, "--name", "tiny", "--version", "1"
-    )
-    _assert_one_line_error(r, "already exists", "--overwrite")
-
-
-@pytest.mark.slow
-def test_export_random_weights_for_benchmarks(tmp_path):
-    r = run_cli("export", "--weights", "random", "--arch", "resnet20", "--num-classes", "4",
-                "--repository", tmp_path, "--name", "rand")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "random inputs" in r.stdout
-    info = json.loads(run_cli("inspect", tmp_path / "rand", "--json").stdout)
-    assert info["labels"] == ["class_0", "class_1", "class_2", "class_3"] and info["val_top1"] is None
-
-
-def test_build_default_does_nothing_when_both_models_are_present(trained, tmp_path):
-    from export import onnx_export, pipeline
-
-    model, meta, _ = pipeline._model_from_checkpoint(trained.checkpoint)
-    prepared = onnx_export.prepare_export(model, meta, pipeline._evaluation(None, meta))
-    fp32 = publish(tmp_path, "digits", prepared.model_bytes)
-    int8 = publish(tmp_path, "digits-int8", prepared.model_bytes)
-    before = [(p, p.stat().st_mtime_ns) for p in (fp32, int8)]
-    r = run_cli("build-default", "--repository", tmp_path, "--data", tmp_path / "never-written")
-    assert r.returncode == 0, r.stderr
-    assert "nothing to do" in r.stdout
-    assert [(p, p.stat().st_mtime_ns) for p in (fp32, int8)] == before
-    assert not (tmp_path / "never-written").exists()

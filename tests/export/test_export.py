@@ -25,11 +25,8 @@ from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def exported(trained, tiny_digits):
-    model, meta, _ = pipeline._model_from_checkpoint(trained.checkpoint)
-    dataset = pipeline._load_dataset(tiny_digits, None, meta)
-    prepared = onnx_export.prepare_export(model, meta, pipeline._evaluation(dataset, meta))
-    return model, dataset, prepared
+def exported(tiny_export):
+    return tiny_export
 
 
 def test_graph_contract(exported):

@@ -13,7 +13,7 @@ from export import onnx_export, pipeline
 from export.repository import publish
 from service import modelmeta
 
-from .conftest import run_cli
+from .conftest import main_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,12 @@ def _fp32_model(repo, name, model, meta, dataset):
 
 
 @pytest.fixture(scope="module")
-def repo_models(trained, tiny_digits, tmp_path_factory):
+def repo_models(tiny_export, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    model, meta, _ = pipeline._model_from_checkpoint(trained.checkpoint)
-    dataset = pipeline._load_dataset(tiny_digits, None, meta)
-    good = _fp32_model(repo, "tiny", model, meta, dataset)
+    model, dataset, prepared = tiny_export
+    good = publish(repo, "tiny", prepared.model_bytes)
     fragile = _fp32_model(
-        repo, "fragile", _OutlierActivation(model), meta.replace(arch="resnet20+outlier"), dataset
+        repo, "fragile", _OutlierActivation(model), prepared.meta.replace(arch="resnet20+outlier"), dataset
     )
     return repo, good, fragile
 
@@ -95,9 +94,11 @@ def test_gate_refuses_a_model_that_loses_accuracy_and_force_overrides(repo_model
     repo, _, fragile = repo_models
     refused = run_cli("quantize", fragile, "--data", tiny_digits)
     assert refused.returncode == 2
-    lines = refused.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
-    assert "points below fp32" in lines[0] and "--force" in lines[0]
+    # The gate fails after the work is done and logged: the error is the one last line.
+    assert "Traceback" not in refused.stderr, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert errors == [refused.stderr.strip().splitlines()[-1]]
+    assert "points below fp32" in errors[0] and "--force" in errors[0]
     assert not (repo / "fragile-int8").exists() or not list((repo / "fragile-int8").rglob("model.onnx"))
 
     forced = run_cli("quantize", fragile, "--data", tiny_digits, "--force")
@@ -107,11 +108,24 @@ def test_gate_refuses_a_model_that_loses_accuracy_and_force_overrides(repo_model
     assert 100 * (_meta(fragile).val_top1 - int8.val_top1) > 1.0
 
 
-def test_export_int8_writes_both_and_inspect_shows_precision(trained, tiny_digits, tmp_path):
-    result = run_cli(
-        "export", "--checkpoint", trained.checkpoint, "--repository", tmp_path, "--name", "both", "--int8"
+def test_export_int8_writes_both_and_inspect_shows_precision(trained, tmp_path, capsys):
+    args = (
+        "export",
+        "--checkpoint",
+        trained.checkpoint,
+        "--repository",
+        tmp_path,
+        "--name",
+        "both",
+        "--int8",
     )
-    assert result.returncode == 0, result.stderr
-    info = json.loads(run_cli("inspect", tmp_path / "both-int8", "--json").stdout)
+    code, out, err = main_in_process(capsys, *args)
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'both' / '1' / 'model.onnx'}" in out
+    assert f"wrote {tmp_path / 'both-int8' / '1' / 'model.onnx'}" in out
+    code, out, _ = main_in_process(capsys, "inspect", tmp_path / "both-int8", "--json")
+    info = json.loads(out)
     assert info["precision"] == "int8" and info["labels"] == ["0", "1", "7"]
-    assert json.loads(run_cli("inspect", tmp_path / "both", "--json").stdout)["precision"] == "fp32"
+    assert (
+        json.loads(main_in_process(capsys, "inspect", tmp_path / "both", "--json")[1])["precision"] == "fp32"
+    )
