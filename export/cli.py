@@ -260,7 +260,7 @@ def _quiet_openmp() -> None:
 
     On a shared machine spinning threads fight over the cores: 10 resnet20 training
     steps (batch 32) took 49.4 s of wall time with the default policy and 4.5 s with
-    PASSIVE at a load average of ~8 on 2 cores (runs/scratch/omp.py, docs/training.md).
+    PASSIVE at a load average of ~8 on 2 cores (tests/export/omp_wait_policy.py, docs/training.md).
     A user's own OMP_WAIT_POLICY wins.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

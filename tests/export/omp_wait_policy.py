@@ -1,0 +1,38 @@
+"""Measurement script (not a test): wall time of 10 resnet20 training steps (batch 32).
+
+Run it with and without ``OMP_WAIT_POLICY=PASSIVE`` (and with ``OMP_NUM_THREADS=1``) while the
+machine is busy: ``.venv/bin/python -m tests.export.omp_wait_policy``. docs/training.md quotes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from export.models import build_model
+
+
+def main() -> None:
+    model = build_model("resnet20", 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(10):
+        step()
+    print(
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')} threads={torch.get_num_threads()}: "
+        f"wall {time.perf_counter() - t0:.2f} s, cpu {time.process_time() - c0:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
