@@ -352,12 +352,18 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     width = max(len(k) for k in info)
+    lines = []
     for key, value in info.items():
         if isinstance(value, list | tuple):
             value = ", ".join(str(v) for v in value)
         elif key == "val_top1" and value is not None:
             value = f"{100 * value:.2f}%"
-        print(f"{key:<{width}}  {value}")
+        lines.append(f"{key:<{width}}  {value}")
+    try:
+        print("\n".join(lines))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `svertka inspect MODEL | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

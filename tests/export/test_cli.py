@@ -54,6 +54,22 @@ def labels3(tmp_path) -> Path:
     return path
 
 
+def test_the_cli_module_imports_without_torch_or_onnxruntime():
+    """``svertka serve`` installs have no torch: registering these subcommands must not import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, export.cli, service.cli; service.cli.build_parser(); "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'onnxruntime'));"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2]
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # --- train ----------------------------------------------------------------------------------------
 
 
