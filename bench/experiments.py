@@ -76,7 +76,18 @@ def patch_spinning() -> None:
     runtime.ALLOW_SPINNING = True
 
 
-POLICIES = {"adaptive-idle": patch_adaptive_idle, "spinning": patch_spinning}
+def patch_one_thread() -> None:
+    """One onnxruntime intra-op thread instead of one per core (``--intra-op-threads 1``).
+
+    On two cores shared with the event loop, the decoders and the client, a
+    parallel-for over two threads waits for whichever thread was descheduled.
+    """
+    import os
+
+    os.environ["SVERTKA_INTRA_OP_THREADS"] = "1"
+
+
+POLICIES = {"adaptive-idle": patch_adaptive_idle, "spinning": patch_spinning, "one-thread": patch_one_thread}
 
 
 def ab(args: argparse.Namespace) -> int:
