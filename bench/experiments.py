@@ -13,10 +13,10 @@ is idle. Under a closed loop this splits the callers into a large batch and a
 lone request that happened to arrive first: at concurrency 8 the batches
 alternate 7 and 1 (``docs/benchmarks.md``, batch-size plots), and the lone
 request costs a whole batch-1 run while seven requests wait. The patch keeps
-dispatch-when-idle but, while fewer rows are queued than the previous batch
-held, waits for them up to ``max_queue_delay`` counted from the moment the
-instance went idle -- the callers just answered are about to come back. At
-low load the previous batch was 1 row, so nothing ever waits.
+dispatch-when-idle but, when the instance goes idle, expects the rows already
+queued plus the rows of the batch just answered (those callers are about to
+come back) and waits for them up to ``max_queue_delay`` counted from that
+moment. With one caller the expected rows are 1, so nothing ever waits.
 
 Policy ``spinning``: onnxruntime's idle worker threads spin-wait (its
 default) rather than sleep (``service.runtime.ALLOW_SPINNING = False``).
@@ -42,11 +42,8 @@ def patch_adaptive_idle() -> None:
 
     def _close_time(self):
         close_at = original_close(self)
-        if (
-            close_at is None
-            and not self._draining
-            and self._queued_rows < getattr(self, "_bench_last_rows", 1)
-        ):
+        target = getattr(self, "_bench_target", 1)
+        if close_at is None and not self._draining and self._queued_rows < target:
             # Counted from when the instance went idle: the lone request may have queued for a whole batch.
             since = max(self._queue[0].enqueued, getattr(self, "_bench_idle_at", 0.0))
             return since + self.max_queue_delay_s
@@ -54,14 +51,16 @@ def patch_adaptive_idle() -> None:
 
     def _take(self):
         batch = original_take(self)
-        if batch:
-            self._bench_last_rows = sum(r.n for r in batch)
+        self._bench_target = 1  # until the next batch finishes
         return batch
 
     async def _execute(self, runner, batch):
         try:
             await original_execute(self, runner, batch)
         finally:
+            # The callers just answered are about to come back: expect them plus what already waits.
+            rows = sum(r.n for r in batch)
+            self._bench_target = min(self.max_batch_size, self._queued_rows + rows)
             self._bench_idle_at = time.monotonic()
 
     batching.Batcher._close_time = _close_time
