@@ -10,6 +10,7 @@ would: ModelStatistics over gRPC and the Prometheus counters.
 from __future__ import annotations
 
 import queue
+import time
 
 import grpc
 import numpy as np
@@ -24,7 +25,7 @@ from tests.api.conftest import InProcessServer
 from tests.reliability import harness
 from tests.reliability.slowmodel import busy_tensor, make_slow_model
 
-#: About 7 ms each on this machine's cores with one thread: a batch runs for ~0.3 s.
+#: A few ms each with one thread: a batch runs for ~0.1 s (idle cores) to ~0.3 s (busy ones).
 MATMULS = 40
 #: ``slow`` runs one row per batch, so requests sent first really queue ahead of the later ones;
 #: ``fragile`` batches up to 4 rows so that a poisoned request shares its batch with good ones.
@@ -114,19 +115,36 @@ def _settle(srv: InProcessServer, name: str, futures) -> None:
     _wait_settled(srv, name)
 
 
+def _batch_seconds(tensor_api) -> float:
+    """One ``slow`` batch's time on this machine now (best of three round trips).
+
+    The busy branch's cost varies several-fold with how loaded the cores are,
+    so deadlines are sized from this measurement, not from a constant.
+    """
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        tensor_api.ModelInfer(harness.tensor_request(model="slow"), timeout=60)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def test_deadline_expiring_in_the_queue_is_never_computed(srv, channel):
     tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
     image_api = cgrpc.ImageClassifierStub(channel)
+    # Five one-row batches of T each: the late requests wait >= 4T behind them, their deadline is 2T.
+    late_deadline_s = 2 * _batch_seconds(tensor_api)
     before = _Counts(srv, channel, "slow")
-    # Five one-row batches of ~0.3 s each: the late requests (0.5 s deadline) wait >= 1.2 s behind them.
     ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(5)]
     late = []
     try:
         _wait_running(srv, "slow", queued=4)
         late = [
-            tensor_api.ModelInfer.future(harness.tensor_request(model="slow", rid="late-t"), timeout=0.5),
+            tensor_api.ModelInfer.future(
+                harness.tensor_request(model="slow", rid="late-t"), timeout=late_deadline_s
+            ),
             image_api.Classify.future(
-                cpb.ClassifyRequest(model="slow", image=images.png(1), id="late-i"), timeout=0.5
+                cpb.ClassifyRequest(model="slow", image=images.png(1), id="late-i"), timeout=late_deadline_s
             ),
         ]
         assert [_code(f)[0] for f in late] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
