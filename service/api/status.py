@@ -41,16 +41,24 @@ STATUS_BY_ERROR: dict[type[errors.SvertkaError], grpc.StatusCode] = {
 INTERNAL_MESSAGE = "internal error"
 
 
+def _mapped(exc: errors.SvertkaError) -> grpc.StatusCode | None:
+    """The table's code for ``exc``, looked up along its MRO; None when unmapped."""
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
+        if code is not None:
+            return code
+    return None
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-visible message for ``exc``.
 
     Unexpected exceptions are logged here, with their traceback, exactly once.
     """
     if isinstance(exc, errors.SvertkaError):
-        for cls in type(exc).__mro__:
-            code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
-            if code is not None:
-                return code, exc.message
+        code = _mapped(exc)
+        if code is not None:
+            return code, exc.message
         # A SvertkaError subclass nobody mapped is a bug in this table: fail closed.
         log.error("unmapped domain error %s: %s", type(exc).__name__, exc.message)
         return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
@@ -62,12 +70,8 @@ def code_name(exc: BaseException | None) -> str:
     """The status name ("OK", "INVALID_ARGUMENT", ...) for metrics, without logging."""
     if exc is None:
         return "OK"
-    if isinstance(exc, errors.SvertkaError):
-        for cls in type(exc).__mro__:
-            code = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
-            if code is not None:
-                return code.name
-    return grpc.StatusCode.INTERNAL.name
+    code = _mapped(exc) if isinstance(exc, errors.SvertkaError) else None
+    return (code or grpc.StatusCode.INTERNAL).name
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
