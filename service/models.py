@@ -623,6 +623,10 @@ class ModelManager:
             await loop.run_in_executor(self._decode_executor, served.warm_up_decode)
         except Exception:  # a decode warm-up failure must not make a good model unavailable
             log.warning("model '%s' version %d: decode warm-up failed", name, version, exc_info=True)
+        if self._closed or self._draining:
+            # Shutdown began during the warm-up (drain() did not see this model): same as above.
+            await served.close()
+            return self._failed(entry, version, "not started: the server is shutting down")
         old = entry.serving
         entry.serving = served  # the swap: get() returns the new version from here on
         entry.serving_fingerprint = entry.attempted_fingerprint

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -557,12 +558,17 @@ def test_drain_during_start_up_starts_nothing_more(tmp_path):
 
     async def main():
         manager = ModelManager(repo, new_metrics())
-        manager.add_listener(changes.append)
-        starting = asyncio.create_task(manager.start())
-        while not changes:  # "a" is loading
-            await asyncio.sleep(0.001)
-        await manager.drain(5)
-        await starting
+        draining: list[asyncio.Task] = []
+
+        def on_change(status: ModelStatus) -> None:
+            changes.append(status)
+            if status.state == "LOADING" and not draining:
+                # Shutdown begins while "a" is loading: the task runs before the load can finish.
+                draining.append(asyncio.get_running_loop().create_task(manager.drain(5)))
+
+        manager.add_listener(on_change)
+        await manager.start()
+        await draining[0]
         statuses = {s.name: s for s in manager.statuses()}
         with pytest.raises(errors.Draining):
             await manager.load("b")
@@ -572,6 +578,35 @@ def test_drain_during_start_up_starts_nothing_more(tmp_path):
     statuses = run(main())
     assert statuses["a"] == ModelStatus("a", 1, "UNAVAILABLE", "not started: the server is shutting down")
     assert set(statuses) == {"a"}  # b and c were never started
+
+
+def test_drain_during_decode_warm_up_does_not_make_the_model_ready(tmp_path, monkeypatch):
+    repo = make_repository(tmp_path, {"a": [1]})
+    warming = threading.Event()
+    release = threading.Event()
+    real_warm_up = models.ServedModel.warm_up_decode
+
+    def slow_warm_up(self):
+        warming.set()
+        release.wait(30)
+        real_warm_up(self)
+
+    monkeypatch.setattr(models.ServedModel, "warm_up_decode", slow_warm_up)
+
+    async def main():
+        manager = ModelManager(repo, new_metrics())
+        starting = asyncio.create_task(manager.start())
+        await asyncio.to_thread(warming.wait, 30)
+        await manager.drain(5)  # the model is past loading, inside its warm-up
+        release.set()
+        await starting
+        statuses = manager.statuses()
+        with pytest.raises(errors.ModelNotReady):
+            manager.get("a")
+        await manager.close()
+        return statuses
+
+    assert run(main()) == [ModelStatus("a", 1, "UNAVAILABLE", "not started: the server is shutting down")]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
