@@ -18,8 +18,11 @@ queued plus the rows of the batch just answered (those callers are about to
 come back) and waits for them up to ``max_queue_delay`` counted from that
 moment. With one caller the expected rows are 1, so nothing ever waits.
 
-Policy ``spinning``: onnxruntime's idle worker threads spin-wait (its
-default) rather than sleep (``service.runtime.ALLOW_SPINNING = False``).
+Policies ``spinning`` / ``no-spinning``: onnxruntime's idle worker threads
+spin-wait / sleep for every model, whatever its ``intra_op_spinning`` setting
+(``auto`` by default: see ``service.runtime.spinning``).
+
+Policy ``two-instances``: two sessions of one intra-op thread each.
 """
 
 from __future__ import annotations
@@ -68,11 +71,28 @@ def patch_adaptive_idle() -> None:
     batching.Batcher._execute = _execute
 
 
-def patch_spinning() -> None:
-    """onnxruntime's idle intra-op threads spin (its default) instead of sleeping (svertka's choice)."""
-    from service import runtime
+def override_model_settings(**changes) -> None:
+    """Every model this process loads gets ``changes`` applied over its own config (A/B runs)."""
+    import dataclasses
 
-    runtime.ALLOW_SPINNING = True
+    from service import config
+
+    load = config.ModelSettings.load.__func__
+
+    def patched(cls, model_dir):
+        return dataclasses.replace(load(cls, model_dir), **changes)
+
+    config.ModelSettings.load = classmethod(patched)
+
+
+def patch_spinning() -> None:
+    """onnxruntime's idle intra-op threads spin, whatever the model's ``intra_op_spinning`` says."""
+    override_model_settings(intra_op_spinning=True)
+
+
+def patch_no_spinning() -> None:
+    """onnxruntime's idle intra-op threads sleep, whatever the model's ``intra_op_spinning`` says."""
+    override_model_settings(intra_op_spinning=False)
 
 
 def patch_one_thread() -> None:
@@ -86,7 +106,22 @@ def patch_one_thread() -> None:
     os.environ["SVERTKA_INTRA_OP_THREADS"] = "1"
 
 
-POLICIES = {"adaptive-idle": patch_adaptive_idle, "spinning": patch_spinning, "one-thread": patch_one_thread}
+def patch_two_instances() -> None:
+    """Two onnxruntime instances of one intra-op thread each instead of one instance of two threads.
+
+    Two batches run at once, each on one thread: no parallel-for ever waits for a
+    descheduled partner thread, and a batch forms while the other computes.
+    """
+    override_model_settings(instances=2)
+
+
+POLICIES = {
+    "adaptive-idle": patch_adaptive_idle,
+    "spinning": patch_spinning,
+    "no-spinning": patch_no_spinning,
+    "one-thread": patch_one_thread,
+    "two-instances": patch_two_instances,
+}
 
 
 def ab(args: argparse.Namespace) -> int:

@@ -64,6 +64,9 @@ class ModelSettings:
     instances: int = 1
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     intra_op_threads: int = 0  # 0: the server's CPU budget divided among instances
+    #: Whether idle onnxruntime worker threads spin-wait (true), sleep (false), or "auto":
+    #: decided from the model's input size (service.runtime.spinning).
+    intra_op_spinning: bool | str = "auto"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
     version: int | None = None  # serve this version instead of the newest
@@ -91,6 +94,10 @@ class ModelSettings:
             )
         if self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads: expected >= 0, got {self.intra_op_threads}")
+        if not (isinstance(self.intra_op_spinning, bool) or self.intra_op_spinning == "auto"):
+            raise ConfigError(
+                f"intra_op_spinning: expected true, false or auto, got {self.intra_op_spinning!r}"
+            )
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels: expected >= 1, got {self.max_image_pixels}")
         if self.max_rows_per_request < 1:

@@ -37,9 +37,12 @@ CUDA = config.PROVIDER_NAMES["cuda"]
 TENSORRT = config.PROVIDER_NAMES["tensorrt"]
 GPU_PROVIDERS = (TENSORRT, CUDA)
 
-#: Whether idle onnxruntime worker threads spin. Off: spinning threads compete
-#: with the image decoders for the same cores (measured in docs/engine.md).
-ALLOW_SPINNING = False
+#: ``intra_op_spinning: auto`` spins for models whose input has at least this many pixels
+#: (ImageNet-size models, 224x224: compute-bound, a batch is many milliseconds of short parallel
+#: sections, each of which pays a thread wake-up when workers sleep) and not for smaller ones
+#: (CIFAR-size and digits models: decode-bound on the image API, where spinning workers take the
+#: cores the decoders need). Both measurements are in docs/engine.md.
+SPIN_MIN_INPUT_PIXELS = 112 * 112
 
 #: Where TensorRT keeps built engines so a restart does not rebuild them.
 TRT_CACHE_DIR = Path(tempfile.gettempdir()) / "svertka-trt-cache"
@@ -58,6 +61,33 @@ def intra_op_threads(settings: config.ModelSettings, cpu_budget: int = 0) -> int
         return settings.intra_op_threads
     budget = cpu_budget or config.default_intra_op_threads()
     return max(1, budget // settings.instances)
+
+
+def spinning(settings: config.ModelSettings, meta: modelmeta.ModelMeta) -> bool:
+    """Whether the model's idle intra-op threads spin-wait: the setting, or the auto rule."""
+    if isinstance(settings.intra_op_spinning, bool):
+        return settings.intra_op_spinning
+    return meta.crop[0] * meta.crop[1] >= SPIN_MIN_INPUT_PIXELS
+
+
+def _peek_metadata(
+    path: Path, providers: Sequence[str], settings: config.ModelSettings
+) -> modelmeta.ModelMeta | None:
+    """The model's metadata before any session exists, where the session options depend on it.
+
+    TensorRT needs it (a failure is the load's failure); the auto spinning rule only prefers
+    it: an unreadable file is left to onnxruntime, whose error is the more precise one.
+    """
+    if TENSORRT not in providers and settings.intra_op_spinning != "auto":
+        return None
+    if not path.is_file():
+        raise ModelLoadError(f"{path} does not exist")
+    try:
+        return modelmeta.read_model_file(str(path))
+    except modelmeta.MetadataError as exc:
+        if TENSORRT in providers:
+            raise ModelLoadError(str(exc)) from None
+        return None
 
 
 def resolve_providers(settings: config.ModelSettings, available: Sequence[str] | None = None) -> list[str]:
@@ -184,27 +214,30 @@ class Session:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         instance: int = 0,
+        peeked: modelmeta.ModelMeta | None = None,
     ) -> None:
         self.path = Path(path)
         self.instance = instance
         self.threads = threads or intra_op_threads(settings)
         chosen = list(providers) if providers is not None else resolve_providers(settings)
+        if peeked is None:
+            peeked = _peek_metadata(self.path, chosen, settings)
+        self.spinning = (
+            spinning(settings, peeked) if peeked is not None else settings.intra_op_spinning is True
+        )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; svertka logs what matters itself
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if ALLOW_SPINNING else "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if not self.path.is_file():
             raise ModelLoadError(f"{self.path} does not exist")
         provider_list: list[tuple[str, dict]] = [(p, {}) for p in chosen]
         if TENSORRT in chosen:
             # TensorRT's optimisation profile needs the input shape before the session exists.
-            try:
-                peeked = modelmeta.read_model_file(str(self.path))
-            except modelmeta.MetadataError as exc:
-                raise ModelLoadError(str(exc)) from None
+            assert peeked is not None
             provider_list = [(p, _provider_options(p, peeked, settings.max_batch_size)) for p in chosen]
         elif CUDA in chosen:
             provider_list = [(p, {"device_id": 0} if p == CUDA else {}) for p in chosen]
@@ -230,11 +263,12 @@ class Session:
         self._output = self.meta.output_name
         self._device = self.provider in GPU_PROVIDERS
         log.info(
-            "loaded %s instance %d on %s (%d intra-op threads)",
+            "loaded %s instance %d on %s (%d intra-op threads, %s)",
             self.path,
             instance,
             self.provider,
             self.threads,
+            "spinning" if self.spinning else "not spinning",
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -298,9 +332,10 @@ def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget:
     """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
     providers = resolve_providers(settings)
     threads = intra_op_threads(settings, cpu_budget)
+    peeked = _peek_metadata(Path(path), providers, settings)
     sessions = []
     for i in range(settings.instances):
-        session = Session(path, settings, providers=providers, threads=threads, instance=i)
+        session = Session(path, settings, providers=providers, threads=threads, instance=i, peeked=peeked)
         session.warm_up(settings.max_batch_size)
         sessions.append(session)
     return sessions

@@ -58,3 +58,15 @@ def test_thread_budget_is_shared_among_instances_unless_a_model_sets_it():
     assert intra_op_threads(ModelSettings(intra_op_threads=5, instances=2), cpu_budget=8) == 5
     with pytest.raises(ConfigError, match="intra_op_threads"):
         ServerConfig(model_repository=".", intra_op_threads=-1)
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("auto", "auto"), ("", "auto")])
+def test_intra_op_spinning_is_true_false_or_auto(tmp_path, text, expected):
+    (tmp_path / "config.yaml").write_text(f"intra_op_spinning: {text}\n" if text else "max_batch_size: 4\n")
+    assert ModelSettings.load(tmp_path).intra_op_spinning == expected
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0, None])
+def test_intra_op_spinning_refuses_anything_else_and_says_what_it_takes(value):
+    with pytest.raises(ConfigError, match=r"intra_op_spinning: expected true, false or auto, got "):
+        ModelSettings.from_mapping({"intra_op_spinning": value})

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from service import runtime
+from bench import experiments
 from service.metrics import Metrics
 from service.models import ModelManager
 
@@ -81,7 +81,7 @@ async def bench_spinning(args) -> None:
     jpeg = photo_jpeg()
     print("intra-op spinning   api     conc   req/s    p50 ms   p99 ms   CPU ms/req")
     for spinning in args.spinning_order:
-        runtime.ALLOW_SPINNING = spinning
+        experiments.override_model_settings(intra_op_spinning=spinning)
         manager = ModelManager(args.repository, Metrics(process_metrics=False, gpu_metrics=False))
         await manager.start()
         model = manager.get(args.model)

@@ -50,6 +50,25 @@ def test_session_runs_and_warms_up(tmp_path):
     assert out.shape == (3, 7) and out.dtype == np.float32
 
 
+def _spins(session: runtime.Session) -> str:
+    return session._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
+@pytest.mark.parametrize("size,setting,expected", [
+    (32, "auto", False),  # CIFAR-size input: decode-bound, workers sleep
+    (224, "auto", True),  # ImageNet-size input: compute-bound, workers spin
+    (32, True, True),
+    (224, False, False),
+])  # fmt: skip
+def test_intra_op_spinning_follows_the_setting_or_the_input_size(tmp_path, size, setting, expected):
+    make_tiny_model(tmp_path / "m.onnx", size=size)
+    settings = config.ModelSettings(max_batch_size=2, intra_op_spinning=setting)
+    (session,) = runtime.load_instances(tmp_path / "m.onnx", settings, cpu_budget=1)
+    assert session.spinning is expected
+    assert _spins(session) == ("1" if expected else "0")  # what onnxruntime was actually given
+    assert _spins(runtime.Session(tmp_path / "m.onnx", settings, threads=1)) == _spins(session)
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
