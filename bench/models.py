@@ -113,3 +113,57 @@ def digits_models(repository: Path = REPO_ROOT / "models") -> list[BenchModel]:
                 out.append(BenchModel(name, path, label))
                 break
     return out
+
+
+def null_model(repository: Path, *, image_size: int = 224, classes: int = 1000) -> BenchModel:
+    """A model that computes (almost) nothing: the frontend alone, on a resnet18-sized request.
+
+    Same input ([N, 3, 224, 224] float32, 588 KiB per image) and output ([N, 1000])
+    as the resnet18 models, but the graph only reshapes the input and slices its
+    first 1000 values as the logits, so a request's latency is the server's
+    frontend (gRPC, parsing, checks, batching, answer) and the transport, with
+    onnxruntime's part reduced to microseconds. Served by both servers like the
+    real models; made once.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from service import modelmeta
+
+    path = Path(repository) / "null" / "1" / "model.onnx"
+    if path.is_file():
+        return BenchModel("null", path, f"null model {image_size}x{image_size} (frontend alone)")
+    meta = modelmeta.ModelMeta(
+        labels=[f"c{i:03d}" for i in range(classes)], crop=(image_size, image_size), resize=image_size,
+        mean=modelmeta.IMAGENET_MEAN, std=modelmeta.IMAGENET_STD, arch="null",
+        dataset="none: the benchmark's frontend measurement",
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", [meta.input_name, "flat_shape"], ["flat"]),
+            helper.make_node("Slice", ["flat", "starts", "ends", "axes"], [meta.output_name]),
+        ],
+        "null",
+        [
+            helper.make_tensor_value_info(
+                meta.input_name, TensorProto.FLOAT, ["batch", 3, image_size, image_size]
+            )
+        ],
+        [helper.make_tensor_value_info(meta.output_name, TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
+            numpy_helper.from_array(np.array([0], np.int64), "starts"),
+            numpy_helper.from_array(np.array([classes], np.int64), "ends"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    modelmeta.attach(model, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    onnx.save(model, str(tmp))
+    tmp.rename(path)
+    return BenchModel("null", path, f"null model {image_size}x{image_size} (frontend alone)")

@@ -55,7 +55,10 @@ def main() -> int:
     crops = [pre.decode(data) for data in jpegs]
     other = numpy_passes(meta)
     err = max(float(np.abs(pre.normalize(c) - other(c)).max()) for c in crops)
-    for name, fn in (("three numpy passes (before)", other), ("Preprocessor.normalize (OpenCV)", pre.normalize)):
+    for name, fn in (
+        ("three numpy passes (before)", other),
+        ("Preprocessor.normalize (OpenCV)", pre.normalize),
+    ):
         best = min(timeit.repeat(lambda fn=fn: [fn(c) for c in crops], number=20, repeat=5)) / (
             20 * len(crops)
         )

@@ -421,6 +421,42 @@ def _profile_section(model: dict) -> list[str]:
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
 
 
+def _frontend_section(frontend: dict) -> list[str]:
+    """The null model on both servers: what a request costs with (almost) no compute."""
+    lines = [f"## Frontend alone: {frontend['label']}", "",
+             "A model with the resnet18 models' input and output (one 588 KiB FP32 image in, 1000 logits out) "
+             "whose graph only reshapes and slices its input (`bench/models.py: null_model`), served by both "
+             "servers with the same settings and measured with the same perf_analyzer command. Compute is "
+             "microseconds, so the latency at concurrency 1 is what the frontend and the transport cost per request "
+             "(the floor under the concurrency-1 overhead of the real models) and the best rate is the most requests "
+             "per second each frontend answers on this machine, with perf_analyzer on the same cores.", ""]  # fmt: skip
+    rows = []
+    for server in ("svertka", "peer"):
+        points = frontend.get(server)
+        if not points:
+            continue
+        c1 = at_concurrency(points, 1)
+        best = best_point(points)
+        levels = ", ".join(
+            f"c {p['concurrency']}: {fmt(p['images_per_s'])}"
+            if p["stable"]
+            else f"c {p['concurrency']}: unstable"
+            for p in points
+        )
+        rows.append([
+            "svertka" if server == "svertka" else "peer (Triton via PyTriton)",
+            fmt(c1["latency_ms"]["p50"], 2) if c1 else "unstable", fmt(c1["latency_ms"]["p99"], 2) if c1 else "n/a",
+            f"{fmt(best['images_per_s'])} (c {best['concurrency']})" if best else "unstable", levels,
+        ])  # fmt: skip
+    lines += _table(["server", "c=1 p50 ms", "c=1 p99 ms", "best req/s", "req/s per concurrency"], rows)
+    c1 = at_concurrency(frontend.get("svertka") or [], 1)
+    if c1:
+        lines += ["", "Against the concurrency-1 target (p50 <= raw batch-1 + 1 ms): svertka's frontend alone costs "
+                  f"{fmt(c1['latency_ms']['p50'], 2)} ms per request here, so a model whose raw batch-1 latency is "
+                  "L ms cannot be served below L + that at concurrency 1 by this frontend."]  # fmt: skip
+    return lines + [""]
+
+
 def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -520,6 +556,8 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     ]
     for model in results["models"]:
         lines += _model_section(model, img_rel, bound)
+    if results.get("frontend"):
+        lines += _frontend_section(results["frontend"])
     for model in results["models"]:
         lines += _profile_section(model)
     lines += [

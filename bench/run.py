@@ -178,6 +178,40 @@ def bench_model(
     return out
 
 
+#: Concurrency levels for the null model (the frontend alone): latency at 1, capacity at the others.
+FRONTEND_CONCURRENCIES = (1, 4, 16)
+
+
+def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
+    """Both servers on the null model: what the frontend and the transport cost without compute.
+
+    The c=1 latency is the floor under the "overhead at concurrency 1" target of
+    the real models; the best rate is the most requests per second the frontend
+    can answer on this machine, the ceiling for small models.
+    """
+    from service import config, runtime
+
+    m = models.null_model(WORK / "models")
+    settings = config.ModelSettings.load(m.path.parent.parent)
+    threads = runtime.intra_op_threads(settings)
+    levels = [c for c in FRONTEND_CONCURRENCIES if c <= max(plan.concurrencies)]
+    out: dict = {"name": m.name, "label": m.label, "path": str(m.path), "concurrencies": levels}
+    repo = target.single_model_repository(m.path, m.name, workdir / "repos")
+    log(f"{m.label}: svertka, perf_analyzer at concurrency {', '.join(map(str, levels))}")
+    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log") as server:
+        points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log)
+    out["svertka"] = [_asdict(p) for p in points]
+    out["peer"] = None
+    if with_peer:
+        log(f"{m.label}: peer")
+        with peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
+                        max_queue_delay_ms=settings.max_queue_delay_ms,
+                        log_path=workdir / "logs" / f"peer-{m.name}.log") as p:  # fmt: skip
+            points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log)
+        out["peer"] = [_asdict(p) for p in points]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -188,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-profile", action="store_true", help="skip the py-spy profiles (resnet18 and digits fp32)"
     )
     parser.add_argument(
-        "--models", default="", help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8"
+        "--models",
+        default="",
+        help="comma-separated subset of: resnet18,resnet18-int8,digits,digits-int8,null (default: all but int8 digits)",
     )
     parser.add_argument(
         "--default-models",
@@ -246,20 +282,23 @@ def main(argv: list[str] | None = None) -> int:
     if any(n.startswith("resnet18") for n in names):
         log("models: resnet18 fp32/int8 224x224 (svertka export --weights random, svertka quantize)")
         available.update({m.name: m for m in models.resnet18_models(WORK / "models", WORK / "images")})
-    unknown = [n for n in names if n not in available]
+    unknown = [n for n in names if n not in available and n != "null"]
     if unknown:
         parser.error(f"unknown or unavailable models {unknown}; available: {sorted(available)}")
     meta["images"] = {"count": len(jpegs), "width": images.WIDTH, "height": images.HEIGHT,
                       "mean_kib": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1), "sources": list(images.PHOTOGRAPHS)}  # fmt: skip
 
     results = {"meta": meta, "models": []}
-    for name in names:
+    for name in (n for n in names if n != "null"):
         profile = not (quick or args.no_profile) and name in PROFILED and profiler.available()
         results["models"].append(
             bench_model(available[name], plan, jpegs, with_peer=with_peer, profile=profile, workdir=workdir)
         )
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
+    if not args.models or "null" in names:
+        results["frontend"] = bench_frontend(plan, with_peer=with_peer, workdir=workdir)
+        results_path.write_text(json.dumps(results, indent=1))
     meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     meta["duration_s"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())
     meta["load_average"] = {"before": load_before, "after": machine.load_average()}

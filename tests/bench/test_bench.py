@@ -125,5 +125,9 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
             assert f"(img/benchmarks/{png.name})" in text
             with Image.open(png) as image:
                 assert image.format == "PNG" and image.width > 400 and image.height > 300
+    frontend = results["frontend"]  # the null model: svertka's frontend without compute
+    assert frontend["peer"] is None and [p["concurrency"] for p in frontend["svertka"]] == [1, 4]
+    assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in frontend["svertka"])
+    assert "## Frontend alone" in text
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "Pending" in text
