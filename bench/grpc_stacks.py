@@ -1,0 +1,160 @@
+"""What a ModelInfer request costs in gRPC Python itself: the asyncio server against the threaded one.
+
+svertka's frontend is ``grpc.aio``. The null model (``bench/run.py:
+bench_frontend``) shows its floor; this experiment asks how much of that floor
+belongs to the gRPC Python stack rather than to svertka. It starts a server
+whose ModelInfer does no work beyond wrapping the input and answering 1000
+floats, once on ``grpc.aio`` and once on the threaded ``grpc.server``, and
+drives each from a threaded client (the same for both) with FP32 images of two
+sizes. It prints requests per second and the server process's CPU time per
+request (``/proc/PID/stat``: user + system, all threads), the number least
+disturbed by other work on the machine.
+
+``python -m bench.grpc_stacks [--seconds S] [--concurrency C ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from bench.procs import free_port
+from service.gen.inference import grpc_service_pb2 as pb
+from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+
+_OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+SIZES = (32, 224)  # the digits model's and resnet18's inputs: 12 KiB and 588 KiB per request
+
+
+def _answer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    x = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+    response.outputs.add(name="logits", datatype="FP32", shape=[1, 1000])
+    response.raw_output_contents.append(np.resize(x, 1000).tobytes())
+    return response
+
+
+class _AsyncServicer(pb_grpc.GRPCInferenceServiceServicer):
+    async def ModelInfer(self, request, context):
+        return _answer(request)
+
+
+class _ThreadedServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def ModelInfer(self, request, context):
+        return _answer(request)
+
+
+def serve(stack: str, port: int) -> None:
+    """Server mode (a subprocess of the experiment): print "ready" once listening."""
+    address = f"127.0.0.1:{port}"
+    if stack == "aio":
+
+        async def main() -> None:
+            server = grpc.aio.server(options=_OPTIONS)
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(_AsyncServicer(), server)
+            server.add_insecure_port(address)
+            await server.start()
+            print("ready", flush=True)
+            await server.wait_for_termination()
+
+        asyncio.run(main())
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_OPTIONS)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(_ThreadedServicer(), server)
+        server.add_insecure_port(address)
+        server.start()
+        print("ready", flush=True)
+        server.wait_for_termination()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _request(size: int) -> pb.ModelInferRequest:
+    x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="null")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 3, size, size])
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def measure(url: str, pid: int, size: int, concurrency: int, seconds: float) -> dict:
+    request = _request(size)
+    with grpc.insecure_channel(url, options=_OPTIONS) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(20):
+            stub.ModelInfer(request)
+        latencies: list[float] = []
+        stop = time.monotonic() + seconds
+
+        def client() -> None:
+            while time.monotonic() < stop:
+                began = time.perf_counter()
+                stub.ModelInfer(request)
+                latencies.append(time.perf_counter() - began)
+
+        cpu = _cpu_seconds(pid)
+        began = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - began
+        cpu = _cpu_seconds(pid) - cpu
+    return {
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+        "server_cpu_us_per_request": cpu / len(latencies) * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.grpc_stacks", description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", choices=["aio", "threaded"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=2, help="alternating passes over both stacks")
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port)
+        return 0
+    rows = []
+    for _ in range(args.repeats):
+        for stack in ("aio", "threaded"):
+            port = free_port()
+            cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port)]
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
+                try:
+                    if server.stdout.readline().strip() != "ready":
+                        raise RuntimeError(f"{stack} server did not start")
+                    for size in SIZES:
+                        for c in args.concurrency:
+                            row = {"stack": stack, "size": size, "concurrency": c}
+                            row |= measure(f"127.0.0.1:{port}", server.pid, size, c, args.seconds)
+                            rows.append(row)
+                            print(f"{stack:9s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
+                                  f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
+                                  "us/request", flush=True)  # fmt: skip
+                finally:
+                    server.kill()
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
