@@ -16,7 +16,6 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procs import free_port
 from service.client import Client
 from tests.deploy import dockerfile
 from tests.deploy import manifests as m
@@ -38,12 +38,6 @@ from tests.helpers.tinymodel import make_repository
 pytestmark = pytest.mark.slow
 
 DEFAULT_MODELS = m.ROOT / "models"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_build_context(dest: Path) -> Path:
