@@ -310,3 +310,27 @@ def test_train_smoke_one_epoch_then_resume(tiny_digits, tmp_path):
     assert [p.name for p in out.iterdir()] == ["last.pt"]
     r = run_cli("train", "--resume", out / "last.pt", "--epochs", "2")
     _assert_one_line_error(r, "already trained 2 of 2 epochs")
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_from_a_torchvision_format_weights_file(trained, tiny_digits, tmp_path):
+    """``--weights`` starts from the file's parameters: with a learning rate too small to learn
+    anything in one epoch, the run keeps the accuracy of the model the file came from, while
+    the same run from a random start stays far below it."""
+    state = torch.load(trained.checkpoint, weights_only=True)["model"]
+    weights = tmp_path / "resnet20-digits.pth"
+    torch.save(state, weights)  # a plain state dict, as torchvision ships them
+    common = ("--data", tiny_digits, "--epochs", "1", "--batch-size", "16", "--lr", "1e-5", "--no-hflip")
+
+    tuned = run_cli("train", *common, "--weights", weights, "--output", tmp_path / "tuned")
+    assert tuned.returncode == 0, tuned.stderr
+    assert f"loaded {weights}" in tuned.stderr
+    scratch = run_cli("train", *common, "--output", tmp_path / "scratch")
+    assert scratch.returncode == 0, scratch.stderr
+
+    def top1(run: Path) -> float:
+        return torch.load(run / "last.pt", weights_only=True)["history"][-1]["val_top1"]
+
+    assert trained.val.top1 >= 0.9  # what the weights file can do
+    assert top1(tmp_path / "tuned") >= trained.val.top1 - 0.05
+    assert top1(tmp_path / "scratch") < top1(tmp_path / "tuned") - 0.3
