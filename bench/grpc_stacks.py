@@ -54,13 +54,33 @@ class _ThreadedServicer(pb_grpc.GRPCInferenceServiceServicer):
         return _answer(request)
 
 
-def serve(stack: str, port: int) -> None:
+def raise_malloc_thresholds() -> None:
+    """Give this process the glibc malloc thresholds a long-running server ends up with.
+
+    glibc raises its mmap and trim thresholds (up to 32 and 64 MiB) the first time the
+    process frees a large mmapped block; ``svertka serve`` does that while loading models,
+    so its 588 KiB request buffers are reused. A bare server never does, and then pays for
+    fresh zero-filled pages on every request: hundreds of minor page faults per request and
+    about half its CPU time, which would be measured as the cost of the gRPC stack. Setting
+    the thresholds up front compares the stacks, not the allocator states.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    if libc.mallopt(m_mmap_threshold, 32 << 20) != 1 or libc.mallopt(m_trim_threshold, 64 << 20) != 1:
+        raise RuntimeError("mallopt refused the thresholds")
+
+
+def serve(stack: str, port: int, extra_options: list[tuple[str, int]] = ()) -> None:
     """Server mode (a subprocess of the experiment): print "ready" once listening."""
+    raise_malloc_thresholds()
     address = f"127.0.0.1:{port}"
+    options = _OPTIONS + list(extra_options)
     if stack == "aio":
 
         async def main() -> None:
-            server = grpc.aio.server(options=_OPTIONS)
+            server = grpc.aio.server(options=options)
             pb_grpc.add_GRPCInferenceServiceServicer_to_server(_AsyncServicer(), server)
             server.add_insecure_port(address)
             await server.start()
@@ -69,7 +89,7 @@ def serve(stack: str, port: int) -> None:
 
         asyncio.run(main())
     else:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_OPTIONS)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_ThreadedServicer(), server)
         server.add_insecure_port(address)
         server.start()
@@ -129,25 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2, help="alternating passes over both stacks")
+    parser.add_argument("--stacks", nargs="+", choices=["aio", "threaded"], default=["aio", "threaded"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument(
+        "--server-options",
+        default="{}",
+        metavar="JSON",
+        help='variants of server channel options to compare, e.g. {"default": [], "big-reads": '
+        '[["grpc.experimental.tcp_read_chunk_size", 1048576]]}; each stack runs once per variant',
+    )
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port)
+        serve(args.serve, args.port, [tuple(o) for o in json.loads(args.server_options)])
         return 0
+    variants = json.loads(args.server_options) or {"default": []}
     rows = []
     for _ in range(args.repeats):
-        for stack in ("aio", "threaded"):
+        for stack, (variant, options) in ((s, v) for s in args.stacks for v in variants.items()):
             port = free_port()
-            cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port)]
+            cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
+                   "--server-options", json.dumps(options)]  # fmt: skip
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
                 try:
                     if server.stdout.readline().strip() != "ready":
                         raise RuntimeError(f"{stack} server did not start")
-                    for size in SIZES:
+                    for size in args.sizes:
                         for c in args.concurrency:
-                            row = {"stack": stack, "size": size, "concurrency": c}
+                            row = {"stack": stack, "options": variant, "size": size, "concurrency": c}
                             row |= measure(f"127.0.0.1:{port}", server.pid, size, c, args.seconds)
                             rows.append(row)
-                            print(f"{stack:9s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
+                            print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
                                   f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
                                   "us/request", flush=True)  # fmt: skip
                 finally:

@@ -509,6 +509,10 @@ def _code_name(code: Any) -> str | None:
     return str(code)
 
 
+#: Wrapped method handlers kept by the interceptor: far above the number of RPC methods served.
+_MAX_WRAPPED_HANDLERS = 256
+
+
 class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     """grpc-ecosystem server metrics for grpc.aio, all four RPC types.
 
@@ -521,6 +525,10 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
+        # The wrapped handler of each method, made on its first call: the servicer's handler
+        # object is the same for every call of a method, so the wrapping (and the label
+        # lookups) is paid once per method, not once per request.
+        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -530,15 +538,29 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        full = handler_call_details.method or ""
+        key = (handler_call_details.method or "", handler)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrap(key[0], handler)
+            if len(self._wrapped) < _MAX_WRAPPED_HANDLERS:  # a handler made per call is not kept
+                self._wrapped[key] = wrapped
+        return wrapped
+
+    def _wrap(self, full: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, method = full.lstrip("/").partition("/")
         rtype = _GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
         labels = (service, method, rtype)
         m = self._m
+        started = m.grpc_started.labels(*labels)
+        handling = m.grpc_handling.labels(*labels)
+        handled: dict[str, Any] = {}
 
         def finish(start: float, code: str) -> None:
-            m.grpc_handled.labels(*labels, code).inc()
-            m.grpc_handling.labels(*labels).observe(time.perf_counter() - start)
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = m.grpc_handled.labels(*labels, code)
+            counter.inc()
+            handling.observe(time.perf_counter() - start)
 
         def outcome(context: Any, exc: BaseException | None) -> str:
             set_code = None
@@ -572,7 +594,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behavior):
 
             async def wrapped_agen(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
-                m.grpc_started.labels(*labels).inc()
+                started.inc()
                 start = time.perf_counter()
                 try:
                     async for response in behavior(request_or_iterator, context):
@@ -586,7 +608,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         elif inspect.iscoroutinefunction(behavior):
 
             async def wrapped_coro(request_or_iterator: Any, context: Any) -> Any:
-                m.grpc_started.labels(*labels).inc()
+                started.inc()
                 start = time.perf_counter()
                 try:
                     result = await behavior(request_or_iterator, context)
@@ -601,7 +623,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             # grpc.aio runs synchronous handlers in its migration thread pool; keep them synchronous.
 
             def wrapped_gen(request_or_iterator: Any, context: Any) -> Iterator[Any]:
-                m.grpc_started.labels(*labels).inc()
+                started.inc()
                 start = time.perf_counter()
                 try:
                     yield from behavior(request_or_iterator, context)
@@ -614,7 +636,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         else:
 
             def wrapped_sync(request_or_iterator: Any, context: Any) -> Any:
-                m.grpc_started.labels(*labels).inc()
+                started.inc()
                 start = time.perf_counter()
                 try:
                     result = behavior(request_or_iterator, context)
