@@ -6,11 +6,15 @@ belongs to the gRPC Python stack rather than to svertka. It starts a server
 whose ModelInfer does no work beyond wrapping the input and answering 1000
 floats, once on ``grpc.aio`` and once on the threaded ``grpc.server``, and
 drives each from a threaded client (the same for both) with FP32 images of two
-sizes. It prints requests per second and the server process's CPU time per
-request (``/proc/PID/stat``: user + system, all threads), the number least
-disturbed by other work on the machine.
+sizes. It prints requests per second, the server process's CPU time per
+request (``/proc/PID/stat``: user + system, all threads; the number least
+disturbed by other work on the machine) and its minor page faults per request.
 
-``python -m bench.grpc_stacks [--seconds S] [--concurrency C ...]``
+Both servers start with the malloc thresholds a long-running server has
+(``raise_malloc_thresholds``); ``--malloc default`` shows what glibc's
+start-up state costs a bare server instead.
+
+``python -m bench.grpc_stacks [--seconds S] [--concurrency C ...] [--malloc raised|default]``
 """
 
 from __future__ import annotations
@@ -72,9 +76,10 @@ def raise_malloc_thresholds() -> None:
         raise RuntimeError("mallopt refused the thresholds")
 
 
-def serve(stack: str, port: int, extra_options: list[tuple[str, int]] = ()) -> None:
+def serve(stack: str, port: int, extra_options: list[tuple[str, int]] = (), malloc: str = "raised") -> None:
     """Server mode (a subprocess of the experiment): print "ready" once listening."""
-    raise_malloc_thresholds()
+    if malloc == "raised":
+        raise_malloc_thresholds()
     address = f"127.0.0.1:{port}"
     options = _OPTIONS + list(extra_options)
     if stack == "aio":
@@ -97,10 +102,11 @@ def serve(stack: str, port: int, extra_options: list[tuple[str, int]] = ()) -> N
         server.wait_for_termination()
 
 
-def _cpu_seconds(pid: int) -> float:
+def _proc_stat(pid: int) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of a process so far, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
 def _request(size: int) -> pb.ModelInferRequest:
@@ -126,7 +132,7 @@ def measure(url: str, pid: int, size: int, concurrency: int, seconds: float) -> 
                 stub.ModelInfer(request)
                 latencies.append(time.perf_counter() - began)
 
-        cpu = _cpu_seconds(pid)
+        cpu, faults = _proc_stat(pid)
         began = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(concurrency)]
         for t in threads:
@@ -134,11 +140,12 @@ def measure(url: str, pid: int, size: int, concurrency: int, seconds: float) -> 
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - began
-        cpu = _cpu_seconds(pid) - cpu
+        cpu_after, faults_after = _proc_stat(pid)
     return {
         "requests_per_s": len(latencies) / elapsed,
         "p50_ms": float(np.percentile(latencies, 50) * 1e3),
-        "server_cpu_us_per_request": cpu / len(latencies) * 1e6,
+        "server_cpu_us_per_request": (cpu_after - cpu) / len(latencies) * 1e6,
+        "minor_faults_per_request": (faults_after - faults) / len(latencies),
     }
 
 
@@ -158,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         help='variants of server channel options to compare, e.g. {"default": [], "big-reads": '
         '[["grpc.experimental.tcp_read_chunk_size", 1048576]]}; each stack runs once per variant',
     )
+    parser.add_argument(
+        "--malloc",
+        choices=["raised", "default"],
+        default="raised",
+        help="raised: the thresholds a long-running server has (see raise_malloc_thresholds); "
+        "default: glibc's start-up state, to see what it costs",
+    )
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, [tuple(o) for o in json.loads(args.server_options)])
+        serve(args.serve, args.port, [tuple(o) for o in json.loads(args.server_options)], args.malloc)
         return 0
     variants = json.loads(args.server_options) or {"default": []}
     rows = []
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for stack, (variant, options) in ((s, v) for s in args.stacks for v in variants.items()):
             port = free_port()
             cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
-                   "--server-options", json.dumps(options)]  # fmt: skip
+                   "--server-options", json.dumps(options), "--malloc", args.malloc]  # fmt: skip
             with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
                 try:
                     if server.stdout.readline().strip() != "ready":
@@ -180,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append(row)
                             print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
                                   f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
-                                  "us/request", flush=True)  # fmt: skip
+                                  f"us/request  {row['minor_faults_per_request']:6.1f} minor faults/request",
+                                  flush=True)  # fmt: skip
                 finally:
                     server.kill()
     print(json.dumps(rows))
