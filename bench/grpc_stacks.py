@@ -12,7 +12,10 @@ disturbed by other work on the machine) and its minor page faults per request.
 
 Both servers start with the malloc thresholds a long-running server has
 (``raise_malloc_thresholds``); ``--malloc default`` shows what glibc's
-start-up state costs a bare server instead.
+start-up state costs a bare server instead. ``--stacks ... svertka`` adds
+``svertka serve`` on the null model (``bench/models.py``), driven by the same
+client, so what svertka's own request path adds to the bare stack is measured
+the same way (its allocator state is its own: ``--malloc`` does not apply).
 
 ``python -m bench.grpc_stacks [--seconds S] [--concurrency C ...] [--malloc raised|default]``
 """
@@ -21,13 +24,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -36,6 +42,7 @@ from bench.procs import free_port
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 
+WORK = Path(__file__).resolve().parent.parent / ".bench"
 _OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
 SIZES = (32, 224)  # the digits model's and resnet18's inputs: 12 KiB and 588 KiB per request
 
@@ -149,6 +156,29 @@ def measure(url: str, pid: int, size: int, concurrency: int, seconds: float) -> 
     }
 
 
+@contextlib.contextmanager
+def _server(stack: str, options: list, malloc: str) -> Iterator[tuple[str, int]]:
+    """(address, pid) of a server under test: a no-op stack, or ``svertka serve`` on the null model."""
+    if stack == "svertka":
+        from bench import models, target
+
+        null = models.null_model(WORK / "models")
+        repo = target.single_model_repository(null.path, null.name, WORK / "grpc-stacks" / "repos")
+        with target.serve(repo, log_path=WORK / "grpc-stacks" / "svertka.log") as server:
+            yield server.grpc_url, server.pid
+        return
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
+           "--server-options", json.dumps(options), "--malloc", malloc]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
+        try:
+            if server.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{stack} server did not start")
+            yield f"127.0.0.1:{port}", server.pid
+        finally:
+            server.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grpc_stacks", description=__doc__.splitlines()[0])
     parser.add_argument("--serve", choices=["aio", "threaded"], help=argparse.SUPPRESS)
@@ -156,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=2, help="alternating passes over both stacks")
-    parser.add_argument("--stacks", nargs="+", choices=["aio", "threaded"], default=["aio", "threaded"])
+    parser.add_argument(
+        "--stacks",
+        nargs="+",
+        choices=["aio", "threaded", "svertka"],
+        default=["aio", "threaded"],
+        help="svertka: svertka serve on the null model (224x224 requests only), the same client",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument(
         "--server-options",
@@ -180,24 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for _ in range(args.repeats):
         for stack, (variant, options) in ((s, v) for s in args.stacks for v in variants.items()):
-            port = free_port()
-            cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
-                   "--server-options", json.dumps(options), "--malloc", args.malloc]  # fmt: skip
-            with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
-                try:
-                    if server.stdout.readline().strip() != "ready":
-                        raise RuntimeError(f"{stack} server did not start")
-                    for size in args.sizes:
-                        for c in args.concurrency:
-                            row = {"stack": stack, "options": variant, "size": size, "concurrency": c}
-                            row |= measure(f"127.0.0.1:{port}", server.pid, size, c, args.seconds)
-                            rows.append(row)
-                            print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
-                                  f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
-                                  f"us/request  {row['minor_faults_per_request']:6.1f} minor faults/request",
-                                  flush=True)  # fmt: skip
-                finally:
-                    server.kill()
+            with _server(stack, options, args.malloc) as (address, pid):
+                for size in args.sizes if stack != "svertka" else [224]:
+                    for c in args.concurrency:
+                        row = {"stack": stack, "options": variant, "size": size, "concurrency": c}
+                        row |= measure(address, pid, size, c, args.seconds)
+                        rows.append(row)
+                        print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
+                              f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
+                              f"us/request  {row['minor_faults_per_request']:6.1f} minor faults/request",
+                              flush=True)  # fmt: skip
     print(json.dumps(rows))
     return 0
 
