@@ -119,6 +119,13 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
     return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
 
 
+def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
+    """The peer serving ``m`` with svertka's batching settings and thread budget."""
+    return peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
+                      max_queue_delay_ms=settings.max_queue_delay_ms,
+                      log_path=workdir / "logs" / f"peer-{m.name}.log")  # fmt: skip
+
+
 def bench_model(
     m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, profile: bool, workdir: Path
 ) -> dict:
@@ -155,9 +162,7 @@ def bench_model(
     out["peer"] = None
     if with_peer:
         log(f"{m.label}: peer (Triton via PyTriton, onnxruntime callable)")
-        with peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
-                        max_queue_delay_ms=settings.max_queue_delay_ms,
-                        log_path=workdir / "logs" / f"peer-{m.name}.log") as p:  # fmt: skip
+        with _serve_peer(m, settings, threads, workdir) as p:
             log("  tensor API, perf_analyzer closed loop")
             pe_perf = perf.sweep(
                 p.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "peer", log
@@ -204,9 +209,7 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     out["peer"] = None
     if with_peer:
         log(f"{m.label}: peer")
-        with peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
-                        max_queue_delay_ms=settings.max_queue_delay_ms,
-                        log_path=workdir / "logs" / f"peer-{m.name}.log") as p:  # fmt: skip
+        with _serve_peer(m, settings, threads, workdir) as p:
             points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log)
         out["peer"] = [_asdict(p) for p in points]
     return out
