@@ -122,9 +122,7 @@ def publish(
     repository: Path, name: str, data: bytes, version: int | None = None, overwrite: bool = False
 ) -> Path:
     """Write ``data`` as ``repository/name/<version>/model.onnx``; the next free version by default."""
-    check_name(name)
-    if version is not None and version < 1:
-        raise ExportError(f"--version: expected >= 1, got {version}")
+    check_target(repository, name, version, overwrite)
     model_dir = Path(repository) / name
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +131,6 @@ def publish(
     remove_stale_staging(model_dir)
     if version is not None:
         target = model_path(repository, name, version)
-        if target.exists() and not overwrite:
-            raise ExportError(f"{target} already exists (pass --overwrite to replace it, or omit --version)")
         if target.parent.is_dir():
             return _replace_file(target, data)
     candidate = version if version is not None else (max(versions(model_dir), default=0) + 1)
