@@ -80,8 +80,6 @@ def _peek_metadata(
     """
     if TENSORRT not in providers and settings.intra_op_spinning != "auto":
         return None
-    if not path.is_file():
-        raise ModelLoadError(f"{path} does not exist")
     try:
         return modelmeta.read_model_file(str(path))
     except modelmeta.MetadataError as exc:
@@ -220,6 +218,8 @@ class Session:
         self.instance = instance
         self.threads = threads or intra_op_threads(settings)
         chosen = list(providers) if providers is not None else resolve_providers(settings)
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.path} does not exist")
         if peeked is None:
             peeked = _peek_metadata(self.path, chosen, settings)
         self.spinning = (
@@ -232,8 +232,6 @@ class Session:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only; svertka logs what matters itself
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if not self.path.is_file():
-            raise ModelLoadError(f"{self.path} does not exist")
         provider_list: list[tuple[str, dict]] = [(p, {}) for p in chosen]
         if TENSORRT in chosen:
             # TensorRT's optimisation profile needs the input shape before the session exists.
@@ -332,9 +330,10 @@ def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget:
     """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
     providers = resolve_providers(settings)
     threads = intra_op_threads(settings, cpu_budget)
-    peeked = _peek_metadata(Path(path), providers, settings)
-    sessions = []
+    sessions: list[Session] = []
     for i in range(settings.instances):
+        # The first session reads the file's metadata where its options need it; the others reuse it.
+        peeked = sessions[0].meta if sessions else None
         session = Session(path, settings, providers=providers, threads=threads, instance=i, peeked=peeked)
         session.warm_up(settings.max_batch_size)
         sessions.append(session)
