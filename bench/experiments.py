@@ -72,15 +72,19 @@ def patch_adaptive_idle() -> None:
 
 
 def override_model_settings(**changes) -> None:
-    """Every model this process loads gets ``changes`` applied over its own config (A/B runs)."""
+    """Every model this process loads gets ``changes`` applied over its own config (A/B runs).
+
+    A later call replaces the earlier overrides (it does not stack on them).
+    """
     import dataclasses
 
     from service import config
 
-    load = config.ModelSettings.load.__func__
+    load = getattr(config.ModelSettings, "_unpatched_load", config.ModelSettings.load)
+    config.ModelSettings._unpatched_load = load
 
     def patched(cls, model_dir):
-        return dataclasses.replace(load(cls, model_dir), **changes)
+        return dataclasses.replace(load.__func__(cls, model_dir), **changes)
 
     config.ModelSettings.load = classmethod(patched)
 
