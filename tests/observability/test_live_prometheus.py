@@ -288,20 +288,25 @@ def test_every_dashboard_query_and_rule_evaluates_in_prometheus(traffic: Traffic
     rules = live.wait_until(all_rules_evaluated, 30, "every rule evaluated once", prom.proc, prom.log)
     unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not unhealthy
-    # the recording rules produce series from real data
-    live.wait_until(
-        lambda: (
-            (prom.scalar(f'model:svertka_request_duration_seconds:p99_rate5m{{model="{MODEL}"}}') or 0) > 0
-        ),
-        30,
-        "recording rule p99 from real traffic",
-    )
-    assert prom.scalar(f'model:svertka_inferences:rate5m{{model="{MODEL}"}}') > 0
+    # The recording rules produce series from real data. A group's rules are
+    # evaluated one after another and each result is stored as it is made, so
+    # a query can see one rule's first sample before the next rule's: wait for
+    # each rule asserted on, not for one of them.
+    for rule in ("svertka_request_duration_seconds:p99_rate5m", "svertka_inferences:rate5m"):
+        live.wait_until(
+            lambda rule=rule: (prom.scalar(f'model:{rule}{{model="{MODEL}"}}') or 0) > 0,
+            30,
+            f"recording rule {rule} from real traffic",
+        )
     firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
     assert "SvertkaTargetDown" not in firing
     # the server-side failure shows in the error-ratio rule (a client's INVALID_ARGUMENT does not count)
-    ratio = prom.scalar(f'model:svertka_requests_server_errors:ratio_rate5m{{model="{MODEL}"}}')
-    assert ratio is not None and 0 < ratio < 0.2
+    ratio = live.wait_until(
+        lambda: prom.query(f'model:svertka_requests_server_errors:ratio_rate5m{{model="{MODEL}"}}'),
+        30,
+        "recording rule server-error ratio",
+    )
+    assert 0 < float(ratio[0]["value"][1]) < 0.2, ratio
 
 
 def test_model_that_fails_to_load_is_not_ready_and_its_alert_is_pending(traffic: Traffic) -> None:
