@@ -155,6 +155,8 @@ class ServerConfig:
     max_connection_age_grace_s: float = DEFAULT_MAX_CONNECTION_AGE_GRACE_S
     repository_poll_s: float = 0.0  # 0: no polling
     enable_model_control: bool = False
+    #: Triton's system shared memory extension for same-host clients (service/shm.py).
+    allow_shared_memory: bool = False
     log_format: str = "text"
     log_level: str = "info"
     access_log: bool = False

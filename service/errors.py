@@ -24,6 +24,14 @@ class ModelNotFound(SvertkaError):
     """No such model or version in the repository."""
 
 
+class NotFound(SvertkaError):
+    """A named thing other than a model (e.g. a shared memory region) does not exist."""
+
+
+class AlreadyExists(SvertkaError):
+    """A name that must be unique is taken (e.g. a shared memory region)."""
+
+
 class ModelNotReady(SvertkaError):
     """The model exists but is not loaded (failed, loading or unloading)."""
 

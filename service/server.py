@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import config as cfg
+from service import shm
 from service.api import auth, common
 from service.api.classifier import ImageClassifierServicer
 from service.api.health import HealthReporter
@@ -95,6 +96,8 @@ class Server:
         self.manager = manager
         self.health = health
         self.state = common.ServerState()
+        #: Registered system shared memory regions (None unless allow_shared_memory).
+        self.shared_memory: shm.Registry | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -133,6 +136,8 @@ class Server:
             await self.manager.close()
         except Exception:
             log.exception("closing the models failed")
+        if self.shared_memory is not None:
+            self.shared_memory.close()
         self._stopped.set()
         log.info("stopped")
 
@@ -166,12 +171,19 @@ def build_server(config: cfg.ServerConfig, manager, metrics) -> tuple[Server, in
     grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     health = HealthReporter(manager)
     server = Server(grpc_server, 0, manager, health)
+    if config.allow_shared_memory:
+        server.shared_memory = shm.Registry()
 
     classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
         ImageClassifierServicer(manager, server.state), grpc_server
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(manager, server.state, enable_model_control=config.enable_model_control),
+        InferenceServicer(
+            manager,
+            server.state,
+            enable_model_control=config.enable_model_control,
+            shared_memory=server.shared_memory,
+        ),
         grpc_server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, grpc_server)

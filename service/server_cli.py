@@ -47,6 +47,11 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
         "poll the repository for new/removed versions every N seconds; 0 disables",
     ),
     "enable_model_control": ("bool", "allow RepositoryModelLoad/Unload (off by default)"),
+    "allow_shared_memory": (
+        "bool",
+        "let same-host clients pass tensors in system shared memory regions (/dev/shm; off by default: "
+        "any process that can write the client's regions can feed this server)",
+    ),
     "log_format": ("str", "text or json (default text)"),
     "log_level": ("str", "debug, info, warning, error (default info)"),
     "access_log": ("bool", "log one line per request at INFO"),

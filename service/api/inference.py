@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from service import __version__, errors
+from service import __version__, errors, shm
 from service.api import common, status, tensors
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -64,10 +64,19 @@ def _duration(d) -> pb.StatisticDuration:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The tensor API over a ModelManager."""
 
-    def __init__(self, manager, state: common.ServerState, *, enable_model_control: bool = False) -> None:
+    def __init__(
+        self,
+        manager,
+        state: common.ServerState,
+        *,
+        enable_model_control: bool = False,
+        shared_memory: shm.Registry | None = None,
+    ) -> None:
         self._manager = manager
         self._state = state
         self._model_control = enable_model_control
+        #: None: system shared memory is not allowed on this server (--allow-shared-memory).
+        self._shm = shared_memory
 
     # -- helpers -----------------------------------------------------------
     def _model(self, name: str, version: str):
@@ -101,7 +110,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        extensions = EXTENSIONS if self._shm is None else (*EXTENSIONS, "system_shared_memory")
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=extensions)
 
     @rpc
     async def ModelMetadata(self, request, context):
@@ -144,8 +154,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             start=start,
         )
         with common.track(record):
-            parsed = tensors.parse_input(request, model.meta)
-            outputs = tensors.requested_outputs(request, model.meta)
+            outputs = tensors.requested_outputs(request, model.meta, self._shm)
+            parsed = tensors.parse_input(request, model.meta, self._shm)
+            tensors.check_output_room(outputs, parsed.rows, model.meta)
             record.images = parsed.rows
             deadline = common.deadline_of(context)
             if parsed.tensor is not None:
@@ -157,7 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
-            tensors.build_outputs(response, logits, outputs, model.meta)
+            tensors.build_outputs(response, logits, outputs, model.meta, self._shm)
             model.recorder.postprocess(time.perf_counter() - post_start)
         return response
 
@@ -275,14 +286,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._manager.unload(name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory (Triton's extension; service/shm.py) ------------------
+    def _registry(self, rpc_name: str) -> shm.Registry:
+        if self._shm is None:
+            raise errors.PermissionDenied(f"{rpc_name}: {tensors.SHM_DISABLED}")
+        return self._shm
+
+    @rpc
+    async def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._registry("SystemSharedMemoryStatus").status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    @rpc
+    async def SystemSharedMemoryRegister(self, request, context):
+        self._registry("SystemSharedMemoryRegister").register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self._registry("SystemSharedMemoryUnregister").unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # -- not supported ------------------------------------------------------------
-    _SHM = "shared-memory tensors are not supported; send tensor data in the request"
-    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", _SHM)
-    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister", _SHM)
-    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister", _SHM)
-    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus", _SHM)
-    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister", _SHM)
-    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", _SHM)
+    _CUDA_SHM = (
+        "CUDA shared memory is not supported; use system shared memory or send the data in the request"
+    )
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus", _CUDA_SHM)
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister", _CUDA_SHM)
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", _CUDA_SHM)
     TraceSetting = _unimplemented("TraceSetting", "request tracing is not available; use the access log")
     LogSettings = _unimplemented("LogSettings", "log settings are fixed at start (--log-level, --log-format)")
 

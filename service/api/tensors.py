@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import errors, modelmeta
+from service import errors, modelmeta, shm
 from service.gen.inference import grpc_service_pb2 as pb
 
 #: Datatypes whose typed contents live in which InferTensorContents field.
@@ -64,6 +64,43 @@ class ParsedInput:
 class RequestedOutput:
     name: str
     classification_k: int | None  # None: the raw tensor
+    shared_memory: shm.Slice | None = None  # where to write it instead of the response
+
+
+#: What a tensor that names a shared memory region gets when the server does not allow them.
+SHM_DISABLED = (
+    "system shared memory is disabled on this server: send the tensor data in the request, "
+    "or start the server with --allow-shared-memory (same-host clients only)"
+)
+
+
+def shared_memory_slice(what: str, parameters, shm_registry: shm.Registry | None) -> shm.Slice | None:
+    """The shared memory slice a tensor's parameters name, or None when they name none."""
+    present = [p for p in shm.PARAMS if p in parameters]
+    if not present:
+        return None
+    if shm_registry is None:
+        raise errors.PermissionDenied(f"{what}: {SHM_DISABLED}")
+    for required in (shm.REGION_PARAM, shm.BYTE_SIZE_PARAM):
+        if required not in parameters:
+            raise errors.InvalidInput(
+                f"{what}: parameter '{required}' is required with {', '.join(repr(p) for p in present)}"
+            )
+    region = parameters[shm.REGION_PARAM]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise errors.InvalidInput(f"{what}: parameter '{shm.REGION_PARAM}' must be a region name (string)")
+    numbers = {}
+    for key in (shm.BYTE_SIZE_PARAM, shm.OFFSET_PARAM):
+        if key not in parameters:
+            numbers[key] = 0
+            continue
+        value = _int_param(parameters[key])
+        if value is None or value < 0 or parameters[key].WhichOneof("parameter_choice") == "string_param":
+            raise errors.InvalidInput(f"{what}: parameter '{key}' must be an integer >= 0")
+        numbers[key] = value
+    where = shm.Slice(region.string_param, numbers[shm.OFFSET_PARAM], numbers[shm.BYTE_SIZE_PARAM])
+    shm_registry.check(where, what)
+    return where
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -88,11 +125,15 @@ def _typed_fields_set(contents: pb.InferTensorContents) -> list[str]:
     return [f for f in ALL_TYPED_FIELDS if len(getattr(contents, f))]
 
 
-def parse_input(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) -> ParsedInput:
+def parse_input(
+    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.Registry | None = None
+) -> ParsedInput:
     """Validate a ModelInfer request's inputs against the model and extract the data.
 
     Accepts one input named like the model's input, either FP32 ``[n, 3, H, W]``
-    (raw or ``fp32_contents``) or BYTES ``[n]`` / ``[n, 1]`` holding encoded images.
+    (raw, ``fp32_contents`` or a system shared memory region) or BYTES ``[n]`` /
+    ``[n, 1]`` holding encoded images. ``shm_registry`` is None when the server
+    does not allow shared memory.
     """
     expected_name = meta.input_name
     chw = meta.input_shape
@@ -109,6 +150,9 @@ def parse_input(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) -> Par
         )
     raw = request.raw_input_contents
     typed = _typed_fields_set(tensor.contents)
+    where = shared_memory_slice(f"input '{tensor.name}'", tensor.parameters, shm_registry)
+    if where is not None:
+        return _parse_shared_memory(tensor, where, bool(raw) or bool(typed), chw, shm_registry)
     if len(raw) not in (0, len(request.inputs)):
         raise errors.InvalidInput(
             f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}"
@@ -164,6 +208,30 @@ def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], c
                 + ("" if values else " (and no raw_input_contents)")
             )
         array = np.asarray(values, dtype=np.float32).reshape(shape)
+    return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
+
+
+def _parse_shared_memory(
+    tensor, where: shm.Slice, inline: bool, chw, shm_registry: shm.Registry
+) -> ParsedInput:
+    name = tensor.name
+    if inline:
+        raise errors.InvalidInput(
+            f"input '{name}': data given both in a shared memory region and in the request; send one"
+        )
+    shape = list(tensor.shape)
+    if tensor.datatype != "FP32":
+        raise errors.InvalidInput(
+            f"input '{name}': a shared memory input must be FP32 [N,{chw[0]},{chw[1]},{chw[2]}], "
+            f"got datatype {tensor.datatype or 'none'}"
+        )
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(chw) or shape[0] < 1:
+        raise errors.InvalidInput(
+            f"input '{name}': expected FP32 shape [N,{chw[0]},{chw[1]},{chw[2]}] with N >= 1, "
+            f"got {_shape_text(shape)}"
+        )
+    _element_count(name, shape)
+    array = shm_registry.read(where, "<f4", shape, f"input '{name}'")
     return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
 
 
@@ -226,7 +294,9 @@ def _int_param(param: pb.InferParameter) -> int | None:
     return None
 
 
-def requested_outputs(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) -> list[RequestedOutput]:
+def requested_outputs(
+    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.Registry | None = None
+) -> list[RequestedOutput]:
     """The outputs to return: every output (raw) when none are named."""
     if not request.outputs:
         return [RequestedOutput(meta.output_name, None)]
@@ -248,7 +318,13 @@ def requested_outputs(request: pb.ModelInferRequest, meta: modelmeta.ModelMeta) 
                     f"output '{out.name}': parameter 'classification' must be an integer >= 1 (top k), "
                     f"got {out.parameters[CLASSIFICATION_PARAM]}".strip()
                 )
-        result.append(RequestedOutput(out.name, k))
+        where = shared_memory_slice(f"output '{out.name}'", out.parameters, shm_registry)
+        if where is not None and k is not None:
+            raise errors.InvalidInput(
+                f"output '{out.name}': a classification output cannot go to shared memory "
+                "(its strings have no fixed size); request it inline"
+            )
+        result.append(RequestedOutput(out.name, k, where))
     return result
 
 
@@ -272,20 +348,38 @@ def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) ->
     return out
 
 
+def check_output_room(outputs: Sequence[RequestedOutput], rows: int, meta: modelmeta.ModelMeta) -> None:
+    """Refuse, before any compute, a shared memory output too small for ``rows`` rows of logits."""
+    need = rows * meta.num_classes * 4
+    for requested in outputs:
+        if requested.shared_memory is not None and requested.shared_memory.byte_size < need:
+            raise errors.InvalidInput(
+                f"output '{requested.name}': FP32 [{rows},{meta.num_classes}] needs {need} bytes "
+                f"but shared_memory_byte_size is {requested.shared_memory.byte_size}"
+            )
+
+
 def build_outputs(
     response: pb.ModelInferResponse,
     logits: np.ndarray,
     outputs: Sequence[RequestedOutput],
     meta: modelmeta.ModelMeta,
+    shm_registry: shm.Registry | None = None,
 ) -> None:
-    """Fill ``response`` with the requested outputs, always as raw_output_contents (as Triton does)."""
+    """Fill ``response`` with the requested outputs: raw_output_contents (as Triton does),
+    or written to the shared memory region an output names (then the response holds only
+    its name, datatype and shape)."""
     rows = logits.shape[0]
     for requested in outputs:
         tensor = response.outputs.add(name=requested.name)
         if requested.classification_k is None:
             tensor.datatype = "FP32"
             tensor.shape.extend(logits.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(logits, dtype="<f4").tobytes())
+            data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+            if requested.shared_memory is not None:
+                shm_registry.write(requested.shared_memory, data, f"output '{requested.name}'")
+            else:
+                response.raw_output_contents.append(data)
         else:
             k = min(requested.classification_k, logits.shape[1])
             tensor.datatype = "BYTES"

@@ -178,11 +178,6 @@ def test_bad_image_in_a_bytes_request_names_its_index(stubs):
 @pytest.mark.parametrize(
     ("rpc", "request_"),
     [
-        (
-            "SystemSharedMemoryRegister",
-            kpb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8),
-        ),
-        ("SystemSharedMemoryStatus", kpb.SystemSharedMemoryStatusRequest()),
         ("CudaSharedMemoryRegister", kpb.CudaSharedMemoryRegisterRequest(name="r")),
         ("TraceSetting", kpb.TraceSettingRequest()),
         ("LogSettings", kpb.LogSettingsRequest()),
