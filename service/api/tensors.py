@@ -367,8 +367,8 @@ def build_outputs(
     shm_registry: shm.Registry | None = None,
 ) -> None:
     """Fill ``response`` with the requested outputs: raw_output_contents (as Triton does),
-    or written to the shared memory region an output names (then the response holds only
-    its name, datatype and shape)."""
+    or written to the shared memory region an output names (then the response holds its
+    name, datatype and shape, and an empty raw_output_contents entry)."""
     rows = logits.shape[0]
     for requested in outputs:
         tensor = response.outputs.add(name=requested.name)
@@ -378,6 +378,9 @@ def build_outputs(
             data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
             if requested.shared_memory is not None:
                 shm_registry.write(requested.shared_memory, data, f"output '{requested.name}'")
+                # An empty entry keeps raw_output_contents aligned with outputs, as Triton does:
+                # clients (perf_analyzer's C++ one included) index one by the other.
+                response.raw_output_contents.append(b"")
             else:
                 response.raw_output_contents.append(data)
         else:

@@ -30,7 +30,7 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory) -> ServerProcess:
-    proc = ServerProcess(repository, tmp_path_factory.mktemp("logs") / "server.log")
+    proc = ServerProcess(repository, tmp_path_factory.mktemp("logs") / "server.log", "--allow-shared-memory")
     proc.start().wait_serving()
     yield proc
     code = proc.stop()

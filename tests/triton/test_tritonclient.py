@@ -52,7 +52,7 @@ def test_metadata_config_and_readiness(client):
     assert config["max_batch_size"] == 16
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "10000"
     server_meta = client.get_server_metadata(as_json=True)
-    assert "statistics" in server_meta["extensions"]
+    assert {"statistics", "system_shared_memory"} <= set(server_meta["extensions"])
     index = client.get_model_repository_index(as_json=True)
     assert index["models"] == [{"name": MODEL, "version": "1", "state": "READY"}]
 
@@ -130,9 +130,62 @@ def test_errors_reach_tritonclient_with_their_status(client):
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
+@pytest.fixture()
+def shm_object():
+    """A POSIX shared memory object as ``shm_open`` makes it on Linux: ``/dev/shm/<name>``.
+
+    (tritonclient.utils.shared_memory does the same through its C helper, but imports
+    pkg_resources, which this environment's setuptools no longer ships.)
+    """
+    made = []
+
+    def make(size: int) -> tuple[str, Path]:
+        path = Path("/dev/shm") / f"svertka-tc-{os.getpid()}-{len(made)}"
+        path.write_bytes(bytes(size))
+        made.append(path)
+        return "/" + path.name, path
+
+    yield make
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
+def test_tritonclient_system_shared_memory(client, session, shm_object):
+    x = np.random.default_rng(7).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    in_key, in_path = shm_object(x.nbytes)
+    out_key, out_path = shm_object(4096)
+    in_path.write_bytes(x.tobytes())
+    client.unregister_system_shared_memory()
+    client.register_system_shared_memory("in", in_key, x.nbytes)
+    client.register_system_shared_memory("out", out_key, 4096)
+    try:
+        status = client.get_system_shared_memory_status(as_json=True)
+        assert {r["name"]: r["key"] for r in status["regions"].values()} == {"in": in_key, "out": out_key}
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_shared_memory("in", x.nbytes)
+        out = grpcclient.InferRequestedOutput("logits")
+        out.set_shared_memory("out", 2 * 10 * 4)
+        result = client.infer(MODEL, [inp], outputs=[out])
+        assert result.get_output("logits").shape == [2, 10]
+        got = np.frombuffer(out_path.read_bytes()[: 2 * 10 * 4], np.float32).reshape(2, 10)
+        np.testing.assert_array_equal(got, session.run(None, {"input": x})[0])
+        # a region that is not registered: the client library surfaces INVALID_ARGUMENT
+        missing = grpcclient.InferInput("input", list(x.shape), "FP32")
+        missing.set_shared_memory("nope", x.nbytes)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL, [missing])
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "region 'nope' is not registered" in info.value.message()
+    finally:
+        client.unregister_system_shared_memory()
+    assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
-def test_perf_analyzer_runs_against_the_server(server, tmp_path, streaming):
+@pytest.mark.parametrize(
+    "mode", ["unary", "streaming", "shared-memory"], ids=["unary", "streaming", "shared-memory"]
+)
+def test_perf_analyzer_runs_against_the_server(server, tmp_path, mode):
     binary = str(Path(sys.executable).parent / "perf_analyzer")
     if not os.path.exists(binary):
         pytest.skip("perf_analyzer is not installed (tritonclient[grpc]==2.41.0 bundles it)")
@@ -148,8 +201,10 @@ def test_perf_analyzer_runs_against_the_server(server, tmp_path, streaming):
         # which svertka rejects (INVALID_ARGUMENT); zeros are a valid tensor.
         "--input-data", "zero",
     ]  # fmt: skip
-    if streaming:
+    if mode == "streaming":
         command.append("--streaming")
+    if mode == "shared-memory":
+        command += ["--shared-memory", "system"]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = report.read_text().strip().splitlines()
