@@ -107,10 +107,22 @@ def input_data_file(url: str, model: str, workdir: Path, *, seed: int = 0) -> Pa
     return path
 
 
-def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, workdir: Path) -> PerfPoint:
-    """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request)."""
+def run_level(
+    url: str,
+    model: str,
+    concurrency: int,
+    settings: PerfSettings,
+    workdir: Path,
+    *,
+    shared_memory: bool = False,
+) -> PerfPoint:
+    """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request).
+
+    ``shared_memory``: tensors travel through system shared memory regions
+    (``--shared-memory system``), not in the gRPC messages.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    csv_path = workdir / f"{model}-c{concurrency}.csv"
+    csv_path = workdir / f"{model}-c{concurrency}{'-shm' if shared_memory else ''}.csv"
     data = input_data_file(url, model, workdir)
     error = ""
     for stability in (settings.stability_percentage, settings.stability_percentage * 2):
@@ -120,7 +132,7 @@ def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, wo
             "--concurrency-range", str(concurrency), "--input-data", str(data),
             "--measurement-interval", str(settings.measurement_interval_ms),
             "--stability-percentage", str(stability), "--max-trials", str(settings.max_trials),
-            "-f", str(csv_path),
+            "-f", str(csv_path), *(["--shared-memory", "system"] if shared_memory else []),
         ]  # fmt: skip
         before = modelstats.batch_counts(url, model)
         result = subprocess.run(cmd, capture_output=True, text=True, env=environment())
@@ -143,11 +155,18 @@ def run_level(url: str, model: str, concurrency: int, settings: PerfSettings, wo
 
 
 def sweep(
-    url: str, model: str, concurrencies: list[int], settings: PerfSettings, workdir: Path, log=print
+    url: str,
+    model: str,
+    concurrencies: list[int],
+    settings: PerfSettings,
+    workdir: Path,
+    log=print,
+    *,
+    shared_memory: bool = False,
 ) -> list[PerfPoint]:
     points = []
     for c in concurrencies:
-        point = run_level(url, model, c, settings, workdir)
+        point = run_level(url, model, c, settings, workdir, shared_memory=shared_memory)
         if point.stable:
             log(f"  c={c:2d}: {point.images_per_s:7.1f} img/s  p50 {point.latency_ms['p50']:6.1f} ms  "
                 f"p99 {point.latency_ms['p99']:6.1f} ms  mean batch {modelstats.mean_batch_size(point.batches):.2f}")  # fmt: skip

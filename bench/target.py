@@ -58,17 +58,18 @@ def _serving(url: str) -> bool:
 
 @contextlib.contextmanager
 def serve(repository: Path, *, log_path: Path, extra_env: dict[str, str] | None = None,
-          timeout_s: float = 180.0, launcher: list[str] | None = None) -> Iterator[Server]:  # fmt: skip
+          timeout_s: float = 180.0, launcher: list[str] | None = None,
+          args: tuple[str, ...] = ()) -> Iterator[Server]:  # fmt: skip
     """``svertka serve`` on loopback ports until the block exits (SIGTERM: graceful drain).
 
     ``launcher`` replaces ``python -m service`` (``bench/experiments.py`` uses it
-    to run the same server with one policy changed).
+    to run the same server with one policy changed); ``args`` are more serve flags.
     """
     grpc_port, metrics_port = free_port(), free_port()
     cmd = [
         *(launcher or [sys.executable, "-m", "service"]), "serve", "--model-repository", str(repository),
         "--host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-        "--log-level", "warning", "--grace-period-s", "5",
+        "--log-level", "warning", "--grace-period-s", "5", *args,
     ]  # fmt: skip
     env = {**os.environ, **(extra_env or {})}
     url = f"127.0.0.1:{grpc_port}"
