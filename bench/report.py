@@ -457,6 +457,48 @@ def _frontend_section(frontend: dict) -> list[str]:
     return lines + [""]
 
 
+def _shm_rows(label: str, server: str, inline: list[dict], shm: list[dict]) -> list[str] | None:
+    if not shm:
+        return None
+    levels = [p["concurrency"] for p in shm]
+
+    def cell(points: list[dict], c: int, key: str) -> str:
+        p = at_concurrency(points, c)
+        if p is None:
+            return "unstable"
+        return fmt(p["latency_ms"]["p50"], 2) if key == "p50" else fmt(p["images_per_s"])
+
+    c1 = [f"{cell(inline, 1, 'p50')} / {cell(shm, 1, 'p50')}"] if 1 in levels else ["n/a"]
+    rates = [f"c {c}: {cell(inline, c, 'rate')} / {cell(shm, c, 'rate')}" for c in levels]
+    return [label, server, *c1, "; ".join(rates)]
+
+
+def _shm_section(results: dict) -> list[str]:
+    """perf_analyzer with the tensors in the messages against the same with system shared memory."""
+    rows = []
+    entries = [(m["label"], m["svertka"], m.get("peer")) for m in results["models"]]
+    frontend = results.get("frontend")
+    if frontend:
+        entries.append((frontend["label"], {"perf": frontend["svertka"], "perf_shm": frontend.get("svertka_shm")},
+                        {"perf": frontend["peer"], "perf_shm": frontend.get("peer_shm")} if frontend.get("peer") else None))  # fmt: skip
+    for label, sv, pe in entries:
+        for name, data in (("svertka", sv), ("peer (Triton via PyTriton)", pe)):
+            if data:
+                row = _shm_rows(label, name, data.get("perf") or [], data.get("perf_shm") or [])
+                if row:
+                    rows.append(row)
+    if not rows:
+        return []
+    lines = ["## Same-host clients: system shared memory", "",
+             "The same perf_analyzer command with `--shared-memory system`: the client registers POSIX shared memory "
+             "regions and each request names them instead of carrying the tensor (588 KiB at 224x224, 12 KiB at 32x32; svertka serves it with "
+             "`--allow-shared-memory`, docs/api.md). Each cell is *in the message / in shared memory*, measured on the "
+             "same server minutes apart. What it removes is the transport's share of a request: serializing, "
+             "sending, receiving and parsing the tensor, on both sides.", ""]  # fmt: skip
+    lines += _table(["model", "server", "c=1 p50 ms", "img/s per concurrency"], rows)
+    return lines + [""]
+
+
 def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -558,6 +600,7 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         lines += _model_section(model, img_rel, bound)
     if results.get("frontend"):
         lines += _frontend_section(results["frontend"])
+    lines += _shm_section(results)
     for model in results["models"]:
         lines += _profile_section(model)
     lines += [

@@ -40,6 +40,8 @@ class Plan:
     load_s: float
     warmup_s: float
     rate_steps: int
+    #: perf_analyzer levels measured again with tensors in system shared memory (same-host clients).
+    shm_concurrencies: tuple[int, ...] = ()
     latency_bound_ms: float = 100.0
 
 
@@ -51,6 +53,7 @@ FULL = Plan(
     load_s=8.0,
     warmup_s=2.0,
     rate_steps=5,
+    shm_concurrencies=(1, 4, 16),
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
@@ -60,7 +63,11 @@ QUICK = Plan(
     load_s=1.0,
     warmup_s=0.3,
     rate_steps=2,
+    shm_concurrencies=(1,),
 )
+
+#: svertka under test lets perf_analyzer use system shared memory (it changes nothing for other requests).
+SERVE_ARGS = ("--allow-shared-memory",)
 
 
 #: The profiled load: enough concurrency for full batches, long enough for a few thousand samples.
@@ -119,6 +126,15 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
     return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
 
 
+def _shm_sweep(url: str, model: str, plan: Plan, workdir: Path) -> list[dict]:
+    """perf_analyzer again, with the tensors in system shared memory instead of the messages."""
+    if not plan.shm_concurrencies:
+        return []
+    log("  tensor API over system shared memory, perf_analyzer closed loop")
+    points = perf.sweep(url, model, list(plan.shm_concurrencies), plan.perf, workdir, log, shared_memory=True)
+    return [_asdict(p) for p in points]
+
+
 def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
     """The peer serving ``m`` with svertka's batching settings and thread budget."""
     return peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
@@ -145,14 +161,16 @@ def bench_model(
 
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
     log(f"{m.label}: svertka")
-    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log") as server:
+    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
         log("  tensor API, perf_analyzer closed loop")
         sv_perf = perf.sweep(
             server.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "svertka", log
         )
+        sv_shm = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka")
         sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan))
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
-        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "image": sv_image, "tensor_rate": sv_rate}
+        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_shm, "image": sv_image,
+                          "tensor_rate": sv_rate}  # fmt: skip
         if profile:
             log(f"  profile: py-spy on the server under closed-loop load, concurrency {PROFILE_CONCURRENCY}")
             out["svertka"]["profile"] = asyncio.run(profiler.profile_server(
@@ -167,8 +185,9 @@ def bench_model(
             pe_perf = perf.sweep(
                 p.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "peer", log
             )
+            pe_shm = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer")
             pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
-        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "tensor_rate": pe_rate}
+        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "perf_shm": pe_shm, "tensor_rate": pe_rate}
 
     passes = [first]
     if plan is not QUICK:
@@ -203,14 +222,16 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     out: dict = {"name": m.name, "label": m.label, "path": str(m.path), "concurrencies": levels}
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
     log(f"{m.label}: svertka, perf_analyzer at concurrency {', '.join(map(str, levels))}")
-    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log") as server:
+    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
         points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log)
+        out["svertka_shm"] = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka")
     out["svertka"] = [_asdict(p) for p in points]
     out["peer"] = None
     if with_peer:
         log(f"{m.label}: peer")
         with _serve_peer(m, settings, threads, workdir) as p:
             points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log)
+            out["peer_shm"] = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer")
         out["peer"] = [_asdict(p) for p in points]
     return out
 

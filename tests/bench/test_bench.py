@@ -129,5 +129,11 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
     assert frontend["peer"] is None and [p["concurrency"] for p in frontend["svertka"]] == [1, 4]
     assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in frontend["svertka"])
     assert "## Frontend alone" in text
+    # the shared memory pass ran through perf_analyzer --shared-memory system and is reported
+    for points in [m["svertka"]["perf_shm"] for m in results["models"]] + [frontend["svertka_shm"]]:
+        assert [p["concurrency"] for p in points] == [1]
+        assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in points)
+        assert all("--shared-memory system" in p["command"] for p in points)
+    assert "## Same-host clients: system shared memory" in text
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "Pending" in text
