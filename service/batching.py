@@ -28,10 +28,11 @@ Policy (measured in ``tests/engine/bench_batching.py``, numbers in docs/engine.m
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import enum
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -167,10 +168,7 @@ class Batcher:
         self.dispatch_when_idle = dispatch_when_idle
         self.hooks = hooks or Hooks()
         self.label = label
-        self._executors = [
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"svertka-run{i}")
-            for i in range(len(self._runners))
-        ]
+        self._workers = [_Worker(run, f"svertka-run{i}") for i, run in enumerate(self._runners)]
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0  # rows in live (QUEUED) requests
         self._reserved_rows = 0
@@ -302,8 +300,8 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for executor in self._executors:
-            executor.shutdown(wait=False)
+        for worker in self._workers:
+            worker.stop()
 
     # -- internals ----------------------------------------------------------------
     def _ensure_task(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -450,9 +448,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         total = sum(r.n for r in batch)
         try:
-            outputs, info = await loop.run_in_executor(
-                self._executors[runner], _compute, self._runners[runner], [r.rows for r in batch]
-            )
+            outputs, info = await self._workers[runner].submit(loop, [r.rows for r in batch])
         except Exception as exc:
             if isinstance(exc, _RowMismatch):
                 log.error("%s: %s", self.label, exc)
@@ -479,6 +475,60 @@ class Batcher:
 
 class _RowMismatch(RuntimeError):
     pass
+
+
+class _Worker:
+    """One instance's thread: runs one batch at a time and hands the result back to the loop.
+
+    A bare queue and one ``call_soon_threadsafe`` per batch instead of
+    ``run_in_executor``: the hop to the thread and back is paid on every batch,
+    and on small models it is a large part of a request's cost
+    (``python -m bench.hop`` measures both).
+    """
+
+    def __init__(self, run: RunFn, name: str) -> None:
+        self._run = run
+        self._name = name
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, loop: asyncio.AbstractEventLoop, arrays: list[np.ndarray]) -> asyncio.Future:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        future = loop.create_future()
+        self._inbox.put((loop, future, arrays))
+        return future
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            loop, future, arrays = item
+            try:
+                result = _compute(self._run, arrays)
+            except BaseException as exc:  # handed to the waiting task, which reports it
+                outcome, value = _set_exception, exc
+            else:
+                outcome, value = _set_result, result
+            del arrays, item
+            try:
+                loop.call_soon_threadsafe(outcome, future, value)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _compute(run: RunFn, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], BatchInfo]:
