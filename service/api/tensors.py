@@ -89,14 +89,12 @@ def shared_memory_slice(what: str, parameters, shm_registry: shm.Registry | None
     region = parameters[shm.REGION_PARAM]
     if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
         raise errors.InvalidInput(f"{what}: parameter '{shm.REGION_PARAM}' must be a region name (string)")
-    numbers = {}
-    for key in (shm.BYTE_SIZE_PARAM, shm.OFFSET_PARAM):
-        if key not in parameters:
-            numbers[key] = 0
-            continue
-        value = _int_param(parameters[key])
-        if value is None or value < 0 or parameters[key].WhichOneof("parameter_choice") == "string_param":
-            raise errors.InvalidInput(f"{what}: parameter '{key}' must be an integer >= 0")
+    numbers = {shm.OFFSET_PARAM: 0}  # the offset is optional
+    for key in (p for p in (shm.BYTE_SIZE_PARAM, shm.OFFSET_PARAM) if p in parameters):
+        which = parameters[key].WhichOneof("parameter_choice")
+        value = getattr(parameters[key], which) if which in ("int64_param", "uint64_param") else -1
+        if value < 0:
+            raise errors.InvalidInput(f"{what}: parameter '{key}' must be an integer >= 0 (int64_param)")
         numbers[key] = value
     where = shm.Slice(region.string_param, numbers[shm.OFFSET_PARAM], numbers[shm.BYTE_SIZE_PARAM])
     shm_registry.check(where, what)

@@ -224,6 +224,10 @@ def test_bad_shared_memory_tensors_are_refused_before_compute(shm_server, stub, 
     no_size = _request(1)
     del no_size.inputs[0].parameters[shm.BYTE_SIZE_PARAM]
     assert "'shared_memory_byte_size' is required" in refused(no_size)
+    text_offset = _request(1)
+    text_offset.inputs[0].parameters[shm.OFFSET_PARAM].string_param = "0"
+    assert "'shared_memory_offset' must be an integer >= 0" in refused(text_offset)
+    assert "'shared_memory_offset' must be an integer >= 0" in refused(_request(1, offset=-8))
     both = _request(1)
     both.raw_input_contents.append(bytes(ROW_BYTES))
     assert "both in a shared memory region and in the request" in refused(both)
