@@ -18,9 +18,8 @@ import contextvars
 import datetime as _dt
 import json
 import logging
-import os
-import random
 import sys
+import uuid
 from typing import IO, Any
 
 ACCESS_LOGGER = "svertka.access"
@@ -35,14 +34,9 @@ _access_enabled = False
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "request_id"}
 
 
-#: Request ids need to be unique, not secret: a generator seeded once from the OS is
-#: enough, and costs no system call per request as uuid4 does.
-_ids = random.Random(int.from_bytes(os.urandom(16), "big"))
-
-
 def new_request_id() -> str:
     """A short random id for requests that arrive without one (16 hex chars)."""
-    return f"{_ids.getrandbits(64):016x}"
+    return uuid.uuid4().hex[:16]
 
 
 def bind_request_id(request_id: str) -> contextvars.Token[str]:

@@ -22,7 +22,7 @@ import platform
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -104,12 +104,9 @@ def _package_version(name: str) -> str:
         return ""
 
 
-class Duration(NamedTuple):
-    """A Triton ``StatisticDuration``: how many, and their total nanoseconds.
-
-    A named tuple rather than a frozen dataclass: several are made per request,
-    and a tuple is several times cheaper to build.
-    """
+@dataclasses.dataclass(frozen=True)
+class Duration:
+    """A Triton ``StatisticDuration``: how many, and their total nanoseconds."""
 
     count: int = 0
     ns: int = 0
