@@ -1,0 +1,89 @@
+"""svertka's own per-request cost, without gRPC: ModelInfer called in process on the null model.
+
+The servicer, the model manager, the batcher and its instance thread, the
+metrics: everything a request goes through in ``svertka serve`` except the
+gRPC transport, with one 224x224 FP32 request (588 KiB, parsed from its wire
+form as the server would get it) awaited back to back. Prints wall and process
+CPU time per request for each repeat; run it under ``py-spy record`` to see
+where the time goes.
+
+``python -m bench.inprocess [--requests N] [--repeats R]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORK = Path(__file__).resolve().parent.parent / ".bench"
+
+
+class _Context:
+    """What the tensor API reads from a grpc.aio ServicerContext on the success path."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:0"
+
+
+async def measure(requests: int, repeats: int) -> list[tuple[float, float]]:
+    from bench import models, target
+    from service.api import common
+    from service.api.inference import InferenceServicer
+    from service.gen.inference import grpc_service_pb2 as pb
+    from service.metrics import Metrics
+    from service.models import ModelManager
+
+    null = models.null_model(WORK / "models")
+    repo = target.single_model_repository(null.path, null.name, WORK / "inprocess" / "repos")
+    manager = ModelManager(repo, Metrics())
+    await manager.start()
+    state = common.ServerState()
+    state.started = True
+    servicer = InferenceServicer(manager, state)
+    x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=null.name)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    request = pb.ModelInferRequest.FromString(request.SerializeToString())
+    context = _Context()
+    try:
+        for _ in range(200):
+            await servicer.ModelInfer(request, context)
+        runs = []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(requests):
+                await servicer.ModelInfer(request, context)
+            runs.append(
+                ((time.perf_counter() - wall) / requests * 1e6, (time.process_time() - cpu) / requests * 1e6)
+            )
+        return runs
+    finally:
+        await manager.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.disable(logging.INFO)
+    for wall, cpu in asyncio.run(measure(args.requests, args.repeats)):
+        print(f"{wall:6.0f} us wall  {cpu:6.0f} us CPU per request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
