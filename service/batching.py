@@ -2,9 +2,11 @@
 
 Knows nothing of gRPC, onnxruntime or metrics: it takes blocking ``run``
 callables (one per model instance) and reports what happened through plain
-callbacks. One background task on the event loop forms batches; each batch
-runs in its instance's own thread; everything else (futures, timers, the
-queue) lives on the loop, so there are no locks.
+callbacks. One background task on the event loop forms batches (a request
+that arrives when the policy says "start now", e.g. to an idle instance,
+starts its batch itself, sparing the task a wake-up); each batch runs in its
+instance's own thread and is answered from a callback on the loop; everything
+else (futures, timers, the queue) lives on the loop, so there are no locks.
 
 Policy (measured in ``tests/engine/bench_batching.py``, numbers in docs/engine.md):
 
@@ -173,11 +175,12 @@ class Batcher:
         self._queued_rows = 0  # rows in live (QUEUED) requests
         self._reserved_rows = 0
         self._idle = list(range(len(self._runners)))[::-1]
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Future] = set()  # one future per batch being computed
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()  # set whenever nothing is queued, reserved or running
         self._settled.set()
         self._task: asyncio.Task | None = None
+        self._dispatch_scheduled = False
         self._draining = False
         self._closed = False
 
@@ -269,7 +272,7 @@ class Batcher:
         self._queued_rows += n
         self._changed(n)
         self._settled.clear()
-        self._wake.set()
+        self._dispatch_soon(loop)
         return await req.future
 
     # -- lifecycle ------------------------------------------------------------------
@@ -437,19 +440,48 @@ class Batcher:
                 except TimeoutError:
                     pass
                 continue
-            batch = self._take()
-            if batch:
-                runner = self._idle.pop()
-                task = asyncio.get_running_loop().create_task(self._execute(runner, batch))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            self._dispatch(asyncio.get_running_loop())
 
-    async def _execute(self, runner: int, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
+    def _dispatch_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Look at the queue once the current loop iteration is done (once, however many ask).
+
+        Every request that arrives in the same iteration (one read of the
+        sockets) or is resubmitted by callers whose batch just finished is
+        queued by then and joins the batch. A plain callback costs less than
+        waking the batching task, which is left the batches that must wait.
+        """
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch_ready, loop)
+
+    def _dispatch_ready(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._dispatch_scheduled = False
+        if self._closed:
+            return
+        self._purge_head()
+        while self._queue and self._idle:
+            if self._close_time() is not None:
+                self._wake.set()  # the batching task waits until this batch should close
+                return
+            self._dispatch(loop)
+            self._purge_head()
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> bool:
+        batch = self._take()
+        if not batch:
+            return False
+        runner = self._idle.pop()
+        future = self._workers[runner].submit(loop, [r.rows for r in batch])
+        self._running.add(future)
+        future.add_done_callback(lambda f: self._finish(runner, batch, f))
+        return True
+
+    def _finish(self, runner: int, batch: list[_Request], future: asyncio.Future) -> None:
+        """A batch came back from its instance (a done callback on the loop): answer its requests."""
         total = sum(r.n for r in batch)
         try:
-            outputs, info = await self._workers[runner].submit(loop, [r.rows for r in batch])
-        except Exception as exc:
+            outputs, info = future.result()
+        except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, _RowMismatch):
                 log.error("%s: %s", self.label, exc)
                 message = f"{self.label}: {exc}"
@@ -468,9 +500,10 @@ class Batcher:
                     req.future.set_result(Result(rows, queue_s=req.started - req.enqueued, batch=info))
         finally:
             self._idle.append(runner)
-            self._running.discard(asyncio.current_task())
+            self._running.discard(future)
             self._maybe_settled()
-            self._wake.set()
+            if self._queue:
+                self._dispatch_soon(future.get_loop())
 
 
 class _RowMismatch(RuntimeError):

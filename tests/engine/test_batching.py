@@ -116,6 +116,30 @@ def test_requests_are_batched_and_each_caller_gets_its_own_rows():
     run(main())
 
 
+def test_requests_arriving_together_at_an_idle_instance_share_one_batch():
+    """Dispatch when idle does not mean "the first arrival runs alone": a batch starts once
+    the loop has taken in everything that arrived with it (one read of the sockets), and
+    callers that resubmit as soon as their answers come back form the next batch together."""
+
+    async def main():
+        model, rec = FakeModel(), Recorded()
+        b = make(model, rec)
+        results = await asyncio.gather(*(b.submit(rows(i)) for i in range(5)))
+        assert [r.batch.size for r in results] == [5] * 5
+        assert model.batches == [5]
+
+        async def caller(i: int) -> None:
+            for _ in range(4):
+                await b.submit(rows(i))
+
+        await asyncio.gather(*(caller(i) for i in range(6)))
+        assert model.batches == [5, 6, 6, 6, 6]
+        assert rec.depth == 0 and not b.busy
+        await b.close()
+
+    run(main())
+
+
 def test_batch_closes_at_max_batch_size_in_arrival_order():
     async def main():
         model = FakeModel()
