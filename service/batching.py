@@ -2,11 +2,12 @@
 
 Knows nothing of gRPC, onnxruntime or metrics: it takes blocking ``run``
 callables (one per model instance) and reports what happened through plain
-callbacks. One background task on the event loop forms batches (a request
-that arrives when the policy says "start now", e.g. to an idle instance,
-starts its batch itself, sparing the task a wake-up); each batch runs in its
-instance's own thread and is answered from a callback on the loop; everything
-else (futures, timers, the queue) lives on the loop, so there are no locks.
+callbacks. Batches that may start at once are formed by one callback per
+turn of the event loop, after everything that arrived in that turn is
+queued; a background task forms those that must wait (``max_queue_delay``).
+Each batch runs in its instance's own thread and is answered from a callback
+on the loop; everything else (futures, timers, the queue) lives on the loop,
+so there are no locks.
 
 Policy (measured in ``tests/engine/bench_batching.py``, numbers in docs/engine.md):
 
@@ -466,15 +467,15 @@ class Batcher:
             self._dispatch(loop)
             self._purge_head()
 
-    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> bool:
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take a batch from the head of the queue and start it on an idle instance."""
         batch = self._take()
         if not batch:
-            return False
+            return
         runner = self._idle.pop()
         future = self._workers[runner].submit(loop, [r.rows for r in batch])
         self._running.add(future)
         future.add_done_callback(lambda f: self._finish(runner, batch, f))
-        return True
 
     def _finish(self, runner: int, batch: list[_Request], future: asyncio.Future) -> None:
         """A batch came back from its instance (a done callback on the loop): answer its requests."""
