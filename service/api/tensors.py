@@ -177,14 +177,20 @@ def parse_input(
     )
 
 
-def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], chw) -> ParsedInput:
-    name = tensor.name
+def _fp32_count(name: str, shape: list[int], chw) -> int:
+    """Elements of an FP32 ``[N, 3, H, W]`` input after checking its shape against the model."""
     expected = f"[N,{chw[0]},{chw[1]},{chw[2]}]"
     if len(shape) != 4 or tuple(shape[1:]) != tuple(chw):
         raise errors.InvalidInput(f"input '{name}': expected FP32 shape {expected}, got {_shape_text(shape)}")
     count = _element_count(name, shape)
     if shape[0] < 1:
         raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    return count
+
+
+def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], chw) -> ParsedInput:
+    name = tensor.name
+    count = _fp32_count(name, shape, chw)
     if raw is not None:
         want = count * 4
         if len(raw) != want:
@@ -223,12 +229,7 @@ def _parse_shared_memory(
             f"input '{name}': a shared memory input must be FP32 [N,{chw[0]},{chw[1]},{chw[2]}], "
             f"got datatype {tensor.datatype or 'none'}"
         )
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(chw) or shape[0] < 1:
-        raise errors.InvalidInput(
-            f"input '{name}': expected FP32 shape [N,{chw[0]},{chw[1]},{chw[2]}] with N >= 1, "
-            f"got {_shape_text(shape)}"
-        )
-    _element_count(name, shape)
+    _fp32_count(name, shape, chw)
     array = shm_registry.read(where, "<f4", shape, f"input '{name}'")
     return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
 

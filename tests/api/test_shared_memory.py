@@ -224,6 +224,9 @@ def test_bad_shared_memory_tensors_are_refused_before_compute(shm_server, stub, 
     no_size = _request(1)
     del no_size.inputs[0].parameters[shm.BYTE_SIZE_PARAM]
     assert "'shared_memory_byte_size' is required" in refused(no_size)
+    wrong_shape = _request(1)
+    wrong_shape.inputs[0].shape[2] = 16
+    assert "expected FP32 shape [N,3,32,32], got [1,3,16,32]" in refused(wrong_shape)
     text_offset = _request(1)
     text_offset.inputs[0].parameters[shm.OFFSET_PARAM].string_param = "0"
     assert "'shared_memory_offset' must be an integer >= 0" in refused(text_offset)
