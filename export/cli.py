@@ -149,6 +149,11 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
     p.add_argument("--int8", action="store_true", help="also write a quantized NAME-int8 model")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also write NAME-fp16: fp16 weights and activations for GPUs, float32 input and output",
+    )
     _add_quant_options(p)
     _add_common(p)
     p.set_defaults(handler=_guarded(_export))
@@ -157,9 +162,9 @@ def _add_export(sub: Any) -> None:
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-size", type=_positive_int, default=200, help="training images (>= 100)")
     p.add_argument(
-        "--max-drop", type=float, default=1.0, help="allowed int8 top-1 drop in points (default 1.0)"
+        "--max-drop", type=float, default=1.0, help="allowed int8 (or fp16) top-1 drop in points (default 1.0)"
     )
-    p.add_argument("--force", action="store_true", help="write the int8 model even if it fails the gate")
+    p.add_argument("--force", action="store_true", help="write the int8 (or fp16) model even if it fails the gate")
 
 
 def _add_quantize(sub: Any) -> None:

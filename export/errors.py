@@ -16,4 +16,4 @@ class VerificationError(ExportError):
 
 
 class AccuracyGateError(ExportError):
-    """The int8 model lost more accuracy than allowed; nothing was written."""
+    """The int8 (or fp16) model lost more accuracy than allowed; nothing was written."""

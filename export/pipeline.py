@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from export import data as datamod
-from export import models, verify
+from export import half, models, verify
 from export.errors import ExportError
 from export.onnx_export import EvalData, prepare_export
 from export.quantize import MIN_CALIBRATION_IMAGES, quantize
@@ -173,6 +173,8 @@ def export_command(args: argparse.Namespace) -> None:
     _check_calibration_size(args.calibration_size)
     if args.int8:
         check_target(args.repository, args.name + "-int8", args.version, args.overwrite)
+    if args.fp16:
+        check_target(args.repository, args.name + "-fp16", args.version, args.overwrite)
     data, val_split = args.data, args.val_split
     if args.checkpoint is not None:
         given = [
@@ -192,7 +194,8 @@ def export_command(args: argparse.Namespace) -> None:
     if args.int8 and data is None:
         raise ExportError("--int8 needs --data (calibration and the accuracy gate use the dataset)")
     dataset = _load_dataset(data, val_split, meta) if data is not None else None
-    prepared = prepare_export(model, meta, _evaluation(dataset, meta), opset=args.opset)
+    evaluation = _evaluation(dataset, meta)
+    prepared = prepare_export(model, meta, evaluation, opset=args.opset)
     print(prepared.report.summary())
     int8 = None
     if args.int8:
@@ -206,6 +209,18 @@ def export_command(args: argparse.Namespace) -> None:
             max_drop=args.max_drop,
             force=args.force,
         )
+    fp16 = None
+    if args.fp16:
+        fp16 = half.to_fp16(
+            prepared.model_bytes,
+            prepared.meta,
+            evaluation.images,
+            evaluation.val_images,
+            evaluation.val_targets,
+            max_drop=args.max_drop,
+            force=args.force,
+        )
+        print(fp16.summary())
     path = publish(args.repository, args.name, prepared.model_bytes, args.version, args.overwrite)
     _print_written(path, prepared.meta)
     if int8 is not None:
@@ -213,6 +228,11 @@ def export_command(args: argparse.Namespace) -> None:
             args.repository, args.name + "-int8", int8.model_bytes, args.version, args.overwrite
         )
         _print_quantized(int8_path, int8)
+    if fp16 is not None:
+        fp16_path = publish(
+            args.repository, args.name + "-fp16", fp16.model_bytes, args.version, args.overwrite
+        )
+        _print_written(fp16_path, fp16.meta)
 
 
 def _print_written(path: Path, meta: ModelMeta) -> None:
