@@ -52,9 +52,19 @@ def _version(dist: str) -> str:
 
 
 def _git_commit() -> str:
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-    )
+    """HEAD's short hash; ``BENCH_GIT_COMMIT`` where the tree was copied without git (a GPU machine)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
     return out.stdout.strip() or "unknown"
 
 

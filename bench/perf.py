@@ -56,15 +56,18 @@ class PerfPoint:
 
 
 def perf_analyzer_path() -> Path:
-    return VENV / "bin" / "perf_analyzer"
+    """The tritonclient wheel's binary in this venv, or ``PERF_ANALYZER`` (a machine without the venv)."""
+    return Path(os.environ.get("PERF_ANALYZER") or VENV / "bin" / "perf_analyzer")
 
 
 def environment() -> dict[str, str]:
     """perf_analyzer links libcudart.so.12 even for CPU-only gRPC runs: nvidia-cuda-runtime-cu12 ships it."""
+    env = dict(os.environ)
+    if os.environ.get("PERF_ANALYZER"):
+        return env  # the caller set LD_LIBRARY_PATH for its own binary
     import nvidia.cuda_runtime  # noqa: F401  (installed with the dev extra)
 
     lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
-    env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib), *filter(None, [env.get("LD_LIBRARY_PATH")])])
     return env
 

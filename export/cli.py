@@ -162,9 +162,14 @@ def _add_export(sub: Any) -> None:
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-size", type=_positive_int, default=200, help="training images (>= 100)")
     p.add_argument(
-        "--max-drop", type=float, default=1.0, help="allowed int8 (or fp16) top-1 drop in points (default 1.0)"
+        "--max-drop",
+        type=float,
+        default=1.0,
+        help="allowed int8 (or fp16) top-1 drop in points (default 1.0)",
     )
-    p.add_argument("--force", action="store_true", help="write the int8 (or fp16) model even if it fails the gate")
+    p.add_argument(
+        "--force", action="store_true", help="write the int8 (or fp16) model even if it fails the gate"
+    )
 
 
 def _add_quantize(sub: Any) -> None:

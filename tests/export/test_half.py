@@ -73,7 +73,9 @@ def test_an_fp16_conversion_out_of_range_is_refused_before_anything_is_written(t
         _OutOfRange(model), prepared.meta, pipeline._evaluation(dataset, prepared.meta)
     )
     evaluation = pipeline._evaluation(dataset, overflow.meta)
-    with pytest.raises(VerificationError, match="fp16 verification failed: max \\|logit diff\\| fp16 vs fp32"):
+    with pytest.raises(
+        VerificationError, match="fp16 verification failed: max \\|logit diff\\| fp16 vs fp32"
+    ):
         half.to_fp16(overflow.model_bytes, overflow.meta, evaluation.images)
 
 

@@ -1,0 +1,324 @@
+"""``python -m bench.gpu``: the serving benchmark on a GPU (CUDA execution provider, IO binding).
+
+One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
+--weights random --fp16``; speed does not depend on the weights):
+
+1. the ceiling: the server's own session (``service.runtime.Session``: CUDA,
+   IO binding, one copy in and one out per batch) at batch 1, 2, 4, ...,
+   ``max_batch_size``; and the same graph with input and output left on the
+   device (no host copies), which is what the GPU alone does;
+2. ``svertka serve`` on that model under perf_analyzer, closed loop, with the
+   tensors in the gRPC messages and in system shared memory;
+3. the image API with the benchmark's 1024x768 JPEGs, closed loop;
+4. whether the TensorRT execution provider loads.
+
+Results go to ``OUT/gpu.json`` after every step (a run cut short keeps what it
+measured); ``--report-only`` turns the JSON into ``docs/benchmarks-gpu.md``.
+``--providers cpu --arch resnet18 --image-size 64 --quick`` runs the same
+pipeline on a machine without a GPU, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import ceiling, images, loadgen, machine, perf, target
+from bench.stats import percentiles
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+    max_batch_size: int
+    instances: int
+    ceiling_s_per_batch: float
+    perf: perf.PerfSettings
+    concurrencies: tuple[int, ...]
+    image_concurrencies: tuple[int, ...]
+    load_s: float
+
+
+FULL = GpuPlan(
+    max_batch_size=64,
+    instances=2,
+    ceiling_s_per_batch=1.0,
+    perf=perf.PerfSettings(measurement_interval_ms=2000, stability_percentage=20, max_trials=4),
+    concurrencies=(1, 4, 16, 64),
+    image_concurrencies=(16, 64),
+    load_s=4.0,
+)
+QUICK = GpuPlan(
+    max_batch_size=8,
+    instances=1,
+    ceiling_s_per_batch=0.2,
+    perf=perf.PerfSettings(measurement_interval_ms=500, stability_percentage=50, max_trials=3),
+    concurrencies=(1, 4),
+    image_concurrencies=(4,),
+    load_s=1.0,
+)
+
+
+def log(message: str) -> None:
+    print(f"[bench.gpu {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _asdict(obj):
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def gpu_description() -> dict:
+    """nvidia-smi's name, memory and driver of GPU 0 (empty without one)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    line = out.stdout.strip().splitlines()[:1]
+    if out.returncode != 0 or not line:
+        return {}
+    name, memory, driver = (part.strip() for part in line[0].split(","))
+    return {"name": name, "memory": memory, "driver": driver}
+
+
+def make_models(repository: Path, arch: str, image_size: int) -> dict[str, Path]:
+    """``ARCH`` fp32 and ``ARCH-fp16`` with random weights, made once by svertka's own exporter."""
+    fp32 = repository / arch / "1" / "model.onnx"
+    fp16 = repository / f"{arch}-fp16" / "1" / "model.onnx"
+    if not (fp32.is_file() and fp16.is_file()):
+        cmd = [
+            sys.executable, "-m", "service", "export", "--weights", "random", "--arch", arch,
+            "--image-size", str(image_size), "--dataset", "random weights (benchmark)",
+            "--repository", str(repository), "--name", arch, "--version", "1", "--overwrite", "--fp16",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+        log(result.stdout.strip().splitlines()[-1])
+    return {arch: fp32, f"{arch}-fp16": fp16}
+
+
+def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...]) -> None:
+    text = (
+        f"max_batch_size: {plan.max_batch_size}\ninstances: {plan.instances}\n"
+        f"providers: [{', '.join(providers)}]\n"
+    )
+    (model_dir / "config.yaml").write_text(text)
+
+
+def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dict]:
+    """The graph alone on the GPU: input bound once on the device, output left there.
+
+    What the GPU does per batch without the host copies the server makes (the
+    difference to the ceiling is the copy in and out).
+    """
+    import onnxruntime as ort
+
+    from service.modelmeta import read_model_file
+
+    meta = read_model_file(str(path))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(path), options, providers=[("CUDAExecutionProvider", {"device_id": 0})]
+    )
+    points = []
+    rng = np.random.default_rng(0)
+    for b in ceiling.batch_sizes(max_batch_size):
+        x = ort.OrtValue.ortvalue_from_numpy(
+            rng.standard_normal((b, *meta.input_shape), dtype=np.float32), "cuda", 0
+        )
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(meta.input_name, x)
+        binding.bind_output(meta.output_name, "cuda", 0)
+        for _ in range(3):
+            session.run_with_iobinding(binding)
+        times = []
+        start = time.perf_counter()
+        while len(times) < 10 or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            session.run_with_iobinding(binding)  # returns when the stream is done
+            times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        lat = np.asarray(times) * 1e3
+        points.append(
+            {"batch_size": b, "images_per_s": b * len(times) / elapsed, "latency_ms": percentiles(lat)}
+        )
+    return points
+
+
+def tensorrt_attempt(path: Path) -> str:
+    """Whether the TensorRT provider loads this model here: 'loaded' or the reason it does not.
+
+    In a child process: a provider that fails to initialise may take the process down with it.
+    """
+    code = (
+        "import sys\n"
+        "from service import config, runtime\n"
+        "try:\n"
+        "    runtime.Session(sys.argv[1], config.ModelSettings(providers=('tensorrt',)), threads=1)\n"
+        "except runtime.ModelLoadError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    print('loaded')\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        return "no answer within 300 s"
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return (
+            f"the process exited with {result.returncode}: {(result.stderr.strip().splitlines() or [''])[-1]}"
+        )
+    return lines[-1]
+
+
+async def _image_api(url: str, model: str, jpegs: list[bytes], plan: GpuPlan) -> list[dict]:
+    channel = loadgen.channel(url)
+    try:
+        call = loadgen.image_caller(channel, model, jpegs)
+        out = []
+        for c in plan.image_concurrencies:
+            r = await loadgen.closed_loop(call, concurrency=c, duration_s=plan.load_s, warmup_s=1.0)
+            log(f"  image c={c:2d}: {r.images_per_s:7.1f} img/s  p50 {r.latency_ms['p50']:6.1f} ms  "
+                f"p99 {r.latency_ms['p99']:6.1f} ms  errors {r.errors}")  # fmt: skip
+            out.append(_asdict(r))
+        return out
+    finally:
+        await channel.close()
+
+
+def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...], jpegs: list[bytes],
+                workdir: Path, save) -> dict:  # fmt: skip
+    from service import config
+
+    repo = target.single_model_repository(path, name, workdir / "repos")
+    write_config(repo / name, plan, providers)
+    settings = config.ModelSettings.load(repo / name)
+    out: dict = {"name": name, "path": str(path), "settings": _asdict(settings)}
+    log(f"{name}: ceiling (the server's session, batch 1..{plan.max_batch_size})")
+    measured = ceiling.measure(
+        repo / name / "1" / "model.onnx",
+        model=name,
+        settings=settings,
+        seconds_per_batch=plan.ceiling_s_per_batch,
+    )
+    for p in measured.points:
+        log(f"  batch {p.batch_size:3d}: {p.images_per_s:8.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
+    out["ceiling"] = _asdict(measured)
+    save()
+    if "cuda" in providers:
+        log(f"{name}: the graph alone on the GPU (input and output stay on the device)")
+        out["device_resident"] = device_resident(path, plan.max_batch_size, plan.ceiling_s_per_batch)
+        for p in out["device_resident"]:
+            log(
+                f"  batch {p['batch_size']:3d}: {p['images_per_s']:8.1f} img/s  p50 {p['latency_ms']['p50']:7.2f} ms"
+            )
+        save()
+    log(f"{name}: svertka serve")
+    with target.serve(
+        repo, log_path=workdir / "logs" / f"svertka-{name}.log", args=("--allow-shared-memory",)
+    ) as server:
+        for shm in (False, True):
+            key = "perf_shm" if shm else "perf"
+            log(f"  tensor API, perf_analyzer closed loop{' over system shared memory' if shm else ''}")
+            points = perf.sweep(server.grpc_url, name, list(plan.concurrencies), plan.perf,
+                                workdir / "perf", log, shared_memory=shm)  # fmt: skip
+            out[key] = [_asdict(p) for p in points]
+            save()
+        out["image"] = asyncio.run(_image_api(server.grpc_url, name, jpegs, plan))
+        info = [ln for ln in server.metrics_text().splitlines() if ln.startswith("svertka_model_info{")]
+        out["model_info"] = info
+        save()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / ".bench" / "gpu", help="results directory")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument(
+        "--providers", default="cuda", help="comma-separated, as in a model's config (default cuda)"
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds per step (the test's mode)")
+    parser.add_argument(
+        "--report-only", type=Path, metavar="GPU_JSON", help="only write the report from a results file"
+    )
+    parser.add_argument("--report", type=Path, default=REPO_ROOT / "docs" / "benchmarks-gpu.md")
+    args = parser.parse_args(argv)  # fmt: skip
+
+    from bench import gpu_report
+
+    if args.report_only:
+        gpu_report.write(json.loads(args.report_only.read_text()), args.report)
+        log(f"wrote {args.report}")
+        return 0
+    plan = QUICK if args.quick else FULL
+    providers = tuple(p for p in args.providers.split(",") if p)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "gpu.json"
+    import onnxruntime as ort
+
+    results: dict = {
+        "meta": {
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": machine.describe(), "gpu": gpu_description(), "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(), "providers": list(providers),
+            "plan": _asdict(plan), "perf_analyzer": perf.version(),
+            "argv": ["python", "-m", "bench.gpu", *(argv if argv is not None else sys.argv[1:])],
+        },
+        "models": [],
+    }  # fmt: skip
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=1))
+
+    save()
+    log(
+        f"GPU: {results['meta']['gpu'] or 'none'}; onnxruntime {ort.__version__}: {ort.get_available_providers()}"
+    )
+    work = args.out / "work"
+    made = make_models(work / "models", args.arch, args.image_size)
+    jpegs = images.load_jpegs(work / "images")
+    if "cuda" in providers:
+        results["meta"]["tensorrt"] = tensorrt_attempt(made[args.arch])
+        log(f"TensorRT: {results['meta']['tensorrt']}")
+        save()
+    for name, path in made.items():
+        entry: dict = {"name": name}
+        results["models"].append(entry)
+        try:
+            entry.update(bench_model(name, path, plan, providers, jpegs, work, save))
+        except Exception as exc:  # keep the other model's numbers; the log has the traceback
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{name}: failed: {entry['error']}")
+        save()
+    results["meta"]["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    save()
+    log(f"results: {results_path}")
+    gpu_report.write(json.loads(json.dumps(results)), args.out / "benchmarks-gpu.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

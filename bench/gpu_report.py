@@ -1,0 +1,159 @@
+"""``bench.gpu``'s results JSON -> a markdown page (``docs/benchmarks-gpu.md``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import modelstats
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _best(points: list[dict]) -> dict | None:
+    ok = [p for p in points or [] if p.get("images_per_s")]
+    return max(ok, key=lambda p: p["images_per_s"]) if ok else None
+
+
+def _at(points: list[dict], concurrency: int) -> dict | None:
+    return next((p for p in points or [] if p["concurrency"] == concurrency and p.get("images_per_s")), None)
+
+
+def _ceiling_best(model: dict) -> dict | None:
+    return max(model["ceiling"]["points"], key=lambda p: p["images_per_s"]) if model.get("ceiling") else None
+
+
+def _batch1_ms(model: dict) -> float | None:
+    points = (model.get("ceiling") or {}).get("points", [])
+    return next((p["latency_ms"]["p50"] for p in points if p["batch_size"] == 1), None)
+
+
+def summary_rows(results: dict) -> list[str]:
+    """One line per model: ceiling, best served (message / shared memory), ratios, c=1 overhead."""
+    rows = [
+        "| model | GPU alone (no copies), best img/s | ceiling (server's session), best img/s | "
+        "served, best img/s (messages) | served, best img/s (shared memory) | served/ceiling "
+        "(best of the two) | c=1 p50 (shared memory) vs batch-1 ceiling p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in results["models"]:
+        if m.get("error") and not m.get("ceiling"):
+            rows.append(f"| {m['name']} | failed: {m['error']} | | | | | |")
+            continue
+        ceil = _ceiling_best(m)
+        alone = max((p["images_per_s"] for p in m.get("device_resident", [])), default=None)
+        msg, shm = _best(m.get("perf", [])), _best(m.get("perf_shm", []))
+        served = max((p["images_per_s"] for p in (msg, shm) if p), default=None)
+        ratio = served / ceil["images_per_s"] if served and ceil else None
+        c1 = _at(m.get("perf_shm", []), 1)
+        b1 = _batch1_ms(m)
+        overhead = (
+            f"{c1['latency_ms']['p50']:.2f} vs {b1:.2f} ms ({c1['latency_ms']['p50'] - b1:+.2f} ms)"
+            if c1 and b1 is not None
+            else "–"
+        )
+        rows.append(
+            f"| {m['name']} | {_f(alone)} | {_f(ceil and ceil['images_per_s'])} (batch {ceil and ceil['batch_size']}) "
+            f"| {_f(msg and msg['images_per_s'])} (c={msg and msg['concurrency']}) "
+            f"| {_f(shm and shm['images_per_s'])} (c={shm and shm['concurrency']}) | {_f(ratio, 2)} | {overhead} |"
+        )
+    return rows
+
+
+def _model_section(m: dict) -> list[str]:
+    out = [f"### {m['name']}", ""]
+    if m.get("error"):
+        out += [f"Failed: `{m['error']}`", ""]
+    if m.get("model_info"):
+        out += ["The server's `svertka_model_info`: `" + "`, `".join(m["model_info"]) + "`", ""]
+    if m.get("ceiling"):
+        alone = {p["batch_size"]: p for p in m.get("device_resident", [])}
+        out += [
+            f"Ceiling: onnxruntime {m['ceiling']['provider']} through the server's session (IO binding: one copy "
+            "to the GPU and one back per batch), and the same graph with input and output left on the GPU.",
+            "",
+            "| batch | img/s (server's session) | p50 ms | img/s (GPU alone) | p50 ms |",
+            "|---|---|---|---|---|",
+        ]
+        for p in m["ceiling"]["points"]:
+            a = alone.get(p["batch_size"])
+            out.append(
+                f"| {p['batch_size']} | {_f(p['images_per_s'])} | {p['latency_ms']['p50']:.2f} | "
+                f"{_f(a and a['images_per_s'])} | {_f(a and a['latency_ms']['p50'], 2)} |"
+            )
+        out.append("")
+    for key, title in (
+        ("perf", "tensors in the gRPC messages"),
+        ("perf_shm", "tensors in system shared memory"),
+    ):
+        points = m.get(key) or []
+        if not points:
+            continue
+        out += [
+            f"perf_analyzer, closed loop, batch 1 per request, {title}:",
+            "",
+            "| concurrency | img/s | p50 ms | p99 ms | mean batch |",
+            "|---|---|---|---|---|",
+        ]
+        for p in points:
+            if not p.get("images_per_s"):
+                out.append(f"| {p['concurrency']} | no stable measurement ({p.get('error', '')}) | | | |")
+                continue
+            batches = {int(k): v for k, v in p["batches"].items()}
+            out.append(
+                f"| {p['concurrency']} | {_f(p['images_per_s'])} | {p['latency_ms']['p50']:.2f} | "
+                f"{p['latency_ms']['p99']:.2f} | {modelstats.mean_batch_size(batches):.1f} |"
+            )
+        out.append("")
+    if m.get("image"):
+        out += [
+            "Image API (1024x768 JPEGs decoded by the server), svertka's closed-loop load generator:",
+            "",
+            "| concurrency | img/s | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|",
+        ]
+        for r in m["image"]:
+            out.append(
+                f"| {r['load']:g} | {_f(r['images_per_s'])} | {r['latency_ms']['p50']:.2f} | "
+                f"{r['latency_ms']['p99']:.2f} | {r['errors']} |"
+            )
+        out.append("")
+    return out
+
+
+def render(results: dict) -> str:
+    meta = results["meta"]
+    gpu = meta.get("gpu") or {}
+    machine = meta["machine"]
+    out = [
+        "# svertka on a GPU",
+        "",
+        "Written by `python -m bench.gpu` (see its docstring), run once on a machine lent with a GPU; "
+        "rendered by `python -m bench.gpu --report-only FILE`. The CPU benchmark is in "
+        "[benchmarks.md](benchmarks.md).",
+        "",
+        f"- GPU: {gpu.get('name', 'none')} ({gpu.get('memory', '?')}, driver {gpu.get('driver', '?')})",
+        f"- CPU: {machine['cpu']}, {machine['cpus_usable']} usable; Python {machine['python']}; "
+        f"commit {machine['git_commit']}",
+        f"- onnxruntime {meta['onnxruntime']}, providers in the build: {', '.join(meta['available_providers'])}; "
+        f"used: {', '.join(meta['providers'])}",
+        f"- TensorRT: {meta.get('tensorrt', 'not tried')}",
+        f"- {meta['perf_analyzer']}; run {meta['started']} to {meta.get('finished', '(cut short)')}",
+        f"- Command: `{' '.join(meta['argv'])}`; plan: {meta['plan']}",
+        "",
+        "## Summary",
+        "",
+        *summary_rows(results),
+        "",
+        "## Per model",
+        "",
+    ]
+    for m in results["models"]:
+        out += _model_section(m)
+    return "\n".join(out) + "\n"
+
+
+def write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(results))
