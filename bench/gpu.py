@@ -52,11 +52,11 @@ class GpuPlan:
 FULL = GpuPlan(
     max_batch_size=64,
     instances=2,
-    ceiling_s_per_batch=1.0,
-    perf=perf.PerfSettings(measurement_interval_ms=2000, stability_percentage=20, max_trials=4),
+    ceiling_s_per_batch=0.7,
+    perf=perf.PerfSettings(measurement_interval_ms=1500, stability_percentage=20, max_trials=4),
     concurrencies=(1, 4, 16, 64),
     image_concurrencies=(16, 64),
-    load_s=4.0,
+    load_s=3.0,
 )
 QUICK = GpuPlan(
     max_batch_size=8,
@@ -126,14 +126,13 @@ def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dic
     """
     import onnxruntime as ort
 
+    from service import runtime
     from service.modelmeta import read_model_file
 
     meta = read_model_file(str(path))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(path), options, providers=[("CUDAExecutionProvider", {"device_id": 0})]
-    )
+    session = ort.InferenceSession(str(path), options, providers=[(runtime.CUDA, dict(runtime.CUDA_OPTIONS))])
     points = []
     rng = np.random.default_rng(0)
     for b in ceiling.batch_sizes(max_batch_size):

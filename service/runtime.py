@@ -44,6 +44,13 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 #: cores the decoders need). Both measurements are in docs/engine.md.
 SPIN_MIN_INPUT_PIXELS = 112 * 112
 
+#: The CUDA provider's options. cuDNN picks each convolution's algorithm by its heuristics instead of
+#: onnxruntime's default EXHAUSTIVE, which times every candidate algorithm the first time it sees an
+#: input shape: a dynamic batcher forms a new shape with every new batch size, and on an H200 each such
+#: search stalled resnet50 for up to seconds (perf_analyzer at concurrency 4: 62 images/s, 58 ms mean
+#: compute, p99 762 ms; docs/benchmarks-gpu.md has the run and the one after this change).
+CUDA_OPTIONS: dict[str, str | int | bool] = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
+
 #: Where TensorRT keeps built engines so a restart does not rebuild them.
 TRT_CACHE_DIR = Path(tempfile.gettempdir()) / "svertka-trt-cache"
 
@@ -137,7 +144,7 @@ def _provider_options(
             "trt_profile_max_shapes": shape.format(n=max_batch_size),
         }
     if name == CUDA:
-        return {"device_id": 0}
+        return dict(CUDA_OPTIONS)
     return {}
 
 
@@ -238,7 +245,7 @@ class Session:
             assert peeked is not None
             provider_list = [(p, _provider_options(p, peeked, settings.max_batch_size)) for p in chosen]
         elif CUDA in chosen:
-            provider_list = [(p, {"device_id": 0} if p == CUDA else {}) for p in chosen]
+            provider_list = [(p, dict(CUDA_OPTIONS) if p == CUDA else {}) for p in chosen]
         try:
             self._session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=provider_list
