@@ -13,7 +13,7 @@ One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
 4. whether the TensorRT execution provider loads.
 
 Results go to ``OUT/gpu.json`` after every step (a run cut short keeps what it
-measured); ``--report-only`` turns the JSON into ``docs/benchmarks-gpu.md``.
+measured); ``--report-only`` turns results files into ``docs/benchmarks-gpu.md`` (with ``bench/gpu_findings.md``).
 ``--providers cpu --arch resnet18 --image-size 64 --quick`` runs the same
 pipeline on a machine without a GPU, which is how it is tested.
 """
@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="seconds per step (the test's mode)")
     parser.add_argument(
-        "--report-only", type=Path, metavar="GPU_JSON", help="only write the report from a results file"
+        "--report-only",
+        type=Path,
+        nargs="+",
+        metavar="GPU_JSON",
+        help="only write the report from results files (one section each, in order)",
     )
     parser.add_argument("--report", type=Path, default=REPO_ROOT / "docs" / "benchmarks-gpu.md")
     args = parser.parse_args(argv)  # fmt: skip
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import gpu_report
 
     if args.report_only:
-        gpu_report.write(json.loads(args.report_only.read_text()), args.report)
+        gpu_report.write([json.loads(p.read_text()) for p in args.report_only], args.report)
         log(f"wrote {args.report}")
         return 0
     plan = QUICK if args.quick else FULL
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     save()
     log(f"results: {results_path}")
-    gpu_report.write(json.loads(json.dumps(results)), args.out / "benchmarks-gpu.md")
+    gpu_report.write([json.loads(json.dumps(results))], args.out / "benchmarks-gpu.md", findings=None)
     return 0
 
 

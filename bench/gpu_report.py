@@ -62,7 +62,7 @@ def summary_rows(results: dict) -> list[str]:
 
 
 def _model_section(m: dict) -> list[str]:
-    out = [f"### {m['name']}", ""]
+    out = [f"#### {m['name']}", ""]
     if m.get("error"):
         out += [f"Failed: `{m['error']}`", ""]
     if m.get("model_info"):
@@ -93,17 +93,18 @@ def _model_section(m: dict) -> list[str]:
         out += [
             f"perf_analyzer, closed loop, batch 1 per request, {title}:",
             "",
-            "| concurrency | img/s | p50 ms | p99 ms | mean batch |",
-            "|---|---|---|---|---|",
+            "| concurrency | img/s | p50 ms | p99 ms | mean batch | batch sizes seen | server compute per request, mean ms |",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in points:
             if not p.get("images_per_s"):
-                out.append(f"| {p['concurrency']} | no stable measurement ({p.get('error', '')}) | | | |")
+                out.append(f"| {p['concurrency']} | no stable measurement ({p.get('error', '')}) | | | | | |")
                 continue
             batches = {int(k): v for k, v in p["batches"].items()}
             out.append(
                 f"| {p['concurrency']} | {_f(p['images_per_s'])} | {p['latency_ms']['p50']:.2f} | "
-                f"{p['latency_ms']['p99']:.2f} | {modelstats.mean_batch_size(batches):.1f} |"
+                f"{p['latency_ms']['p99']:.2f} | {modelstats.mean_batch_size(batches):.1f} | {len(batches)} | "
+                f"{p['breakdown_us'].get('Server Compute Infer', float('nan')) / 1e3:.2f} |"
             )
         out.append("")
     if m.get("image"):
@@ -122,38 +123,52 @@ def _model_section(m: dict) -> list[str]:
     return out
 
 
-def render(results: dict) -> str:
+#: Hand-written reading of the GPU runs (what each showed, what changed between them), put on the page.
+FINDINGS = Path(__file__).resolve().parent / "gpu_findings.md"
+
+
+def _run_section(index: int, results: dict) -> list[str]:
     meta = results["meta"]
     gpu = meta.get("gpu") or {}
     machine = meta["machine"]
     out = [
-        "# svertka on a GPU",
-        "",
-        "Written by `python -m bench.gpu` (see its docstring), run once on a machine lent with a GPU; "
-        "rendered by `python -m bench.gpu --report-only FILE`. The CPU benchmark is in "
-        "[benchmarks.md](benchmarks.md).",
+        f"## Run {index}: commit {machine['git_commit']}",
         "",
         f"- GPU: {gpu.get('name', 'none')} ({gpu.get('memory', '?')}, driver {gpu.get('driver', '?')})",
-        f"- CPU: {machine['cpu']}, {machine['cpus_usable']} usable; Python {machine['python']}; "
-        f"commit {machine['git_commit']}",
+        f"- CPU: {machine['cpu']}, {machine['cpus_usable']} usable; Python {machine['python']}",
         f"- onnxruntime {meta['onnxruntime']}, providers in the build: {', '.join(meta['available_providers'])}; "
         f"used: {', '.join(meta['providers'])}",
         f"- TensorRT: {meta.get('tensorrt', 'not tried')}",
         f"- {meta['perf_analyzer']}; run {meta['started']} to {meta.get('finished', '(cut short)')}",
         f"- Command: `{' '.join(meta['argv'])}`; plan: {meta['plan']}",
         "",
-        "## Summary",
+        "### Summary",
         "",
         *summary_rows(results),
-        "",
-        "## Per model",
         "",
     ]
     for m in results["models"]:
         out += _model_section(m)
+    return out
+
+
+def render(runs: list[dict], findings: Path | None = FINDINGS) -> str:
+    out = [
+        "# svertka on a GPU",
+        "",
+        "Measured by `python -m bench.gpu` (see its docstring) on a machine lent with a GPU, through "
+        "`bash bench/gpu_machine.sh BUNDLE RESULTS` there; the results files are in `docs/gpu/`, and this "
+        "page is rendered from them by `python -m bench.gpu --report-only docs/gpu/run-*.json`. The CPU "
+        "benchmark is in [benchmarks.md](benchmarks.md).",
+        "",
+    ]
+    if findings and findings.is_file():
+        out += [findings.read_text().strip(), ""]
+    for index, results in enumerate(runs, start=1):
+        out += _run_section(index, results)
     return "\n".join(out) + "\n"
 
 
-def write(results: dict, path: Path) -> None:
+def write(runs: list[dict], path: Path, findings: Path | None = FINDINGS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(results))
+    path.write_text(render(runs, findings))

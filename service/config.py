@@ -60,6 +60,10 @@ class ModelSettings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
     preferred_batch_sizes: tuple[int, ...] = ()
+    #: Batches are padded up to the next of these sizes, each of which gets its own onnxruntime
+    #: session, so that no session ever sees a new input shape (service.runtime.padded_sizes).
+    #: "auto": powers of two up to max_batch_size, with the CUDA provider only; [] : never.
+    padded_batch_sizes: tuple[int, ...] | str = "auto"
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     instances: int = 1
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
@@ -74,6 +78,14 @@ class ModelSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(int(x) for x in self.preferred_batch_sizes))
         object.__setattr__(self, "providers", tuple(str(p).lower() for p in self.providers))
+        if self.padded_batch_sizes != "auto":
+            if isinstance(self.padded_batch_sizes, str | int) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in self.padded_batch_sizes
+            ):
+                raise ConfigError(
+                    f"padded_batch_sizes: expected auto or a list of batch sizes, got {self.padded_batch_sizes!r}"
+                )
+            object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms < 0:
@@ -83,6 +95,12 @@ class ModelSettings:
             raise ConfigError(
                 f"preferred_batch_sizes: expected values in [1, {self.max_batch_size}], got {bad}"
             )
+        if self.padded_batch_sizes != "auto":
+            bad = [b for b in self.padded_batch_sizes if not 1 <= b <= self.max_batch_size]
+            if bad:
+                raise ConfigError(
+                    f"padded_batch_sizes: expected values in [1, {self.max_batch_size}], got {bad}"
+                )
         if self.max_queue_size < 1:
             raise ConfigError(f"max_queue_size: expected >= 1, got {self.max_queue_size}")
         if self.instances < 1:

@@ -148,6 +148,37 @@ def _provider_options(
     return {}
 
 
+def padded_sizes(settings: config.ModelSettings, provider: str) -> tuple[int, ...]:
+    """The batch sizes a batch is padded up to (each with its own session), or () for none.
+
+    onnxruntime's CUDA provider pays for every change of input shape in each
+    convolution (on an H200, resnet50 batches whose size changed from the last
+    took tens of milliseconds instead of two; docs/benchmarks-gpu.md), and a
+    dynamic batcher changes the batch size all the time. One session per size,
+    each only ever fed its own shape, removes the change; padding a batch of 5
+    to 8 costs less than that. ``auto`` does it for the CUDA provider, with
+    powers of two up to ``max_batch_size`` (and ``max_batch_size`` itself);
+    TensorRT has its own optimisation profile and the CPU provider no such cost.
+    An explicit list applies on any provider; ``max_batch_size`` is always added.
+    """
+    sizes = settings.padded_batch_sizes
+    if sizes == "auto":
+        if provider != CUDA:
+            return ()
+        sizes = tuple(_powers_of_two(settings.max_batch_size))
+    if not sizes:
+        return ()
+    return tuple(sorted({*sizes, settings.max_batch_size}))
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    out, b = [], 1
+    while b <= limit:
+        out.append(b)
+        b *= 2
+    return out
+
+
 def read_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
     try:
         return modelmeta.from_props(session.get_modelmeta().custom_metadata_map)
@@ -246,12 +277,8 @@ class Session:
             provider_list = [(p, _provider_options(p, peeked, settings.max_batch_size)) for p in chosen]
         elif CUDA in chosen:
             provider_list = [(p, dict(CUDA_OPTIONS) if p == CUDA else {}) for p in chosen]
-        try:
-            self._session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=provider_list
-            )
-        except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/NoSuchFile/RuntimeError...
-            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
+        self._options, self._provider_list = options, provider_list
+        self._session = self._open()
         self.meta = read_metadata(self._session)
         check_signature(self._session, self.meta)
         self.provider = self._session.get_providers()[0]
@@ -267,38 +294,63 @@ class Session:
         self._input = self.meta.input_name
         self._output = self.meta.output_name
         self._device = self.provider in GPU_PROVIDERS
+        #: Batch size -> the session that runs batches padded to it (empty: one session, any size).
+        self.padded_sizes = padded_sizes(settings, self.provider)
+        self._by_size = {
+            b: self._session if b == self.padded_sizes[-1] else self._open() for b in self.padded_sizes
+        }
         log.info(
-            "loaded %s instance %d on %s (%d intra-op threads, %s)",
+            "loaded %s instance %d on %s (%d intra-op threads, %s%s)",
             self.path,
             instance,
             self.provider,
             self.threads,
             "spinning" if self.spinning else "not spinning",
+            f"; batches padded to {list(self.padded_sizes)}, one session each" if self.padded_sizes else "",
         )
+
+    def _open(self) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.path), sess_options=self._options, providers=self._provider_list
+            )
+        except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/NoSuchFile/RuntimeError...
+            raise ModelLoadError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, 3, H, W) -> float32 (n, classes). Blocking."""
-        if self._device:
-            return self._run_bound(batch)
-        return self._session.run([self._output], {self._input: batch})[0]
+        n = len(batch)
+        size = next((b for b in self.padded_sizes if b >= n), 0)
+        if not size:  # no padding, or more rows than the largest size (run as they are)
+            return self._execute(self._session, batch)
+        if size != n:
+            padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
+            padded[:n] = batch
+            batch = padded
+        return self._execute(self._by_size[size], batch)[:n]
 
-    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+    def _execute(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        if self._device:
+            return self._run_bound(session, batch)
+        return session.run([self._output], {self._input: batch})[0]
+
+    def _run_bound(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
         """GPU: IO binding, so the input is copied to the device once and the output allocated there."""
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda", 0)
         binding.bind_ortvalue_input(self._input, value)
         binding.bind_output(self._output, "cuda", 0)
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def warm_up(self, max_batch_size: int) -> dict[int, float]:
-        """Run batch 1 and the largest batch once (allocations, kernel choice, TensorRT engines).
+        """Run batch 1, the largest batch and each padded size once (allocations, kernel choice, TensorRT engines).
 
         Also proves the output really is (n, classes) float32 and finite; returns seconds per batch size.
         """
         rng = np.random.default_rng(0)
         timings: dict[int, float] = {}
-        for n in sorted({1, max_batch_size}):
+        for n in sorted({1, max_batch_size, *self.padded_sizes}):  # every padded size's session once
             x = rng.standard_normal((n, *self.meta.input_shape), dtype=np.float32)
             start = time.perf_counter()
             try:
@@ -318,8 +370,9 @@ class Session:
         return timings
 
     def close(self) -> None:
-        """Drop the session (onnxruntime frees it when the last reference goes)."""
+        """Drop the sessions (onnxruntime frees each when the last reference goes)."""
         self._session = None  # type: ignore[assignment]
+        self._by_size = {}
 
 
 def _first_line(exc: BaseException) -> str:

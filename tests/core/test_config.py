@@ -15,6 +15,9 @@ def test_model_settings_defaults_are_valid():
     [
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"preferred_batch_sizes": [64]}, "preferred_batch_sizes"),
+        ({"padded_batch_sizes": [0, 4]}, r"padded_batch_sizes: expected values in \[1, 32\], got \[0\]"),
+        ({"padded_batch_sizes": "powers"}, "padded_batch_sizes: expected auto or a list of batch sizes"),
+        ({"padded_batch_sizes": [2.5]}, "padded_batch_sizes: expected auto or a list"),
         ({"providers": ["tpu"]}, "providers"),
         ({"instances": 0}, "instances"),
         ({"batch_size": 8}, "unknown settings"),
@@ -27,12 +30,14 @@ def test_bad_model_settings_name_the_setting(data, message):
 
 def test_model_settings_load_yaml_and_json(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "config.yaml").write_text("max_batch_size: 8\npreferred_batch_sizes: [4, 8]\n")
+    (tmp_path / "a" / "config.yaml").write_text(
+        "max_batch_size: 8\npreferred_batch_sizes: [4, 8]\npadded_batch_sizes: [4, 2, 4]\n"
+    )
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text('{"max_queue_delay_ms": 5, "instances": 2}')
     (tmp_path / "c").mkdir()
     a, b, c = (ModelSettings.load(tmp_path / n) for n in "abc")
-    assert (a.max_batch_size, a.preferred_batch_sizes) == (8, (4, 8))
+    assert (a.max_batch_size, a.preferred_batch_sizes, a.padded_batch_sizes) == (8, (4, 8), (2, 4))
     assert (b.max_queue_delay_ms, b.instances) == (5, 2)
     assert c == ModelSettings()
 

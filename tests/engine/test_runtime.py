@@ -50,6 +50,34 @@ def test_session_runs_and_warms_up(tmp_path):
     assert out.shape == (3, 7) and out.dtype == np.float32
 
 
+def test_padded_sizes_auto_is_for_the_cuda_provider_and_a_list_applies_anywhere():
+    auto = config.ModelSettings(max_batch_size=48)
+    assert runtime.padded_sizes(auto, CUDA) == (1, 2, 4, 8, 16, 32, 48)
+    assert runtime.padded_sizes(config.ModelSettings(max_batch_size=64), CUDA) == (1, 2, 4, 8, 16, 32, 64)
+    assert runtime.padded_sizes(auto, CPU) == () and runtime.padded_sizes(auto, TRT) == ()
+    listed = config.ModelSettings(max_batch_size=8, padded_batch_sizes=[4, 2])
+    assert runtime.padded_sizes(listed, CPU) == (2, 4, 8)  # the largest batch always has a size
+    assert runtime.padded_sizes(config.ModelSettings(padded_batch_sizes=[]), CUDA) == ()
+
+
+def test_a_padded_session_answers_every_batch_size_as_the_unpadded_one_does(tmp_path):
+    """Each padded size has its own onnxruntime session; a batch of 3 runs as 4 and comes back as 3 rows."""
+    make_tiny_model(tmp_path / "m.onnx", num_classes=7)
+    plain = runtime.Session(tmp_path / "m.onnx", config.ModelSettings(max_batch_size=8), threads=1)
+    padded = runtime.Session(
+        tmp_path / "m.onnx", config.ModelSettings(max_batch_size=8, padded_batch_sizes=[2, 4]), threads=1
+    )
+    assert plain.padded_sizes == () and padded.padded_sizes == (2, 4, 8)
+    sessions = {id(s) for s in padded._by_size.values()}
+    assert len(sessions) == 3 and id(padded._session) in sessions
+    assert set(padded.warm_up(8)) == {1, 2, 4, 8}
+    x = np.random.default_rng(1).standard_normal((9, 3, 32, 32), dtype=np.float32)
+    for n in (1, 2, 3, 5, 8, 9):  # 9 rows: more than the largest size, run as they are
+        got, want = padded.run(x[:n]), plain.run(x[:n])
+        assert got.shape == (n, 7) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def _spins(session: runtime.Session) -> str:
     return session._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
 
