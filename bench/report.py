@@ -615,8 +615,10 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     lines += [
         "## GPU",
         "",
-        "Pending: no GPU was available to this run. The same benchmark with the CUDA execution provider (and TensorRT "
-        "where it loads) on fp16 and fp32 resnet50 with IO binding will be recorded here when one is.",
+        "This run is CPU-only. The GPU benchmark (`python -m bench.gpu`: the CUDA execution provider with IO "
+        "binding on resnet50 fp32 and fp16, the ceiling with and without host copies, perf_analyzer over messages "
+        "and shared memory, the image API, whether TensorRT loads) runs on a machine with a GPU; its runs and "
+        "what they showed are in [benchmarks-gpu.md](benchmarks-gpu.md).",
         "",
     ]
     if findings and findings.is_file():

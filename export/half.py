@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: fp16 has an 11-bit significand (a relative step of about 5e-4 per rounding); through a deep
 #: network the logits move by a few of those relative to their scale. Measured here: 4.5e-4 of the
-#: largest |logit| on a random-weight resnet50, 1.4e-3 on the default digits resnet20 (docs/training.md).
+#: largest |logit| on a random-weight resnet50, 1.4e-3 on the tests' digits resnet20 (docs/training.md).
 FP16_RTOL = 2e-2
 
 
