@@ -136,4 +136,4 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert all("--shared-memory system" in p["command"] for p in points)
     assert "## Same-host clients: system shared memory" in text
     assert "## Headline" in text and "Quick mode" in text
-    assert "## GPU" in text and "Pending" in text
+    assert "## GPU" in text and "(benchmarks-gpu.md)" in text

@@ -1,0 +1,55 @@
+"""``python -m bench.gpu`` cannot rot: its pipeline runs on the CPU, and the GPU page is its data's rendering.
+
+The GPU benchmark only means something on a GPU, which CI never has; the same
+code with ``--providers cpu`` (a small resnet18, seconds per step) exports the
+fp32 and fp16 models, measures the ceiling, serves each model and loads it
+with perf_analyzer and the image client, so a change that breaks it fails
+here and not on the next rare GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import ceiling, gpu, gpu_report
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--providers", "cpu", "--arch", "resnet18", "--image-size", "64",
+         "--quick", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert results["meta"]["providers"] == ["cpu"] and results["meta"]["finished"]
+    models = {m["name"]: m for m in results["models"]}
+    assert list(models) == ["resnet18", "resnet18-fp16"]
+    for name, m in models.items():
+        assert "error" not in m, m.get("error")
+        sizes = [p["batch_size"] for p in m["ceiling"]["points"]]
+        assert sizes == ceiling.batch_sizes(gpu.QUICK.max_batch_size)
+        assert m["ceiling"]["provider"] == "CPUExecutionProvider"
+        for key in ("perf", "perf_shm"):
+            assert [p["concurrency"] for p in m[key]] == list(gpu.QUICK.concurrencies)
+            assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in m[key])
+        assert all(r["completed"] > 0 and not r["errors"] for r in m["image"])
+        precision = "fp16" if name.endswith("fp16") else "fp32"
+        assert any(f'precision="{precision}"' in line for line in m["model_info"])
+    page = (tmp_path / "benchmarks-gpu.md").read_text()
+    assert "| resnet18 |" in page and "| resnet18-fp16 |" in page
+
+
+def test_the_gpu_page_is_the_rendering_of_its_results_files() -> None:
+    runs = sorted((REPO / "docs" / "gpu").glob("run-*.json"))
+    assert runs, "docs/gpu holds the GPU runs"
+    rendered = gpu_report.render([json.loads(p.read_text()) for p in runs])
+    assert (REPO / "docs" / "benchmarks-gpu.md").read_text() == rendered
