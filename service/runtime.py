@@ -47,8 +47,8 @@ SPIN_MIN_INPUT_PIXELS = 112 * 112
 #: The CUDA provider's options. cuDNN picks each convolution's algorithm by its heuristics instead of
 #: onnxruntime's default EXHAUSTIVE, which times every candidate algorithm the first time it sees an
 #: input shape: a dynamic batcher forms a new shape with every new batch size, and on an H200 each such
-#: search stalled resnet50 for up to seconds (perf_analyzer at concurrency 4: 62 images/s, 58 ms mean
-#: compute, p99 762 ms; docs/benchmarks-gpu.md has the run and the one after this change).
+#: search stalled resnet50 for about a second (perf_analyzer at concurrency 64, shared memory: 57 images/s
+#: and 820 ms of compute per request; 322 images/s with HEURISTIC; docs/benchmarks-gpu.md, runs 1 and 2).
 CUDA_OPTIONS: dict[str, str | int | bool] = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
 
 #: Where TensorRT keeps built engines so a restart does not rebuild them.
@@ -158,7 +158,8 @@ def padded_sizes(settings: config.ModelSettings, provider: str) -> tuple[int, ..
     each only ever fed its own shape, removes the change; padding a batch of 5
     to 8 costs less than that. ``auto`` does it for the CUDA provider, with
     powers of two up to ``max_batch_size`` (and ``max_batch_size`` itself);
-    TensorRT has its own optimisation profile and the CPU provider no such cost.
+    TensorRT has its own optimisation profile, and the CPU provider has shown no such cost (the CPU
+    benchmark serves batches of every size at 0.84-0.91 of its ceiling, docs/benchmarks.md).
     An explicit list applies on any provider; ``max_batch_size`` is always added.
     """
     sizes = settings.padded_batch_sizes
