@@ -324,9 +324,10 @@ class Session:
         size = next((b for b in self.padded_sizes if b >= n), 0)
         if not size:  # no padding, or more rows than the largest size (run as they are)
             return self._execute(self._session, batch)
-        if size != n:
-            padded = np.zeros((size, *batch.shape[1:]), dtype=batch.dtype)
+        if size != n:  # the rows, then zero rows up to the size (each byte written once)
+            padded = np.empty((size, *batch.shape[1:]), dtype=batch.dtype)
             padded[:n] = batch
+            padded[n:] = 0
             batch = padded
         return self._execute(self._by_size[size], batch)[:n]
 
