@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_machine.sh BUNDLE RESULTS [python -m bench.gpu flags]
 #
-# BUNDLE holds ort.tar.xz.part* (onnxruntime-gpu's package, split into pieces small enough to copy)
-# and rest.tar.xz (site/: grpcio, protobuf, simplejpeg, prometheus-client and the gRPC health and
+# BUNDLE (made here by bench/gpu_bundle.sh) holds ort.tar.xz.part* (onnxruntime-gpu's package, split
+# into pieces small enough to copy) and rest.tar.xz (site/: grpcio, protobuf, simplejpeg, prometheus-client and the gRPC health and
 # reflection packages for that python; bin/perf_analyzer from the tritonclient wheel; lib/: the
 # libcudart.so.12 and libb64 that perf_analyzer links). RESULTS gets gpu.json, benchmarks-gpu.md and
 # the server logs, also when the run fails or is cut short.
