@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from bench import modelstats
@@ -125,6 +126,29 @@ def _model_section(m: dict) -> list[str]:
 
 #: Hand-written reading of the GPU runs (what each showed, what changed between them), put on the page.
 FINDINGS = Path(__file__).resolve().parent / "gpu_findings.md"
+#: The GPU runs' results files, committed (``run-1.json``, ``run-2.json``, ...).
+RUNS = Path(__file__).resolve().parent.parent / "docs" / "gpu"
+
+
+def committed_runs(folder: Path = RUNS) -> list[dict]:
+    """The committed GPU runs, oldest first."""
+    paths = sorted(folder.glob("run-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def headline(runs: list[dict]) -> list[str]:
+    """Each run's summary table, for the CPU page's GPU section."""
+    out = []
+    for index, results in enumerate(runs, start=1):
+        meta = results["meta"]
+        gpu = (meta.get("gpu") or {}).get("name", "no GPU")
+        out += [
+            f"Run {index} ({gpu}, commit {meta['machine']['git_commit']}, {meta['started'][:10]}):",
+            "",
+            *summary_rows(results),
+            "",
+        ]
+    return out
 
 
 def _run_section(index: int, results: dict) -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import gpu_report
+
 #: The issue's targets, checked (not asserted) in the report.
 TARGET_TENSOR_EFFICIENCY = 0.95
 TARGET_IMAGE_EFFICIENCY = 0.75
@@ -617,9 +619,10 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "",
         "This run is CPU-only. The GPU benchmark (`python -m bench.gpu`: the CUDA execution provider with IO "
         "binding on resnet50 fp32 and fp16, the ceiling with and without host copies, perf_analyzer over messages "
-        "and shared memory, the image API, whether TensorRT loads) runs on a machine with a GPU; its runs and "
-        "what they showed are in [benchmarks-gpu.md](benchmarks-gpu.md).",
+        "and shared memory, the image API, whether TensorRT loads) runs on a machine with a GPU; its runs, their "
+        "tables and what they showed are in [benchmarks-gpu.md](benchmarks-gpu.md). Their summaries:",
         "",
+        *gpu_report.headline(gpu_report.committed_runs()),
     ]
     if findings and findings.is_file():
         lines += [findings.read_text().strip(), ""]

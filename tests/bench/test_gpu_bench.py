@@ -49,7 +49,7 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
 
 
 def test_the_gpu_page_is_the_rendering_of_its_results_files() -> None:
-    runs = sorted((REPO / "docs" / "gpu").glob("run-*.json"))
+    runs = gpu_report.committed_runs()
     assert runs, "docs/gpu holds the GPU runs"
-    rendered = gpu_report.render([json.loads(p.read_text()) for p in runs])
+    rendered = gpu_report.render(runs)
     assert (REPO / "docs" / "benchmarks-gpu.md").read_text() == rendered
