@@ -8,7 +8,8 @@ One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
    ``max_batch_size``; and the same graph with input and output left on the
    device (no host copies), which is what the GPU alone does;
 2. ``svertka serve`` on that model under perf_analyzer, closed loop, with the
-   tensors in the gRPC messages and in system shared memory;
+   tensors in the gRPC messages and in system shared memory; for fp32 also
+   with ``padded_batch_sizes: []`` (shared memory), to show what padding changes;
 3. the image API with the benchmark's 1024x768 JPEGs, closed loop;
 4. whether the TensorRT execution provider loads.
 
@@ -110,10 +111,11 @@ def make_models(repository: Path, arch: str, image_size: int) -> dict[str, Path]
     return {arch: fp32, f"{arch}-fp16": fp16}
 
 
-def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...]) -> None:
+def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...], *, padded: bool = True) -> None:
+    """The model's config.yaml; ``padded=False`` turns padded batch sizes off (the comparison run)."""
     text = (
         f"max_batch_size: {plan.max_batch_size}\ninstances: {plan.instances}\n"
-        f"providers: [{', '.join(providers)}]\n"
+        f"providers: [{', '.join(providers)}]\n{'' if padded else 'padded_batch_sizes: []' + chr(10)}"
     )
     (model_dir / "config.yaml").write_text(text)
 
@@ -207,7 +209,7 @@ async def _image_api(url: str, model: str, jpegs: list[bytes], plan: GpuPlan) ->
 
 
 def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...], jpegs: list[bytes],
-                workdir: Path, save) -> dict:  # fmt: skip
+                workdir: Path, save, *, compare_unpadded: bool = False) -> dict:  # fmt: skip
     from service import config
 
     repo = target.single_model_repository(path, name, workdir / "repos")
@@ -247,6 +249,18 @@ def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...]
         out["image"] = asyncio.run(_image_api(server.grpc_url, name, jpegs, plan))
         info = [ln for ln in server.metrics_text().splitlines() if ln.startswith("svertka_model_info{")]
         out["model_info"] = info
+        save()
+    if compare_unpadded:
+        # The same server with padded batch sizes off, minutes later: what padding changes.
+        write_config(repo / name, plan, providers, padded=False)
+        log(f"{name}: svertka serve with padded_batch_sizes: [] (the comparison)")
+        with target.serve(
+            repo, log_path=workdir / "logs" / f"svertka-{name}-unpadded.log", args=("--allow-shared-memory",)
+        ) as server:
+            points = perf.sweep(server.grpc_url, name, list(plan.concurrencies), plan.perf,
+                                workdir / "perf-unpadded", log, shared_memory=True)  # fmt: skip
+            out["unpadded_perf_shm"] = [_asdict(p) for p in points]
+        write_config(repo / name, plan, providers)
         save()
     return out
 
@@ -311,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"name": name}
         results["models"].append(entry)
         try:
-            entry.update(bench_model(name, path, plan, providers, jpegs, work, save))
+            # fp32 (the first model) is served a second time without padded batch sizes.
+            entry.update(bench_model(name, path, plan, providers, jpegs, work, save,
+                                     compare_unpadded=not results["models"][:-1]))  # fmt: skip
         except Exception as exc:  # keep the other model's numbers; the log has the traceback
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name}: failed: {entry['error']}")

@@ -87,6 +87,10 @@ def _model_section(m: dict) -> list[str]:
     for key, title in (
         ("perf", "tensors in the gRPC messages"),
         ("perf_shm", "tensors in system shared memory"),
+        (
+            "unpadded_perf_shm",
+            "tensors in system shared memory, padded batch sizes off (`padded_batch_sizes: []`)",
+        ),
     ):
         points = m.get(key) or []
         if not points:
