@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,29 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def time_batch(
+    run: Callable[[], object], batch_size: int, seconds: float, min_iterations: int = 5, warmup: int = 2
+) -> BatchPoint:
+    """``run()`` (one batch of ``batch_size``) back to back for about ``seconds`` after ``warmup`` calls
+    (first runs at a new shape allocate)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_iterations or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - start
+    lat = np.asarray(times) * 1e3
+    return BatchPoint(
+        batch_size=batch_size,
+        iterations=len(times),
+        images_per_s=batch_size * len(times) / elapsed,
+        latency_ms={**percentiles(lat), "mean": float(lat.mean())},
+    )
+
+
 def measure(
     path: Path,
     *,
@@ -96,23 +120,6 @@ def measure(
     points = []
     for b in batch_sizes(max_batch_size):
         x = rng.standard_normal((b, *shape), dtype=np.float32)
-        for _ in range(2):  # warm-up: first runs at a new shape allocate
-            session.run(x)
-        times = []
-        start = time.perf_counter()
-        while len(times) < min_iterations or time.perf_counter() - start < seconds_per_batch:
-            t0 = time.perf_counter()
-            session.run(x)
-            times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-        lat = np.asarray(times) * 1e3
-        points.append(
-            BatchPoint(
-                batch_size=b,
-                iterations=len(times),
-                images_per_s=b * len(times) / elapsed,
-                latency_ms={**percentiles(lat), "mean": float(lat.mean())},
-            )
-        )
+        points.append(time_batch(lambda x=x: session.run(x), b, seconds_per_batch, min_iterations))
     session.close()
     return Ceiling(model=model, provider=session.provider, intra_op_threads=session.threads, points=points)

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from bench import ceiling, images, loadgen, machine, perf, target
-from bench.stats import percentiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,11 +112,13 @@ def make_models(repository: Path, arch: str, image_size: int) -> dict[str, Path]
 
 def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...], *, padded: bool = True) -> None:
     """The model's config.yaml; ``padded=False`` turns padded batch sizes off (the comparison run)."""
-    text = (
-        f"max_batch_size: {plan.max_batch_size}\ninstances: {plan.instances}\n"
-        f"providers: [{', '.join(providers)}]\n{'' if padded else 'padded_batch_sizes: []' + chr(10)}"
-    )
-    (model_dir / "config.yaml").write_text(text)
+    lines = [
+        f"max_batch_size: {plan.max_batch_size}",
+        f"instances: {plan.instances}",
+        f"providers: [{', '.join(providers)}]",
+        *([] if padded else ["padded_batch_sizes: []"]),
+    ]
+    (model_dir / "config.yaml").write_text("\n".join(lines) + "\n")
 
 
 def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dict]:
@@ -144,19 +145,11 @@ def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dic
         binding = session.io_binding()
         binding.bind_ortvalue_input(meta.input_name, x)
         binding.bind_output(meta.output_name, "cuda", 0)
-        for _ in range(3):
-            session.run_with_iobinding(binding)
-        times = []
-        start = time.perf_counter()
-        while len(times) < 10 or time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            session.run_with_iobinding(binding)  # returns when the stream is done
-            times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-        lat = np.asarray(times) * 1e3
-        points.append(
-            {"batch_size": b, "images_per_s": b * len(times) / elapsed, "latency_ms": percentiles(lat)}
+        # run_with_iobinding returns when the stream is done
+        point = ceiling.time_batch(
+            lambda binding=binding: session.run_with_iobinding(binding), b, seconds, 10, warmup=3
         )
+        points.append(dataclasses.asdict(point))
     return points
 
 

@@ -111,9 +111,7 @@ def to_fp16(
     scale = float(np.abs(expected).max())
     diff = _relative(got, expected, scale)
     agree = int((got.argmax(1) == expected.argmax(1)).sum())
-    batch = images[: verify.INVARIANCE_BATCH]
-    alone = np.concatenate([verify.run(f16, batch[i : i + 1]) for i in range(len(batch))])
-    invariance = _relative(verify.run(f16, batch), alone, scale)
+    invariance = verify.batch_invariance(f16, images) / max(scale, 1e-12)
     problems = []
     if not diff <= rtol:
         problems.append(f"max |logit diff| fp16 vs fp32 is {diff:.3g} of the largest logit > {rtol:g}")

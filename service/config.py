@@ -78,14 +78,6 @@ class ModelSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(int(x) for x in self.preferred_batch_sizes))
         object.__setattr__(self, "providers", tuple(str(p).lower() for p in self.providers))
-        if self.padded_batch_sizes != "auto":
-            if isinstance(self.padded_batch_sizes, str | int) or not all(
-                isinstance(b, int) and not isinstance(b, bool) for b in self.padded_batch_sizes
-            ):
-                raise ConfigError(
-                    f"padded_batch_sizes: expected auto or a list of batch sizes, got {self.padded_batch_sizes!r}"
-                )
-            object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms < 0:
@@ -96,6 +88,13 @@ class ModelSettings:
                 f"preferred_batch_sizes: expected values in [1, {self.max_batch_size}], got {bad}"
             )
         if self.padded_batch_sizes != "auto":
+            if isinstance(self.padded_batch_sizes, str | int) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in self.padded_batch_sizes
+            ):
+                raise ConfigError(
+                    f"padded_batch_sizes: expected auto or a list of batch sizes, got {self.padded_batch_sizes!r}"
+                )
+            object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
             bad = [b for b in self.padded_batch_sizes if not 1 <= b <= self.max_batch_size]
             if bad:
                 raise ConfigError(

@@ -321,9 +321,9 @@ class Session:
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, 3, H, W) -> float32 (n, classes). Blocking."""
         n = len(batch)
-        size = next((b for b in self.padded_sizes if b >= n), 0)
-        if not size:  # no padding, or more rows than the largest size (run as they are)
+        if not self.padded_sizes or n > self.padded_sizes[-1]:  # more rows than any size: run as they are
             return self._execute(self._session, batch)
+        size = next(b for b in self.padded_sizes if b >= n)
         if size != n:  # the rows, then zero rows up to the size (each byte written once)
             padded = np.empty((size, *batch.shape[1:]), dtype=batch.dtype)
             padded[:n] = batch
