@@ -25,6 +25,8 @@ class BatchPoint:
     iterations: int
     images_per_s: float
     latency_ms: dict[str, float]  # p50/p90/p99/mean of one run() call
+    #: CPU time of this process (all threads: onnxruntime's and the caller's) per image.
+    cpu_ms_per_image: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +82,21 @@ def time_batch(
     for _ in range(warmup):
         run()
     times = []
+    cpu0 = time.process_time()
     start = time.perf_counter()
     while len(times) < min_iterations or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu0
     lat = np.asarray(times) * 1e3
     return BatchPoint(
         batch_size=batch_size,
         iterations=len(times),
         images_per_s=batch_size * len(times) / elapsed,
         latency_ms={**percentiles(lat), "mean": float(lat.mean())},
+        cpu_ms_per_image=1e3 * cpu_s / (batch_size * len(times)),
     )
 
 

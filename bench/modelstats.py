@@ -41,6 +41,11 @@ def difference(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
     return {size: n for size, n in sorted(out.items()) if n > 0}
 
 
+def images(counts: dict[int, int]) -> int:
+    """Images computed in the batches ``counts`` describes (batch size times batches, summed)."""
+    return sum(size * n for size, n in counts.items())
+
+
 def mean_batch_size(counts: dict[int, int]) -> float:
     batches = sum(counts.values())
-    return sum(size * n for size, n in counts.items()) / batches if batches else float("nan")
+    return images(counts) / batches if batches else float("nan")

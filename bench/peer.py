@@ -22,6 +22,8 @@ class Peer:
     grpc_url: str
     http_url: str
     metrics_url: str
+    #: The launcher's pid; Triton and its Python backend stubs run as its descendants.
+    pid: int
 
     def model_stats(self, name: str) -> dict:
         """Triton's ModelStatistics for ``name`` through its HTTP API (no tritonclient needed)."""
@@ -99,5 +101,5 @@ def serve(
         with urllib.request.urlopen(f"{http_url}/v2/models/{name}/ready", timeout=2) as r:
             return r.status == 200
 
-    with running(cmd, log_path=log_path, ready=ready, timeout_s=timeout_s, env=_env()):
-        yield Peer(f"127.0.0.1:{grpc_port}", http_url, f"127.0.0.1:{metrics_port}/metrics")
+    with running(cmd, log_path=log_path, ready=ready, timeout_s=timeout_s, env=_env()) as proc:
+        yield Peer(f"127.0.0.1:{grpc_port}", http_url, f"127.0.0.1:{metrics_port}/metrics", proc.pid)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import modelstats
+from bench import cpu, modelstats
 
 VENV = Path(sys.prefix)
 
@@ -53,6 +53,8 @@ class PerfPoint:
     stable: bool
     command: str
     error: str = ""
+    #: CPU the measured run cost (``bench.cpu.CpuUse`` fields), when the server's pid was given.
+    cpu: dict | None = None
 
 
 def perf_analyzer_path() -> Path:
@@ -118,11 +120,14 @@ def run_level(
     workdir: Path,
     *,
     shared_memory: bool = False,
+    server_pid: int | None = None,
 ) -> PerfPoint:
     """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request).
 
     ``shared_memory``: tensors travel through system shared memory regions
-    (``--shared-memory system``), not in the gRPC messages.
+    (``--shared-memory system``), not in the gRPC messages. ``server_pid``: also
+    meter the CPU time of the server's process tree and of perf_analyzer over
+    the run (``bench.cpu``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     csv_path = workdir / f"{model}-c{concurrency}{'-shm' if shared_memory else ''}.csv"
@@ -138,8 +143,12 @@ def run_level(
             "-f", str(csv_path), *(["--shared-memory", "system"] if shared_memory else []),
         ]  # fmt: skip
         before = modelstats.batch_counts(url, model)
+        meter = cpu.Meter(server_pid, "children") if server_pid else None
         result = subprocess.run(cmd, capture_output=True, text=True, env=environment())
+        if meter:
+            meter.stop()
         after = modelstats.batch_counts(url, model)
+        batches = modelstats.difference(after, before)
         shown = " ".join(["perf_analyzer", *cmd[1:]])
         if result.returncode == 0 and csv_path.is_file():
             row = parse_csv(csv_path)
@@ -148,9 +157,10 @@ def run_level(
                 images_per_s=row["Inferences/Second"],
                 latency_ms={p: row[f"{p} latency"] / 1e3 for p in ("p50", "p90", "p95", "p99")},
                 breakdown_us={k: row[k] for k in BREAKDOWN_COLUMNS if k in row},
-                batches=modelstats.difference(after, before),
+                batches=batches,
                 stable=True,
                 command=shown,
+                cpu=dataclasses.asdict(meter.use(modelstats.images(batches))) if meter else None,
             )
         error = (result.stdout + result.stderr).strip().splitlines()[-1:] or [f"exit {result.returncode}"]
         error = error[0]
@@ -166,10 +176,13 @@ def sweep(
     log=print,
     *,
     shared_memory: bool = False,
+    server_pid: int | None = None,
 ) -> list[PerfPoint]:
     points = []
     for c in concurrencies:
-        point = run_level(url, model, c, settings, workdir, shared_memory=shared_memory)
+        point = run_level(
+            url, model, c, settings, workdir, shared_memory=shared_memory, server_pid=server_pid
+        )
         if point.stable:
             log(f"  c={c:2d}: {point.images_per_s:7.1f} img/s  p50 {point.latency_ms['p50']:6.1f} ms  "
                 f"p99 {point.latency_ms['p99']:6.1f} ms  mean batch {modelstats.mean_batch_size(point.batches):.2f}")  # fmt: skip

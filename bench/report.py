@@ -322,9 +322,12 @@ def _model_section(model: dict, img_rel: str, bound_ms: float) -> list[str]:
               f"{model['max_queue_delay_ms']:g}, {model['threads']} onnxruntime intra-op threads (svertka and the peer alike).", ""]  # fmt: skip
     lines += ["**onnxruntime alone** (the ceiling; "
               f"{len(model['ceiling_passes'])} pass{'es' if len(model['ceiling_passes']) > 1 else ''}, per batch size the faster kept):", ""]  # fmt: skip
+    points = model["ceiling"]["points"]
+    with_cpu = all(p.get("cpu_ms_per_image") for p in points)  # results from before CPU metering have none
     rows = [[str(p["batch_size"]), fmt(p["images_per_s"]), fmt(p["latency_ms"]["p50"], 2), fmt(p["latency_ms"]["p99"], 2),
-             str(p["iterations"])] for p in model["ceiling"]["points"]]  # fmt: skip
-    lines += _table(["batch", "images/s", "p50 ms per run", "p99 ms per run", "runs"], rows) + [""]
+             str(p["iterations"]), *([fmt(p["cpu_ms_per_image"], 2)] if with_cpu else [])] for p in points]  # fmt: skip
+    header = ["batch", "images/s", "p50 ms per run", "p99 ms per run", "runs"]
+    lines += _table(header + (["CPU ms per image"] if with_cpu else []), rows) + [""]
 
     lines += ["**Tensor API, closed loop** (perf_analyzer, one FP32 image per request; latencies as perf_analyzer "
               "reports them; mean batch from ModelStatistics):", ""]  # fmt: skip
@@ -510,6 +513,73 @@ def _shm_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _cpu_cell(point: dict | None) -> str:
+    use = (point or {}).get("cpu")
+    if not use or not use["images"] or not use["wall_s"]:
+        return ""
+    per = 1e3 / use["images"]
+    return (f"{fmt(use['server_s'] * per, 2)} + {fmt(use['client_s'] * per, 2)} "
+            f"({fmt((use['server_s'] + use['client_s']) / use['wall_s'], 2)})")  # fmt: skip
+
+
+def _cpu_section(results: dict) -> list[str]:
+    """CPU time per image of each server and its client, at every level measured (``bench/cpu.py``)."""
+    entries = []  # (model label, onnxruntime alone, [(server, load, points)])
+    for m in results["models"]:
+        best = ceiling_best(m)
+        alone = (
+            f"{fmt(best['cpu_ms_per_image'], 2)} (b {best['batch_size']})"
+            if best.get("cpu_ms_per_image")
+            else ""
+        )
+        loads = [("svertka", "tensor API", m["svertka"]["perf"]),
+                 ("svertka", "tensor API, shared memory", m["svertka"].get("perf_shm") or []),
+                 ("svertka", "image API (JPEG)", m["svertka"]["image"]["closed"])]  # fmt: skip
+        if m.get("peer"):
+            loads += [("peer", "tensor API", m["peer"]["perf"]),
+                      ("peer", "tensor API, shared memory", m["peer"].get("perf_shm") or [])]  # fmt: skip
+        entries.append((m["label"], alone, loads))
+    frontend = results.get("frontend")
+    if frontend:
+        loads = [("svertka", "tensor API", frontend["svertka"]),
+                 ("svertka", "tensor API, shared memory", frontend.get("svertka_shm") or [])]  # fmt: skip
+        if frontend.get("peer"):
+            loads += [("peer", "tensor API", frontend["peer"]),
+                      ("peer", "tensor API, shared memory", frontend.get("peer_shm") or [])]  # fmt: skip
+        entries.append((frontend["label"], "", loads))
+
+    def level(p: dict) -> int:
+        return int(p.get("concurrency", p.get("load", 0)))
+
+    levels = sorted({level(p) for _, _, loads in entries for _, _, pts in loads for p in pts if p.get("cpu")})
+    if not levels:
+        return []  # results from before CPU metering
+    rows = []
+    for label, alone, loads in entries:
+        first = True
+        for server, load, points in loads:
+            by_level = {level(p): p for p in points if p.get("images_per_s")}
+            cells = [_cpu_cell(by_level.get(c)) for c in levels]
+            if any(cells):
+                rows.append([label if first else "", alone if first else "", server, load, *cells])
+                first = False
+    cores = results["meta"]["machine"].get("cpus_usable", "the")
+    lines = ["## CPU time per image", "",
+             "Each cell is *server + client* CPU milliseconds per image *(cores busy)* over one whole perf_analyzer "
+             "run or image-API window at that concurrency: user + system time of all threads, the server's process "
+             "tree (for the peer: its launcher, Triton and the Python backend stubs) and the client (perf_analyzer, "
+             "including its start-up; for the image API, svertka's asyncio client), divided by the images the "
+             "server computed meanwhile (ModelStatistics); *cores busy* is both together per second of wall time, "
+             f"out of {cores} usable (`bench/cpu.py`). *onnxruntime alone* is the ceiling loop's CPU per image at its "
+             "best batch size (the ceiling tables list every batch size). With the client on the same cores, served "
+             "images/s cannot exceed cores / (server + client ms per image), while the ceiling is cores / "
+             "(onnxruntime alone per image): the gap between the two CPU costs is what stands between a saturated "
+             "server and the ceiling. CPU time per image is also the number least moved by other work on the "
+             "machine.", ""]  # fmt: skip
+    lines += _table(["model", "onnxruntime alone ms", "server", "load", *(f"c {c}" for c in levels)], rows)
+    return lines + [""]
+
+
 def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -612,6 +682,7 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     if results.get("frontend"):
         lines += _frontend_section(results["frontend"])
     lines += _shm_section(results)
+    lines += _cpu_section(results)
     for model in results["models"]:
         lines += _profile_section(model)
     lines += [

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ceiling, images, loadgen, machine, models, peer, perf, target
+from bench import ceiling, cpu, images, loadgen, machine, models, modelstats, peer, perf, target
 from bench import profile as profiler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,25 +85,30 @@ def _asdict(obj):
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-async def _image_api(url: str, model: str, jpegs: list[bytes], plan: Plan) -> dict:
+async def _image_api(url: str, model: str, jpegs: list[bytes], plan: Plan, pid: int) -> dict:
+    """Closed loop at each image concurrency, metering the server's and this client's CPU; then the rate search."""
     channel = loadgen.channel(url)
     try:
         call = loadgen.image_caller(channel, model, jpegs)
         closed = []
         for c in plan.image_concurrencies:
+            before = modelstats.batch_counts(url, model)
+            meter = cpu.Meter(pid, "self")
             result = await loadgen.closed_loop(
                 call, concurrency=c, duration_s=plan.load_s, warmup_s=plan.warmup_s
             )
+            meter.stop()
+            images = modelstats.images(modelstats.difference(modelstats.batch_counts(url, model), before))
             log(f"  image c={c:2d}: {result.images_per_s:7.1f} img/s  p50 {result.latency_ms['p50']:6.1f} ms  "
                 f"p99 {result.latency_ms['p99']:6.1f} ms{'  errors ' + str(result.errors) if result.errors else ''}")  # fmt: skip
-            closed.append(result)
-        best = max((r.images_per_s for r in closed), default=1.0)
+            closed.append({**_asdict(result), "cpu": _asdict(meter.use(images))})
+        best = max((r["images_per_s"] for r in closed), default=1.0)
         log(f"  image API: highest Poisson rate with p99 < {plan.latency_bound_ms:g} ms")
         rate = await loadgen.latency_bounded_rate(
             call, bound_ms=plan.latency_bound_ms, start_rate=max(1.0, 0.5 * best), duration_s=plan.load_s,
             warmup_s=plan.warmup_s, steps=plan.rate_steps, kind="image", log=log,
         )  # fmt: skip
-        return {"closed": [_asdict(r) for r in closed], "rate": _asdict(rate)}
+        return {"closed": closed, "rate": _asdict(rate)}
     finally:
         await channel.close()
 
@@ -126,12 +131,13 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
     return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
 
 
-def _shm_sweep(url: str, model: str, plan: Plan, workdir: Path) -> list[dict]:
+def _shm_sweep(url: str, model: str, plan: Plan, workdir: Path, pid: int) -> list[dict]:
     """perf_analyzer again, with the tensors in system shared memory instead of the messages."""
     if not plan.shm_concurrencies:
         return []
     log("  tensor API over system shared memory, perf_analyzer closed loop")
-    points = perf.sweep(url, model, list(plan.shm_concurrencies), plan.perf, workdir, log, shared_memory=True)
+    points = perf.sweep(url, model, list(plan.shm_concurrencies), plan.perf, workdir, log, shared_memory=True,
+                        server_pid=pid)  # fmt: skip
     return [_asdict(p) for p in points]
 
 
@@ -163,11 +169,10 @@ def bench_model(
     log(f"{m.label}: svertka")
     with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
         log("  tensor API, perf_analyzer closed loop")
-        sv_perf = perf.sweep(
-            server.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "svertka", log
-        )
-        sv_shm = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka")
-        sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan))
+        sv_perf = perf.sweep(server.grpc_url, m.name, list(plan.concurrencies), plan.perf,
+                             workdir / "perf" / "svertka", log, server_pid=server.pid)  # fmt: skip
+        sv_shm = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
+        sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan, server.pid))
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
         out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_shm, "image": sv_image,
                           "tensor_rate": sv_rate}  # fmt: skip
@@ -182,10 +187,9 @@ def bench_model(
         log(f"{m.label}: peer (Triton via PyTriton, onnxruntime callable)")
         with _serve_peer(m, settings, threads, workdir) as p:
             log("  tensor API, perf_analyzer closed loop")
-            pe_perf = perf.sweep(
-                p.grpc_url, m.name, list(plan.concurrencies), plan.perf, workdir / "perf" / "peer", log
-            )
-            pe_shm = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer")
+            pe_perf = perf.sweep(p.grpc_url, m.name, list(plan.concurrencies), plan.perf,
+                                 workdir / "perf" / "peer", log, server_pid=p.pid)  # fmt: skip
+            pe_shm = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
             pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
         out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "perf_shm": pe_shm, "tensor_rate": pe_rate}
 
@@ -223,15 +227,19 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
     log(f"{m.label}: svertka, perf_analyzer at concurrency {', '.join(map(str, levels))}")
     with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
-        points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log)
-        out["svertka_shm"] = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka")
+        points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log,
+                            server_pid=server.pid)  # fmt: skip
+        out["svertka_shm"] = _shm_sweep(
+            server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid
+        )
     out["svertka"] = [_asdict(p) for p in points]
     out["peer"] = None
     if with_peer:
         log(f"{m.label}: peer")
         with _serve_peer(m, settings, threads, workdir) as p:
-            points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log)
-            out["peer_shm"] = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer")
+            points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log,
+                                server_pid=p.pid)  # fmt: skip
+            out["peer_shm"] = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
         out["peer"] = [_asdict(p) for p in points]
     return out
 

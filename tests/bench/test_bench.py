@@ -115,8 +115,14 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
             assert (point["images_per_s"] or 0) > 0 or point["error"]
             if point["images_per_s"]:
                 assert sum(point["batches"].values()) > 0  # ModelStatistics moved during the run
+                # CPU metered over the same run: both sides worked, divided by the images the server counted.
+                use = point["cpu"]
+                assert use["images"] == modelstats.images({int(k): v for k, v in point["batches"].items()})
+                assert use["server_s"] > 0 and use["client_s"] > 0 and use["wall_s"] > 0
         for closed in model["svertka"]["image"]["closed"]:
             assert closed["completed"] > 0 and not closed["errors"], closed
+            assert closed["cpu"]["images"] >= closed["completed"] and closed["cpu"]["server_s"] > 0
+        assert all(p["cpu_ms_per_image"] > 0 for p in model["ceiling"]["points"])
         for search in (model["svertka"]["tensor_rate"], model["svertka"]["image"]["rate"]):
             assert search["tried"] and all(r["completed"] > 0 for r in search["tried"])
         assert f"### {model['label']}" in text
@@ -135,5 +141,6 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in points)
         assert all("--shared-memory system" in p["command"] for p in points)
     assert "## Same-host clients: system shared memory" in text
+    assert "## CPU time per image" in text
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "(benchmarks-gpu.md)" in text
