@@ -131,7 +131,7 @@ POLICIES = {
 def ab(args: argparse.Namespace) -> int:
     import contextlib
 
-    from bench import modelstats, perf, target
+    from bench import cpu, modelstats, perf, target
 
     workdir = REPO_ROOT / ".bench" / "experiments"
     repo = target.single_model_repository(args.model_path, args.name, workdir / "repos")
@@ -145,16 +145,21 @@ def ab(args: argparse.Namespace) -> int:
         }
         for i, c in enumerate(args.concurrency):
             for arm in ("AB" if i % 2 == 0 else "BA") * args.repeats:
-                point = perf.run_level(servers[arm].grpc_url, args.name, c, settings, workdir / arm)
+                point = perf.run_level(servers[arm].grpc_url, args.name, c, settings, workdir / arm,
+                                       server_pid=servers[arm].pid)  # fmt: skip
                 results[arm].append(perf.dataclasses.asdict(point))
                 mean = modelstats.mean_batch_size(point.batches) if point.batches else float("nan")
                 ips = f"{point.images_per_s:7.1f}" if point.images_per_s else "unstable"
-                print(f"{arm} c={c:2d}: {ips} img/s  p99 {point.latency_ms.get('p99', float('nan')):7.1f} ms  mean batch {mean:.2f}", flush=True)  # fmt: skip
+                use = cpu.CpuUse(**point.cpu) if point.cpu else None
+                cpu_text = (f"  server CPU {use.server_ms_per_image:6.2f} ms/img, client {use.client_ms_per_image:5.2f}"
+                            if use and use.images else "")  # fmt: skip
+                print(f"{arm} c={c:2d}: {ips} img/s  p99 {point.latency_ms.get('p99', float('nan')):7.1f} ms  mean batch {mean:.2f}{cpu_text}", flush=True)  # fmt: skip
     out = workdir / f"ab-{args.name}-{args.policy}.json"
     out.write_text(json.dumps({"policy": args.policy, "model": args.name, "results": results}, indent=1))
     print("A = current svertka; B = svertka with --policy", args.policy)
     print(
         f"{'c':>3} {'A img/s':>9} {'B img/s':>9} {'B/A':>6} {'A p99':>8} {'B p99':>8} {'A batch':>8} {'B batch':>8}"
+        f" {'A CPU ms':>9} {'B CPU ms':>9}"
     )
     for c in args.concurrency:
         row = {}
@@ -166,9 +171,15 @@ def ab(args: argparse.Namespace) -> int:
             for p in pts:
                 for size, n in p["batches"].items():
                     counts[int(size)] = counts.get(int(size), 0) + n
-            row[arm] = (ips, p99, modelstats.mean_batch_size(counts))
-        (a, ap, ab_), (b, bp, bb) = row["A"], row["B"]
-        print(f"{c:3d} {a:9.1f} {b:9.1f} {b / a:6.2f} {ap:8.1f} {bp:8.1f} {ab_:8.2f} {bb:8.2f}")
+            # Server CPU per image over all of this arm's runs at c (total CPU / total images).
+            metered = [p["cpu"] for p in pts if p.get("cpu")]
+            images = sum(u["images"] for u in metered)
+            server_ms = 1e3 * sum(u["server_s"] for u in metered) / images if images else float("nan")
+            row[arm] = (ips, p99, modelstats.mean_batch_size(counts), server_ms)
+        (a, ap, ab_, ac), (b, bp, bb, bc) = row["A"], row["B"]
+        print(
+            f"{c:3d} {a:9.1f} {b:9.1f} {b / a:6.2f} {ap:8.1f} {bp:8.1f} {ab_:8.2f} {bb:8.2f} {ac:9.2f} {bc:9.2f}"
+        )
     print(f"results: {out}")
     return 0
 

@@ -5,7 +5,9 @@ metrics: everything a request goes through in ``svertka serve`` except the
 gRPC transport, with one 224x224 FP32 request (588 KiB, parsed from its wire
 form as the server would get it) awaited back to back. Prints wall and process
 CPU time per request for each repeat; run it under ``py-spy record`` to see
-where the time goes.
+where the time goes. It also prints the garbage collector's pauses over the
+measured requests (``gc.callbacks``: collections per generation, their total
+and longest time), the pauses every request in the process waits for.
 
 ``python -m bench.inprocess [--requests N] [--repeats R]``
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -37,7 +40,38 @@ class _Context:
         return "ipv4:127.0.0.1:0"
 
 
-async def measure(requests: int, repeats: int) -> list[tuple[float, float]]:
+class GcPauses:
+    """Collections per generation and their durations, from ``gc.callbacks``, while installed."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, requests: int) -> str:
+        parts = []
+        for gen, times in self.pauses.items():
+            if times:
+                parts.append(f"gen{gen}: {len(times)} ({1e6 * sum(times) / requests:.1f} us/request, "
+                             f"longest {1e3 * max(times):.2f} ms)")  # fmt: skip
+            else:
+                parts.append(f"gen{gen}: 0")
+        return "gc " + ", ".join(parts)
+
+
+async def measure(requests: int, repeats: int) -> list[tuple[float, float, str]]:
     from bench import models, target
     from service.api import common
     from service.api.inference import InferenceServicer
@@ -63,12 +97,12 @@ async def measure(requests: int, repeats: int) -> list[tuple[float, float]]:
             await servicer.ModelInfer(request, context)
         runs = []
         for _ in range(repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(requests):
-                await servicer.ModelInfer(request, context)
-            runs.append(
-                ((time.perf_counter() - wall) / requests * 1e6, (time.process_time() - cpu) / requests * 1e6)
-            )
+            with GcPauses() as pauses:
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(requests):
+                    await servicer.ModelInfer(request, context)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            runs.append((wall / requests * 1e6, cpu / requests * 1e6, pauses.summary(requests)))
         return runs
     finally:
         await manager.close()
@@ -80,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)
-    for wall, cpu in asyncio.run(measure(args.requests, args.repeats)):
-        print(f"{wall:6.0f} us wall  {cpu:6.0f} us CPU per request")
+    for wall, cpu, pauses in asyncio.run(measure(args.requests, args.repeats)):
+        print(f"{wall:6.0f} us wall  {cpu:6.0f} us CPU per request  {pauses}")
     return 0
 
 

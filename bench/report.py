@@ -673,6 +673,9 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "- **Peer** (`bench/peer_server.py`): nvidia-pytriton's bundled Triton server, an onnxruntime callable under "
         "`@batch`, `DynamicBatcher(max_queue_delay_microseconds=...)` and `max_batch_size` equal to svertka's, the "
         "same intra-op threads, the same ONNX file.",
+        "- **CPU time** (`bench/cpu.py`): user + system time of the server's process tree and of the client, read "
+        "before and after each perf_analyzer run and image-API window, divided by the images the server's "
+        "ModelStatistics counted in between; the ceiling loop's own CPU time per image at each batch size.",
         "",
         "## Results per model",
         "",
