@@ -120,17 +120,21 @@ def run_level(
     workdir: Path,
     *,
     shared_memory: bool = False,
+    streaming: bool = False,
     server_pid: int | None = None,
 ) -> PerfPoint:
     """One closed-loop measurement at ``concurrency`` (synchronous gRPC, batch 1 per request).
 
     ``shared_memory``: tensors travel through system shared memory regions
-    (``--shared-memory system``), not in the gRPC messages. ``server_pid``: also
+    (``--shared-memory system``), not in the gRPC messages. ``streaming``: the
+    requests go over one bidirectional ModelStreamInfer stream per client thread
+    (``--streaming``) instead of one unary call each. ``server_pid``: also
     meter the CPU time of the server's process tree and of perf_analyzer over
     the run (``bench.cpu``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    csv_path = workdir / f"{model}-c{concurrency}{'-shm' if shared_memory else ''}.csv"
+    suffix = ("-shm" if shared_memory else "") + ("-stream" if streaming else "")
+    csv_path = workdir / f"{model}-c{concurrency}{suffix}.csv"
     data = input_data_file(url, model, workdir)
     error = ""
     for stability in (settings.stability_percentage, settings.stability_percentage * 2):
@@ -141,6 +145,7 @@ def run_level(
             "--measurement-interval", str(settings.measurement_interval_ms),
             "--stability-percentage", str(stability), "--max-trials", str(settings.max_trials),
             "-f", str(csv_path), *(["--shared-memory", "system"] if shared_memory else []),
+            *(["--streaming"] if streaming else []),
         ]  # fmt: skip
         before = modelstats.batch_counts(url, model)
         meter = cpu.Meter(server_pid, "children") if server_pid else None
@@ -176,13 +181,13 @@ def sweep(
     log=print,
     *,
     shared_memory: bool = False,
+    streaming: bool = False,
     server_pid: int | None = None,
 ) -> list[PerfPoint]:
     points = []
     for c in concurrencies:
-        point = run_level(
-            url, model, c, settings, workdir, shared_memory=shared_memory, server_pid=server_pid
-        )
+        point = run_level(url, model, c, settings, workdir, shared_memory=shared_memory, streaming=streaming,
+                          server_pid=server_pid)  # fmt: skip
         if point.stable:
             log(f"  c={c:2d}: {point.images_per_s:7.1f} img/s  p50 {point.latency_ms['p50']:6.1f} ms  "
                 f"p99 {point.latency_ms['p99']:6.1f} ms  mean batch {modelstats.mean_batch_size(point.batches):.2f}")  # fmt: skip

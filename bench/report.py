@@ -471,10 +471,11 @@ def _frontend_section(frontend: dict) -> list[str]:
     return lines + [""]
 
 
-def _shm_rows(label: str, server: str, inline: list[dict], shm: list[dict]) -> list[str] | None:
-    if not shm:
+def _mode_rows(label: str, server: str, inline: list[dict], other: list[dict]) -> list[str] | None:
+    """One server's row: unary calls with the tensor in the message against another way of carrying it."""
+    if not other:
         return None
-    levels = [p["concurrency"] for p in shm]
+    levels = [p["concurrency"] for p in other]
 
     def cell(points: list[dict], c: int, key: str) -> str:
         p = at_concurrency(points, c)
@@ -482,33 +483,45 @@ def _shm_rows(label: str, server: str, inline: list[dict], shm: list[dict]) -> l
             return "unstable"
         return fmt(p["latency_ms"]["p50"], 2) if key == "p50" else fmt(p["images_per_s"])
 
-    c1 = [f"{cell(inline, 1, 'p50')} / {cell(shm, 1, 'p50')}"] if 1 in levels else ["n/a"]
-    rates = [f"c {c}: {cell(inline, c, 'rate')} / {cell(shm, c, 'rate')}" for c in levels]
+    c1 = [f"{cell(inline, 1, 'p50')} / {cell(other, 1, 'p50')}"] if 1 in levels else ["n/a"]
+    rates = [f"c {c}: {cell(inline, c, 'rate')} / {cell(other, c, 'rate')}" for c in levels]
     return [label, server, *c1, "; ".join(rates)]
 
 
-def _shm_section(results: dict) -> list[str]:
-    """perf_analyzer with the tensors in the messages against the same with system shared memory."""
+#: The ways of carrying a request that perf_analyzer measures besides unary calls: (key, heading, intro).
+CLIENT_MODES = (
+    ("shm", "Same-host clients: system shared memory",
+     "The same perf_analyzer command with `--shared-memory system`: the client registers POSIX shared memory "
+     "regions and each request names them instead of carrying the tensor (588 KiB at 224x224, 12 KiB at 32x32; "
+     "svertka serves it with `--allow-shared-memory`, docs/api.md). Each cell is *in the message / in shared "
+     "memory*, measured on the same server minutes apart. What it removes is the transport's share of a request: "
+     "serializing, sending, receiving and parsing the tensor, on both sides."),
+    ("stream", "Throughput clients: the streaming RPC",
+     "The same perf_analyzer command with `--streaming`: each client thread opens one bidirectional "
+     "`ModelStreamInfer` stream and sends its requests as messages on it (the tensor still in each message), "
+     "instead of one unary `ModelInfer` call per request. Each cell is *unary / streaming*, measured on the same "
+     "server minutes apart. What it removes is the per-call cost of gRPC: a new HTTP/2 stream, headers and "
+     "trailers, and on a Python server a call object and a task per request."),
+)  # fmt: skip
+
+
+def _mode_section(results: dict, key: str, heading: str, intro: str) -> list[str]:
+    """perf_analyzer with unary calls and tensors in the messages against the same with another client mode."""
     rows = []
     entries = [(m["label"], m["svertka"], m.get("peer")) for m in results["models"]]
     frontend = results.get("frontend")
     if frontend:
-        entries.append((frontend["label"], {"perf": frontend["svertka"], "perf_shm": frontend.get("svertka_shm")},
-                        {"perf": frontend["peer"], "perf_shm": frontend.get("peer_shm")} if frontend.get("peer") else None))  # fmt: skip
+        entries.append((frontend["label"], {"perf": frontend["svertka"], f"perf_{key}": frontend.get(f"svertka_{key}")},
+                        {"perf": frontend["peer"], f"perf_{key}": frontend.get(f"peer_{key}")} if frontend.get("peer") else None))  # fmt: skip
     for label, sv, pe in entries:
         for name, data in (("svertka", sv), ("peer (Triton via PyTriton)", pe)):
             if data:
-                row = _shm_rows(label, name, data.get("perf") or [], data.get("perf_shm") or [])
+                row = _mode_rows(label, name, data.get("perf") or [], data.get(f"perf_{key}") or [])
                 if row:
                     rows.append(row)
     if not rows:
         return []
-    lines = ["## Same-host clients: system shared memory", "",
-             "The same perf_analyzer command with `--shared-memory system`: the client registers POSIX shared memory "
-             "regions and each request names them instead of carrying the tensor (588 KiB at 224x224, 12 KiB at 32x32; svertka serves it with "
-             "`--allow-shared-memory`, docs/api.md). Each cell is *in the message / in shared memory*, measured on the "
-             "same server minutes apart. What it removes is the transport's share of a request: serializing, "
-             "sending, receiving and parsing the tensor, on both sides.", ""]  # fmt: skip
+    lines = [f"## {heading}", "", intro, ""]
     lines += _table(["model", "server", "c=1 p50 ms", "img/s per concurrency"], rows)
     return lines + [""]
 
@@ -534,18 +547,22 @@ def _cpu_section(results: dict) -> list[str]:
         )
         loads = [("svertka", "tensor API", m["svertka"]["perf"]),
                  ("svertka", "tensor API, shared memory", m["svertka"].get("perf_shm") or []),
+                 ("svertka", "tensor API, streaming", m["svertka"].get("perf_stream") or []),
                  ("svertka", "image API (JPEG)", m["svertka"]["image"]["closed"])]  # fmt: skip
         if m.get("peer"):
             loads += [("peer", "tensor API", m["peer"]["perf"]),
-                      ("peer", "tensor API, shared memory", m["peer"].get("perf_shm") or [])]  # fmt: skip
+                      ("peer", "tensor API, shared memory", m["peer"].get("perf_shm") or []),
+                      ("peer", "tensor API, streaming", m["peer"].get("perf_stream") or [])]  # fmt: skip
         entries.append((m["label"], alone, loads))
     frontend = results.get("frontend")
     if frontend:
         loads = [("svertka", "tensor API", frontend["svertka"]),
-                 ("svertka", "tensor API, shared memory", frontend.get("svertka_shm") or [])]  # fmt: skip
+                 ("svertka", "tensor API, shared memory", frontend.get("svertka_shm") or []),
+                 ("svertka", "tensor API, streaming", frontend.get("svertka_stream") or [])]  # fmt: skip
         if frontend.get("peer"):
             loads += [("peer", "tensor API", frontend["peer"]),
-                      ("peer", "tensor API, shared memory", frontend.get("peer_shm") or [])]  # fmt: skip
+                      ("peer", "tensor API, shared memory", frontend.get("peer_shm") or []),
+                      ("peer", "tensor API, streaming", frontend.get("peer_stream") or [])]  # fmt: skip
         entries.append((frontend["label"], "", loads))
 
     def level(p: dict) -> int:
@@ -659,7 +676,18 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         f"--max-trials {pa['max_trials']} -f out.csv`, one process per concurrency in "
         f"{', '.join(map(str, plan['concurrencies']))}; a level that does not stabilise is retried with twice the "
         "stability percentage, then reported as unstable. Batch sizes come from the difference of ModelStatistics "
-        "`batch_stats` before and after each level (both servers report them).",
+        "`batch_stats` before and after each level (both servers report them)."
+        + (
+            f" Concurrency {', '.join(map(str, plan['shm_concurrencies']))} again with `--shared-memory system`"
+            if plan.get("shm_concurrencies")
+            else ""
+        )
+        + (
+            f"; concurrency {', '.join(map(str, plan['stream_concurrencies']))} again with `--streaming`"
+            if plan.get("stream_concurrencies")
+            else ""
+        )
+        + (" (sections below)." if plan.get("shm_concurrencies") or plan.get("stream_concurrencies") else ""),
         f"- **Image API** (`bench/loadgen.py`): `svertka.v1.ImageClassifier/Classify` calls from an asyncio gRPC "
         f"client, closed loop at concurrency {', '.join(map(str, plan['image_concurrencies']))}, "
         f"{plan['load_s']:g} s windows after {plan['warmup_s']:g} s of warm-up, cycling through {img['count']} "
@@ -684,7 +712,8 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         lines += _model_section(model, img_rel, bound)
     if results.get("frontend"):
         lines += _frontend_section(results["frontend"])
-    lines += _shm_section(results)
+    for key, heading, intro in CLIENT_MODES:
+        lines += _mode_section(results, key, heading, intro)
     lines += _cpu_section(results)
     for model in results["models"]:
         lines += _profile_section(model)

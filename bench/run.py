@@ -42,6 +42,8 @@ class Plan:
     rate_steps: int
     #: perf_analyzer levels measured again with tensors in system shared memory (same-host clients).
     shm_concurrencies: tuple[int, ...] = ()
+    #: perf_analyzer levels measured again over the streaming RPC (ModelStreamInfer, throughput clients).
+    stream_concurrencies: tuple[int, ...] = ()
     latency_bound_ms: float = 100.0
 
 
@@ -54,6 +56,7 @@ FULL = Plan(
     warmup_s=2.0,
     rate_steps=5,
     shm_concurrencies=(1, 4, 16),
+    stream_concurrencies=(1, 4, 16),
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
@@ -64,6 +67,7 @@ QUICK = Plan(
     warmup_s=0.3,
     rate_steps=2,
     shm_concurrencies=(1,),
+    stream_concurrencies=(1,),
 )
 
 #: svertka under test lets perf_analyzer use system shared memory (it changes nothing for other requests).
@@ -131,14 +135,24 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
     return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
 
 
-def _shm_sweep(url: str, model: str, plan: Plan, workdir: Path, pid: int) -> list[dict]:
-    """perf_analyzer again, with the tensors in system shared memory instead of the messages."""
-    if not plan.shm_concurrencies:
-        return []
-    log("  tensor API over system shared memory, perf_analyzer closed loop")
-    points = perf.sweep(url, model, list(plan.shm_concurrencies), plan.perf, workdir, log, shared_memory=True,
-                        server_pid=pid)  # fmt: skip
-    return [_asdict(p) for p in points]
+def _client_modes(url: str, model: str, plan: Plan, workdir: Path, pid: int) -> dict[str, list[dict]]:
+    """perf_analyzer again, the same requests carried two other ways.
+
+    ``shm``: the tensors in system shared memory instead of the messages (same-host clients);
+    ``stream``: one ModelStreamInfer stream per client thread instead of a unary call per request.
+    """
+    out: dict[str, list[dict]] = {}
+    for key, levels, title, flags in (
+        ("shm", plan.shm_concurrencies, "over system shared memory", {"shared_memory": True}),
+        ("stream", plan.stream_concurrencies, "over the streaming RPC", {"streaming": True}),
+    ):
+        if levels:
+            log(f"  tensor API {title}, perf_analyzer closed loop")
+            points = perf.sweep(url, model, list(levels), plan.perf, workdir, log, server_pid=pid, **flags)
+            out[key] = [_asdict(p) for p in points]
+        else:
+            out[key] = []
+    return out
 
 
 def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
@@ -171,11 +185,11 @@ def bench_model(
         log("  tensor API, perf_analyzer closed loop")
         sv_perf = perf.sweep(server.grpc_url, m.name, list(plan.concurrencies), plan.perf,
                              workdir / "perf" / "svertka", log, server_pid=server.pid)  # fmt: skip
-        sv_shm = _shm_sweep(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
+        sv_modes = _client_modes(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
         sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan, server.pid))
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
-        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_shm, "image": sv_image,
-                          "tensor_rate": sv_rate}  # fmt: skip
+        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_modes["shm"],
+                          "perf_stream": sv_modes["stream"], "image": sv_image, "tensor_rate": sv_rate}  # fmt: skip
         if profile:
             log(f"  profile: py-spy on the server under closed-loop load, concurrency {PROFILE_CONCURRENCY}")
             out["svertka"]["profile"] = asyncio.run(profiler.profile_server(
@@ -189,9 +203,10 @@ def bench_model(
             log("  tensor API, perf_analyzer closed loop")
             pe_perf = perf.sweep(p.grpc_url, m.name, list(plan.concurrencies), plan.perf,
                                  workdir / "perf" / "peer", log, server_pid=p.pid)  # fmt: skip
-            pe_shm = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
+            pe_modes = _client_modes(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
             pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
-        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "perf_shm": pe_shm, "tensor_rate": pe_rate}
+        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "perf_shm": pe_modes["shm"],
+                       "perf_stream": pe_modes["stream"], "tensor_rate": pe_rate}  # fmt: skip
 
     passes = [first]
     if plan is not QUICK:
@@ -229,9 +244,8 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
         points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log,
                             server_pid=server.pid)  # fmt: skip
-        out["svertka_shm"] = _shm_sweep(
-            server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid
-        )
+        modes = _client_modes(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
+        out["svertka_shm"], out["svertka_stream"] = modes["shm"], modes["stream"]
     out["svertka"] = [_asdict(p) for p in points]
     out["peer"] = None
     if with_peer:
@@ -239,7 +253,8 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
         with _serve_peer(m, settings, threads, workdir) as p:
             points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log,
                                 server_pid=p.pid)  # fmt: skip
-            out["peer_shm"] = _shm_sweep(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
+            modes = _client_modes(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
+            out["peer_shm"], out["peer_stream"] = modes["shm"], modes["stream"]
         out["peer"] = [_asdict(p) for p in points]
     return out
 

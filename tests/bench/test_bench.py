@@ -141,6 +141,12 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in points)
         assert all("--shared-memory system" in p["command"] for p in points)
     assert "## Same-host clients: system shared memory" in text
+    # and the streaming pass through perf_analyzer --streaming (ModelStreamInfer)
+    for points in [m["svertka"]["perf_stream"] for m in results["models"]] + [frontend["svertka_stream"]]:
+        assert [p["concurrency"] for p in points] == [1]
+        assert all((p["images_per_s"] or 0) > 0 or p["error"] for p in points)
+        assert all(p["command"].endswith("--streaming") for p in points)
+    assert "## Throughput clients: the streaming RPC" in text
     assert "## CPU time per image" in text
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "(benchmarks-gpu.md)" in text
