@@ -3,9 +3,10 @@
 On a machine whose few cores hold the server, its client and nothing else, the
 served rate cannot exceed ``cores / (server CPU + client CPU per image)``, and
 the ceiling (onnxruntime alone) is ``cores / (model CPU per image)`` at best. CPU
-time per image is also the number least disturbed by other work on the
-machine: a neighbour that takes a core stretches wall time, not the CPU time
-the server spends on each image.
+time per image is also moved less than a rate by other work on the machine: a
+neighbour that takes a core stretches wall time, not the CPU time the server
+spends on each image. It is not unmoved: caches and memory bandwidth that a
+neighbour shares still change it by a few per cent between runs.
 
 ``Meter`` samples user + system time (all threads) of the server's process and
 its descendants (PyTriton's Triton server and its Python backend stubs are

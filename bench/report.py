@@ -591,8 +591,8 @@ def _cpu_section(results: dict) -> list[str]:
              "best batch size (the ceiling tables list every batch size). With the client on the same cores, served "
              "images/s cannot exceed cores / (server + client ms per image), while the ceiling is cores / "
              "(onnxruntime alone per image): the gap between the two CPU costs is what stands between a saturated "
-             "server and the ceiling. CPU time per image is also the number least moved by other work on the "
-             "machine.", ""]  # fmt: skip
+             "server and the ceiling. CPU time per image is also moved less than a rate by other work on the "
+             "machine, though not unmoved (shared caches and memory bandwidth).", ""]  # fmt: skip
     lines += _table(["model", "onnxruntime alone ms", "server", "load", *(f"c {c}" for c in levels)], rows)
     return lines + [""]
 
