@@ -23,11 +23,18 @@ spin-wait / sleep for every model, whatever its ``intra_op_spinning`` setting
 (``auto`` by default: see ``service.runtime.spinning``).
 
 Policy ``two-instances``: two sessions of one intra-op thread each.
+
+Policy ``one-decoder``: one image-decoding thread instead of one per core.
+
+``--api image`` drives the image API instead (``bench.loadgen``'s closed loop
+with the benchmark's 1024x768 JPEGs, ``--interval-ms`` per window). Every
+level prints the server's CPU time per image (``bench.cpu``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -119,24 +126,73 @@ def patch_two_instances() -> None:
     override_model_settings(instances=2)
 
 
+def patch_one_decoder() -> None:
+    """One image-decoding thread instead of one per core.
+
+    Two decoders running at once can take both cores from onnxruntime's two
+    intra-op threads; one leaves a core to onnxruntime at all times, and decodes
+    a 1024x768 JPEG in a few milliseconds, far faster than the model consumes them.
+    """
+    import concurrent.futures
+
+    from service import models
+
+    original = models.ModelManager.__init__
+
+    def init(self, repository, metrics, *, executor=None, **kwargs):
+        executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="svertka-decode")
+        original(self, repository, metrics, executor=executor, **kwargs)
+        self._own_executor = True  # shut down with the manager, as its own pool would be
+
+    models.ModelManager.__init__ = init
+
+
 POLICIES = {
     "adaptive-idle": patch_adaptive_idle,
     "spinning": patch_spinning,
     "no-spinning": patch_no_spinning,
     "one-thread": patch_one_thread,
     "two-instances": patch_two_instances,
+    "one-decoder": patch_one_decoder,
 }
+
+
+def _image_level(
+    url: str, model: str, concurrency: int, seconds: float, pid: int, jpegs: list[bytes]
+) -> dict:
+    """The image API in closed loop (bench.loadgen, 1024x768 JPEGs), with the server's CPU metered."""
+    import asyncio
+
+    from bench import cpu, loadgen, modelstats
+
+    async def drive():
+        channel = loadgen.channel(url)
+        try:
+            call = loadgen.image_caller(channel, model, jpegs)
+            return await loadgen.closed_loop(call, concurrency=concurrency, duration_s=seconds, warmup_s=1.0)
+        finally:
+            await channel.close()
+
+    before = modelstats.batch_counts(url, model)
+    meter = cpu.Meter(pid, "self")
+    result = asyncio.run(drive())
+    meter.stop()
+    batches = modelstats.difference(modelstats.batch_counts(url, model), before)
+    return {"concurrency": concurrency, "images_per_s": result.images_per_s, "latency_ms": result.latency_ms,
+            "batches": batches, "errors": result.errors,
+            "cpu": dataclasses.asdict(meter.use(modelstats.images(batches)))}  # fmt: skip
 
 
 def ab(args: argparse.Namespace) -> int:
     import contextlib
 
-    from bench import cpu, modelstats, perf, target
+    from bench import cpu, images, modelstats, perf, target
 
     workdir = REPO_ROOT / ".bench" / "experiments"
     repo = target.single_model_repository(args.model_path, args.name, workdir / "repos")
     settings = perf.PerfSettings(args.interval_ms, args.stability, 6)
     launcher_b = [sys.executable, "-m", "bench.experiments", "--policy", args.policy]
+    jpegs = images.load_jpegs(REPO_ROOT / ".bench" / "images") if args.api == "image" else []
     results: dict[str, list] = {"A": [], "B": []}
     with contextlib.ExitStack() as stack:
         servers = {
@@ -145,15 +201,21 @@ def ab(args: argparse.Namespace) -> int:
         }
         for i, c in enumerate(args.concurrency):
             for arm in ("AB" if i % 2 == 0 else "BA") * args.repeats:
-                point = perf.run_level(servers[arm].grpc_url, args.name, c, settings, workdir / arm,
-                                       server_pid=servers[arm].pid)  # fmt: skip
-                results[arm].append(perf.dataclasses.asdict(point))
-                mean = modelstats.mean_batch_size(point.batches) if point.batches else float("nan")
-                ips = f"{point.images_per_s:7.1f}" if point.images_per_s else "unstable"
-                use = cpu.CpuUse(**point.cpu) if point.cpu else None
+                server = servers[arm]
+                if args.api == "image":
+                    point = _image_level(
+                        server.grpc_url, args.name, c, args.interval_ms / 1e3, server.pid, jpegs
+                    )
+                else:
+                    point = perf.dataclasses.asdict(perf.run_level(
+                        server.grpc_url, args.name, c, settings, workdir / arm, server_pid=server.pid))  # fmt: skip
+                results[arm].append(point)
+                mean = modelstats.mean_batch_size(point["batches"]) if point["batches"] else float("nan")
+                ips = f"{point['images_per_s']:7.1f}" if point["images_per_s"] else "unstable"
+                use = cpu.CpuUse(**point["cpu"]) if point.get("cpu") else None
                 cpu_text = (f"  server CPU {use.server_ms_per_image:6.2f} ms/img, client {use.client_ms_per_image:5.2f}"
                             if use and use.images else "")  # fmt: skip
-                print(f"{arm} c={c:2d}: {ips} img/s  p99 {point.latency_ms.get('p99', float('nan')):7.1f} ms  mean batch {mean:.2f}{cpu_text}", flush=True)  # fmt: skip
+                print(f"{arm} c={c:2d}: {ips} img/s  p99 {point['latency_ms'].get('p99', float('nan')):7.1f} ms  mean batch {mean:.2f}{cpu_text}", flush=True)  # fmt: skip
     out = workdir / f"ab-{args.name}-{args.policy}.json"
     out.write_text(json.dumps({"policy": args.policy, "model": args.name, "results": results}, indent=1))
     print("A = current svertka; B = svertka with --policy", args.policy)
@@ -202,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="ABBA blocks per level")
     p.add_argument("--interval-ms", type=int, default=3000)
     p.add_argument("--stability", type=int, default=25)
+    p.add_argument("--api", choices=["tensor", "image"], default="tensor",
+                   help="tensor: perf_analyzer; image: bench.loadgen's closed loop (--interval-ms per level)")  # fmt: skip
     args = parser.parse_args(argv)
     return ab(args)
 
