@@ -75,6 +75,11 @@ class ModelSettings:
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
     version: int | None = None  # serve this version instead of the newest
 
+    def _check_batch_sizes(self, name: str, sizes: tuple[int, ...]) -> None:
+        bad = [b for b in sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ConfigError(f"{name}: expected values in [1, {self.max_batch_size}], got {bad}")
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(int(x) for x in self.preferred_batch_sizes))
         object.__setattr__(self, "providers", tuple(str(p).lower() for p in self.providers))
@@ -82,11 +87,7 @@ class ModelSettings:
             raise ConfigError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_ms < 0:
             raise ConfigError(f"max_queue_delay_ms: expected >= 0, got {self.max_queue_delay_ms}")
-        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
-        if bad:
-            raise ConfigError(
-                f"preferred_batch_sizes: expected values in [1, {self.max_batch_size}], got {bad}"
-            )
+        self._check_batch_sizes("preferred_batch_sizes", self.preferred_batch_sizes)
         if self.padded_batch_sizes != "auto":
             if isinstance(self.padded_batch_sizes, str | int) or not all(
                 isinstance(b, int) and not isinstance(b, bool) for b in self.padded_batch_sizes
@@ -95,11 +96,7 @@ class ModelSettings:
                     f"padded_batch_sizes: expected auto or a list of batch sizes, got {self.padded_batch_sizes!r}"
                 )
             object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
-            bad = [b for b in self.padded_batch_sizes if not 1 <= b <= self.max_batch_size]
-            if bad:
-                raise ConfigError(
-                    f"padded_batch_sizes: expected values in [1, {self.max_batch_size}], got {bad}"
-                )
+            self._check_batch_sizes("padded_batch_sizes", self.padded_batch_sizes)
         if self.max_queue_size < 1:
             raise ConfigError(f"max_queue_size: expected >= 1, got {self.max_queue_size}")
         if self.instances < 1:
