@@ -25,6 +25,8 @@ import dataclasses
 import resource
 import time
 
+from bench import modelstats
+
 
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live descendants (all their threads)."""
@@ -98,3 +100,22 @@ class Meter:
             raise RuntimeError("Meter.use() before stop()")
         server_s, client_s, wall_s = self._stopped
         return CpuUse(server_s=server_s, client_s=client_s, images=int(images), wall_s=wall_s)
+
+
+class Span:
+    """One load run's batches (ModelStatistics before and after) and, with a server pid, its CPU time.
+
+    Construct right before the load starts; :meth:`stop` right after it ends.
+    """
+
+    def __init__(self, url: str, model: str, server_pid: int | None, client: str) -> None:
+        self._url, self._model = url, model
+        self._before = modelstats.batch_counts(url, model)
+        self._meter = Meter(server_pid, client) if server_pid else None
+
+    def stop(self) -> tuple[dict[int, int], CpuUse | None]:
+        """Batches per size executed during the run, and its CPU use (None without a server pid)."""
+        if self._meter:
+            self._meter.stop()
+        batches = modelstats.difference(modelstats.batch_counts(self._url, self._model), self._before)
+        return batches, self._meter.use(modelstats.images(batches)) if self._meter else None

@@ -163,7 +163,7 @@ def _image_level(
     """The image API in closed loop (bench.loadgen, 1024x768 JPEGs), with the server's CPU metered."""
     import asyncio
 
-    from bench import cpu, loadgen, modelstats
+    from bench import cpu, loadgen
 
     async def drive():
         channel = loadgen.channel(url)
@@ -173,14 +173,11 @@ def _image_level(
         finally:
             await channel.close()
 
-    before = modelstats.batch_counts(url, model)
-    meter = cpu.Meter(pid, "self")
+    span = cpu.Span(url, model, pid, "self")
     result = asyncio.run(drive())
-    meter.stop()
-    batches = modelstats.difference(modelstats.batch_counts(url, model), before)
+    batches, use = span.stop()
     return {"concurrency": concurrency, "images_per_s": result.images_per_s, "latency_ms": result.latency_ms,
-            "batches": batches, "errors": result.errors,
-            "cpu": dataclasses.asdict(meter.use(modelstats.images(batches)))}  # fmt: skip
+            "batches": batches, "errors": result.errors, "cpu": dataclasses.asdict(use)}  # fmt: skip
 
 
 def ab(args: argparse.Namespace) -> int:

@@ -147,13 +147,9 @@ def run_level(
             "-f", str(csv_path), *(["--shared-memory", "system"] if shared_memory else []),
             *(["--streaming"] if streaming else []),
         ]  # fmt: skip
-        before = modelstats.batch_counts(url, model)
-        meter = cpu.Meter(server_pid, "children") if server_pid else None
+        span = cpu.Span(url, model, server_pid, "children")
         result = subprocess.run(cmd, capture_output=True, text=True, env=environment())
-        if meter:
-            meter.stop()
-        after = modelstats.batch_counts(url, model)
-        batches = modelstats.difference(after, before)
+        batches, use = span.stop()
         shown = " ".join(["perf_analyzer", *cmd[1:]])
         if result.returncode == 0 and csv_path.is_file():
             row = parse_csv(csv_path)
@@ -165,7 +161,7 @@ def run_level(
                 batches=batches,
                 stable=True,
                 command=shown,
-                cpu=dataclasses.asdict(meter.use(modelstats.images(batches))) if meter else None,
+                cpu=dataclasses.asdict(use) if use else None,
             )
         error = (result.stdout + result.stderr).strip().splitlines()[-1:] or [f"exit {result.returncode}"]
         error = error[0]

@@ -505,20 +505,33 @@ CLIENT_MODES = (
 )  # fmt: skip
 
 
+def _by_server(results: dict) -> list[tuple[dict, str, dict]]:
+    """(model, server, its results) for each model and the null model, svertka before the peer.
+
+    The null model's results (``svertka``, ``svertka_shm``, ...) are put in the models' shape
+    (``perf``, ``perf_shm``, ``perf_stream``), so one loop reads both.
+    """
+    out = []
+    for m in results["models"]:
+        out += [(m, server, m[server]) for server in ("svertka", "peer") if m.get(server)]
+    frontend = results.get("frontend")
+    if frontend:
+        for server in ("svertka", "peer"):
+            if frontend.get(server):
+                data = {"perf": frontend[server]}
+                data.update({f"perf_{key}": frontend.get(f"{server}_{key}") for key in ("shm", "stream")})
+                out.append((frontend, server, data))
+    return out
+
+
 def _mode_section(results: dict, key: str, heading: str, intro: str) -> list[str]:
     """perf_analyzer with unary calls and tensors in the messages against the same with another client mode."""
     rows = []
-    entries = [(m["label"], m["svertka"], m.get("peer")) for m in results["models"]]
-    frontend = results.get("frontend")
-    if frontend:
-        entries.append((frontend["label"], {"perf": frontend["svertka"], f"perf_{key}": frontend.get(f"svertka_{key}")},
-                        {"perf": frontend["peer"], f"perf_{key}": frontend.get(f"peer_{key}")} if frontend.get("peer") else None))  # fmt: skip
-    for label, sv, pe in entries:
-        for name, data in (("svertka", sv), ("peer (Triton via PyTriton)", pe)):
-            if data:
-                row = _mode_rows(label, name, data.get("perf") or [], data.get(f"perf_{key}") or [])
-                if row:
-                    rows.append(row)
+    for entry, server, data in _by_server(results):
+        name = "svertka" if server == "svertka" else "peer (Triton via PyTriton)"
+        row = _mode_rows(entry["label"], name, data.get("perf") or [], data.get(f"perf_{key}") or [])
+        if row:
+            rows.append(row)
     if not rows:
         return []
     lines = [f"## {heading}", "", intro, ""]
@@ -535,51 +548,43 @@ def _cpu_cell(point: dict | None) -> str:
             f"({fmt((use['server_s'] + use['client_s']) / use['wall_s'], 2)})")  # fmt: skip
 
 
+#: The perf_analyzer loads in the CPU table, by their key in a server's results.
+CPU_LOADS = (
+    ("perf", "tensor API"),
+    ("perf_shm", "tensor API, shared memory"),
+    ("perf_stream", "tensor API, streaming"),
+)
+
+
 def _cpu_section(results: dict) -> list[str]:
     """CPU time per image of each server and its client, at every level measured (``bench/cpu.py``)."""
-    entries = []  # (model label, onnxruntime alone, [(server, load, points)])
-    for m in results["models"]:
-        best = ceiling_best(m)
-        alone = (
-            f"{fmt(best['cpu_ms_per_image'], 2)} (b {best['batch_size']})"
-            if best.get("cpu_ms_per_image")
-            else ""
-        )
-        loads = [("svertka", "tensor API", m["svertka"]["perf"]),
-                 ("svertka", "tensor API, shared memory", m["svertka"].get("perf_shm") or []),
-                 ("svertka", "tensor API, streaming", m["svertka"].get("perf_stream") or []),
-                 ("svertka", "image API (JPEG)", m["svertka"]["image"]["closed"])]  # fmt: skip
-        if m.get("peer"):
-            loads += [("peer", "tensor API", m["peer"]["perf"]),
-                      ("peer", "tensor API, shared memory", m["peer"].get("perf_shm") or []),
-                      ("peer", "tensor API, streaming", m["peer"].get("perf_stream") or [])]  # fmt: skip
-        entries.append((m["label"], alone, loads))
-    frontend = results.get("frontend")
-    if frontend:
-        loads = [("svertka", "tensor API", frontend["svertka"]),
-                 ("svertka", "tensor API, shared memory", frontend.get("svertka_shm") or []),
-                 ("svertka", "tensor API, streaming", frontend.get("svertka_stream") or [])]  # fmt: skip
-        if frontend.get("peer"):
-            loads += [("peer", "tensor API", frontend["peer"]),
-                      ("peer", "tensor API, shared memory", frontend.get("peer_shm") or []),
-                      ("peer", "tensor API, streaming", frontend.get("peer_stream") or [])]  # fmt: skip
-        entries.append((frontend["label"], "", loads))
 
     def level(p: dict) -> int:
         return int(p.get("concurrency", p.get("load", 0)))
 
-    levels = sorted({level(p) for _, _, loads in entries for _, _, pts in loads for p in pts if p.get("cpu")})
+    loads = []  # (model, server, load, points)
+    for entry, server, data in _by_server(results):
+        loads += [(entry, server, label, data.get(key) or []) for key, label in CPU_LOADS]
+        if "image" in data:
+            loads.append((entry, server, "image API (JPEG)", data["image"]["closed"]))
+    levels = sorted({level(p) for *_, pts in loads for p in pts if p.get("cpu")})
     if not levels:
         return []  # results from before CPU metering
     rows = []
-    for label, alone, loads in entries:
-        first = True
-        for server, load, points in loads:
-            by_level = {level(p): p for p in points if p.get("images_per_s")}
-            cells = [_cpu_cell(by_level.get(c)) for c in levels]
-            if any(cells):
-                rows.append([label if first else "", alone if first else "", server, load, *cells])
-                first = False
+    labelled = set()  # models whose first row (label, onnxruntime alone) is written
+    for entry, server, load, points in loads:
+        by_level = {level(p): p for p in points if p.get("images_per_s")}
+        cells = [_cpu_cell(by_level.get(c)) for c in levels]
+        if not any(cells):
+            continue
+        label = alone = ""
+        if id(entry) not in labelled:
+            labelled.add(id(entry))
+            label = entry["label"]
+            best = ceiling_best(entry) if "ceiling" in entry else {}
+            if best.get("cpu_ms_per_image"):
+                alone = f"{fmt(best['cpu_ms_per_image'], 2)} (b {best['batch_size']})"
+        rows.append([label, alone, server, load, *cells])
     cores = results["meta"]["machine"].get("cpus_usable", "the")
     lines = ["## CPU time per image", "",
              "Each cell is *server + client* CPU milliseconds per image *(cores busy)* over one whole perf_analyzer "

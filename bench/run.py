@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ceiling, cpu, images, loadgen, machine, models, modelstats, peer, perf, target
+from bench import ceiling, cpu, images, loadgen, machine, models, peer, perf, target
 from bench import profile as profiler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,16 +96,14 @@ async def _image_api(url: str, model: str, jpegs: list[bytes], plan: Plan, pid: 
         call = loadgen.image_caller(channel, model, jpegs)
         closed = []
         for c in plan.image_concurrencies:
-            before = modelstats.batch_counts(url, model)
-            meter = cpu.Meter(pid, "self")
+            span = cpu.Span(url, model, pid, "self")
             result = await loadgen.closed_loop(
                 call, concurrency=c, duration_s=plan.load_s, warmup_s=plan.warmup_s
             )
-            meter.stop()
-            images = modelstats.images(modelstats.difference(modelstats.batch_counts(url, model), before))
+            _, use = span.stop()
             log(f"  image c={c:2d}: {result.images_per_s:7.1f} img/s  p50 {result.latency_ms['p50']:6.1f} ms  "
                 f"p99 {result.latency_ms['p99']:6.1f} ms{'  errors ' + str(result.errors) if result.errors else ''}")  # fmt: skip
-            closed.append({**_asdict(result), "cpu": _asdict(meter.use(images))})
+            closed.append({**_asdict(result), "cpu": _asdict(use)})
         best = max((r["images_per_s"] for r in closed), default=1.0)
         log(f"  image API: highest Poisson rate with p99 < {plan.latency_bound_ms:g} ms")
         rate = await loadgen.latency_bounded_rate(
