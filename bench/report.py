@@ -709,6 +709,10 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "- **CPU time** (`bench/cpu.py`): user + system time of the server's process tree and of the client, read "
         "before and after each perf_analyzer run and image-API window, divided by the images the server's "
         "ModelStatistics counted in between; the ceiling loop's own CPU time per image at each batch size.",
+        "- **By library** (`python -m bench.native`, a separate command, not part of this run): Linux `perf` on the "
+        "served server and then on the same engine in process, CPU per image split by library (onnxruntime and "
+        "its spin-waiting, JPEG decoding, Pillow, the interpreter, gRPC's core, the kernel); numbers in the "
+        "findings below.",
         "",
         "## Results per model",
         "",
