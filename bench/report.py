@@ -713,6 +713,9 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "served server and then on the same engine in process, CPU per image split by library (onnxruntime and "
         "its spin-waiting, JPEG decoding, Pillow, the interpreter, gRPC's core, the kernel); numbers in the "
         "findings below.",
+        "- **In pairs** (`python -m bench.paired`, a separate command): rounds of a ceiling window followed within "
+        "seconds by a served window at one concurrency, one served/ceiling ratio per round, and their median and "
+        "range; numbers in the findings below.",
         "",
         "## Results per model",
         "",
