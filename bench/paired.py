@@ -25,6 +25,7 @@ import asyncio
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,38 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def measure_rounds(
+    session_run: Callable[[np.ndarray], object],
+    inputs: dict[int, np.ndarray],
+    ceiling_s: float,
+    served: Callable[[], float | None],
+    rounds: int,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """``rounds`` pairs of (the ceiling: ``session_run`` on each of ``inputs`` for ``ceiling_s``, the best;
+    then ``served()``: the served images/s, None if it did not stabilise) -> rates, one ratio per round, summary.
+    """
+    from bench import ceiling
+
+    ceilings: list[float] = []
+    batches: list[int] = []
+    rates: list[float | None] = []
+    for r in range(rounds):
+        points = [ceiling.time_batch(lambda x=x: session_run(x), b, ceiling_s) for b, x in inputs.items()]
+        best = max(points, key=lambda p: p.images_per_s)
+        rate = served()
+        ceilings.append(best.images_per_s)
+        batches.append(best.batch_size)
+        rates.append(rate)
+        shown = f"{rate:7.1f}" if rate else "unstable"
+        ratio = f"{rate / best.images_per_s:.3f}" if rate else "-"
+        log(f"round {r + 1}: ceiling {best.images_per_s:7.1f} img/s (batch {best.batch_size}), "
+            f"served {shown} img/s, served/ceiling {ratio}")  # fmt: skip
+    values = ratios(rates, ceilings)
+    return {"ceiling": ceilings, "ceiling_batch": batches, "served": rates, "ratios": values,
+            "summary": summary(values) if values else None}  # fmt: skip
+
+
 def _served_image(url: str, model: str, concurrency: int, seconds: float, jpegs: list[bytes]) -> float:
     from bench import loadgen
 
@@ -64,6 +97,10 @@ def _served_image(url: str, model: str, concurrency: int, seconds: float, jpegs:
     return asyncio.run(drive())
 
 
+def _print_now(line: str) -> None:
+    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=Path, required=True)
@@ -78,49 +115,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from bench import ceiling, images, perf, target
+    from bench import images, perf, target
     from service import config, runtime
 
     settings = config.ModelSettings.load(args.model_path.parent.parent)
     session = runtime.Session(args.model_path, settings)
-    shape = session.meta.input_shape
     rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, *shape), dtype=np.float32) for b in args.batches}
+    inputs = {b: rng.standard_normal((b, *session.meta.input_shape), dtype=np.float32) for b in args.batches}
     jpegs = images.load_jpegs(REPO_ROOT / ".bench" / "images") if args.api == "image" else []
     perf_settings = perf.PerfSettings(round(args.served_s * 1000), 30, 6)
     repo = target.single_model_repository(args.model_path, args.name, WORK / "repos")
-    ceilings: list[float] = []
-    served: list[float | None] = []
     with target.serve(repo, log_path=WORK / f"svertka-{args.name}.log") as server:
-        for r in range(args.rounds):
-            points = [
-                ceiling.time_batch(lambda x=x: session.run(x), b, args.ceiling_s) for b, x in inputs.items()
-            ]
-            best = max(points, key=lambda p: p.images_per_s)
+
+        def served() -> float | None:
             if args.api == "tensor":
-                point = perf.run_level(
+                return perf.run_level(
                     server.grpc_url, args.name, args.concurrency, perf_settings, WORK / "perf"
-                )
-                rate = point.images_per_s
-            else:
-                rate = _served_image(server.grpc_url, args.name, args.concurrency, args.served_s, jpegs)
-            ceilings.append(best.images_per_s)
-            served.append(rate)
-            shown = f"{rate:7.1f}" if rate else "unstable"
-            ratio = f"{rate / best.images_per_s:.3f}" if rate else "-"
-            print(f"round {r + 1}: ceiling {best.images_per_s:7.1f} img/s (batch {best.batch_size}), "
-                  f"served {shown} img/s, served/ceiling {ratio}", flush=True)  # fmt: skip
+                ).images_per_s
+            return _served_image(server.grpc_url, args.name, args.concurrency, args.served_s, jpegs)
+
+        result = measure_rounds(session.run, inputs, args.ceiling_s, served, args.rounds, log=_print_now)
     session.close()
-    values = ratios(served, ceilings)
-    if not values:
+    if result["summary"] is None:
         print("no round gave a stable served rate", file=sys.stderr)
         return 1
-    result = summary(values)
-    print(f"{args.name}, {args.api} API, concurrency {args.concurrency}: served/ceiling median {result['median']:.3f} "
-          f"(min {result['min']:.3f}, max {result['max']:.3f}) over {result['rounds']} rounds")  # fmt: skip
+    s = result["summary"]
+    print(f"{args.name}, {args.api} API, concurrency {args.concurrency}: served/ceiling median {s['median']:.3f} "
+          f"(min {s['min']:.3f}, max {s['max']:.3f}) over {s['rounds']} rounds")  # fmt: skip
     out = WORK / f"{args.name}-{args.api}-c{args.concurrency}.json"
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "ceiling": ceilings,
-                               "served": served, "served_over_ceiling": result}, indent=1))  # fmt: skip
+    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=1))
     print(f"results: {out}")
     return 0
 

@@ -556,6 +556,39 @@ CPU_LOADS = (
 )
 
 
+def _paired_section(results: dict) -> list[str]:
+    """Served/ceiling from rounds measured seconds apart (``bench.paired``), per model."""
+    rows = []
+    for model in results["models"]:
+        data = (model.get("svertka") or {}).get("paired")
+        if not data or not data.get("summary"):
+            continue
+        s = data["summary"]
+        rounds = ", ".join(
+            f"{r / c:.3f}" if r else "unstable" for r, c in zip(data["served"], data["ceiling"], strict=True)
+        )
+        ceilings = f"{fmt(min(data['ceiling']))}-{fmt(max(data['ceiling']))}"
+        rows.append([model["label"], str(data["concurrency"]), ceilings, rounds, f"**{s['median']:.3f}**",
+                     f"{s['min']:.3f}-{s['max']:.3f}"])  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Served over ceiling, measured in pairs", "",
+             "The headline above sets the best served rate against a ceiling measured minutes before and after "
+             "the servers. Here each round measures the ceiling (onnxruntime alone at the first pass's three "
+             "fastest batch sizes, the best of them) and, seconds later, perf_analyzer at the best concurrency, "
+             "and gives one ratio (`bench/paired.py`). The median of the rounds is the less flattered reading; "
+             "their range is how far a single ratio on this machine can be trusted.", ""]  # fmt: skip
+    header = [
+        "model",
+        "concurrency",
+        "ceiling img/s, lowest-highest",
+        "served/ceiling per round",
+        "median",
+        "range",
+    ]
+    return lines + _table(header, rows) + [""]
+
+
 def _cpu_section(results: dict) -> list[str]:
     """CPU time per image of each server and its client, at every level measured (``bench/cpu.py``)."""
 
@@ -713,9 +746,14 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "served server and then on the same engine in process, CPU per image split by library (onnxruntime and "
         "its spin-waiting, JPEG decoding, Pillow, the interpreter, gRPC's core, the kernel); numbers in the "
         "findings below.",
-        "- **In pairs** (`python -m bench.paired`, a separate command): rounds of a ceiling window followed within "
-        "seconds by a served window at one concurrency, one served/ceiling ratio per round, and their median and "
-        "range; numbers in the findings below.",
+        "- **In pairs** (`bench/paired.py`; also `python -m bench.paired` on its own): "
+        + (
+            f"after each model's tensor-API sweep, {plan['paired_rounds']} rounds "
+            if plan.get("paired_rounds")
+            else "rounds (not in this run) "
+        )
+        + "of a ceiling window followed within seconds by perf_analyzer at the best concurrency, one served/ceiling "
+        "ratio per round, and their median and range.",
         "",
         "## Results per model",
         "",
@@ -726,6 +764,7 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         lines += _frontend_section(results["frontend"])
     for key, heading, intro in CLIENT_MODES:
         lines += _mode_section(results, key, heading, intro)
+    lines += _paired_section(results)
     lines += _cpu_section(results)
     for model in results["models"]:
         lines += _profile_section(model)

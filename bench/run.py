@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ceiling, cpu, images, loadgen, machine, models, peer, perf, target
+import numpy as np
+
+from bench import ceiling, cpu, images, loadgen, machine, models, paired, peer, perf, target
 from bench import profile as profiler
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,8 @@ class Plan:
     #: perf_analyzer levels measured again over the streaming RPC (ModelStreamInfer, throughput clients).
     stream_concurrencies: tuple[int, ...] = ()
     latency_bound_ms: float = 100.0
+    #: Rounds of (ceiling, served at the best concurrency) measured seconds apart (``bench.paired``).
+    paired_rounds: int = 0
 
 
 FULL = Plan(
@@ -57,6 +61,7 @@ FULL = Plan(
     rate_steps=5,
     shm_concurrencies=(1, 4, 16),
     stream_concurrencies=(1, 4, 16),
+    paired_rounds=5,
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
@@ -68,6 +73,7 @@ QUICK = Plan(
     rate_steps=2,
     shm_concurrencies=(1,),
     stream_concurrencies=(1,),
+    paired_rounds=1,
 )
 
 #: svertka under test lets perf_analyzer use system shared memory (it changes nothing for other requests).
@@ -153,6 +159,45 @@ def _client_modes(url: str, model: str, plan: Plan, workdir: Path, pid: int) -> 
     return out
 
 
+#: Ceiling batch sizes in each paired round: the first ceiling pass's fastest.
+PAIRED_BATCHES = 3
+
+
+def _paired(m: models.BenchModel, settings, url: str, served: list[perf.PerfPoint], first: ceiling.Ceiling,
+            plan: Plan, workdir: Path) -> dict | None:  # fmt: skip
+    """Rounds of the ceiling (onnxruntime alone, the first pass's fastest batch sizes) followed within seconds
+    by perf_analyzer at the best concurrency found, while the server is idle between them (``bench.paired``)."""
+    from service import runtime
+
+    stable = [p for p in served if p.images_per_s]
+    if not stable:
+        return None
+    concurrency = max(stable, key=lambda p: p.images_per_s).concurrency
+    fastest = sorted(first.points, key=lambda p: p.images_per_s, reverse=True)[:PAIRED_BATCHES]
+    log(f"  paired rounds: the ceiling at batch {', '.join(str(p.batch_size) for p in fastest)}, then "
+        f"perf_analyzer at concurrency {concurrency}; {plan.paired_rounds} rounds")  # fmt: skip
+    session = runtime.Session(m.path, settings)
+    rng = np.random.default_rng(0)
+    inputs = {p.batch_size: rng.standard_normal((p.batch_size, *session.meta.input_shape), dtype=np.float32)
+              for p in sorted(fastest, key=lambda p: p.batch_size)}  # fmt: skip
+
+    def served_rate() -> float | None:
+        return perf.run_level(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired").images_per_s
+
+    try:
+        result = paired.measure_rounds(
+            session.run,
+            inputs,
+            plan.ceiling_s_per_batch,
+            served_rate,
+            plan.paired_rounds,
+            log=lambda s: log("    " + s),
+        )
+    finally:
+        session.close()
+    return {"concurrency": concurrency, **result}
+
+
 def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
     """The peer serving ``m`` with svertka's batching settings and thread budget."""
     return peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
@@ -188,6 +233,8 @@ def bench_model(
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
         out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_modes["shm"],
                           "perf_stream": sv_modes["stream"], "image": sv_image, "tensor_rate": sv_rate}  # fmt: skip
+        if plan.paired_rounds:
+            out["svertka"]["paired"] = _paired(m, settings, server.grpc_url, sv_perf, first, plan, workdir)
         if profile:
             log(f"  profile: py-spy on the server under closed-loop load, concurrency {PROFILE_CONCURRENCY}")
             out["svertka"]["profile"] = asyncio.run(profiler.profile_server(

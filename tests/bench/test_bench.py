@@ -123,6 +123,13 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
             assert closed["completed"] > 0 and not closed["errors"], closed
             assert closed["cpu"]["images"] >= closed["completed"] and closed["cpu"]["server_s"] > 0
         assert all(p["cpu_ms_per_image"] > 0 for p in model["ceiling"]["points"])
+        pairs = model["svertka"][
+            "paired"
+        ]  # one round: a ceiling window, then perf_analyzer at the best level
+        assert len(pairs["ceiling"]) == len(pairs["served"]) == 1 and pairs["ceiling"][0] > 0
+        assert pairs["concurrency"] in (1, 4) and pairs["ceiling_batch"][0] in {
+            p["batch_size"] for p in model["ceiling"]["points"]
+        }
         for search in (model["svertka"]["tensor_rate"], model["svertka"]["image"]["rate"]):
             assert search["tried"] and all(r["completed"] > 0 for r in search["tried"])
         assert f"### {model['label']}" in text
@@ -148,5 +155,6 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert all(p["command"].endswith("--streaming") for p in points)
     assert "## Throughput clients: the streaming RPC" in text
     assert "## CPU time per image" in text
+    assert "## Served over ceiling, measured in pairs" in text  # one round per model in quick mode
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "(benchmarks-gpu.md)" in text

@@ -29,4 +29,5 @@ def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
     assert "round 1: ceiling" in out and "round 2: ceiling" in out
     assert "tiny, tensor API, concurrency 2: served/ceiling median" in out
     saved = json.loads((paired.WORK / "tiny-tensor-c2.json").read_text())
-    assert len(saved["ceiling"]) == len(saved["served"]) == 2 and saved["served_over_ceiling"]["rounds"] >= 1
+    assert len(saved["ceiling"]) == len(saved["served"]) == len(saved["ceiling_batch"]) == 2
+    assert saved["summary"]["rounds"] == len(saved["ratios"]) >= 1
