@@ -1,11 +1,13 @@
 """Served over ceiling, measured in pairs: each served window right after its own ceiling window.
 
-``make bench`` measures the ceiling before and after the servers, minutes
-apart from the served windows, and on a shared machine onnxruntime's own speed
-moves by a tenth or more between such windows (docs/benchmarks.md, findings).
-A ratio of two numbers taken minutes apart carries that movement. Here every
-round takes both within seconds of each other and gives one ratio; the spread
-of the rounds shows how far a single ratio can be trusted. ::
+The ceiling in ``make bench``'s tables is measured before and after the
+servers, minutes apart from the served windows, and on a shared machine
+onnxruntime's own speed moves by a tenth or more between such windows
+(docs/benchmarks.md, findings). A ratio of two numbers taken minutes apart
+carries that movement. Here every round takes both within seconds of each
+other and gives one ratio; the spread of the rounds shows how far a single
+ratio can be trusted. ``make bench`` runs such rounds (``measure_rounds``)
+after each model's tensor-API sweep; on its own::
 
     python -m bench.paired --model-path M --name N [--api tensor|image] [--concurrency 16] [--rounds 5]
 
