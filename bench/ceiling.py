@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,13 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
+def ready_batches(shape: tuple[int, ...], sizes: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(size, a ready float32 batch of ``shape`` items) for each size, made as they are asked for (seeded)."""
+    rng = np.random.default_rng(0)
+    for b in sizes:
+        yield b, rng.standard_normal((b, *shape), dtype=np.float32)
+
+
 def time_batch(
     run: Callable[[], object], batch_size: int, seconds: float, min_iterations: int = 5, warmup: int = 2
 ) -> BatchPoint:
@@ -119,12 +126,8 @@ def measure(
 
     settings = settings or config.ModelSettings.load(Path(path).parent.parent)
     session = runtime.Session(path, settings)
-    shape = session.meta.input_shape
-    max_batch_size = settings.max_batch_size
-    rng = np.random.default_rng(0)
     points = []
-    for b in batch_sizes(max_batch_size):
-        x = rng.standard_normal((b, *shape), dtype=np.float32)
+    for b, x in ready_batches(session.meta.input_shape, batch_sizes(settings.max_batch_size)):
         points.append(time_batch(lambda x=x: session.run(x), b, seconds_per_batch, min_iterations))
     session.close()
     return Ceiling(model=model, provider=session.provider, intra_op_threads=session.threads, points=points)

@@ -209,16 +209,12 @@ def _image_level(
 
     from bench import cpu, loadgen
 
-    async def drive():
-        channel = loadgen.channel(url)
-        try:
-            call = loadgen.image_caller(channel, model, jpegs)
-            return await loadgen.closed_loop(call, concurrency=concurrency, duration_s=seconds, warmup_s=1.0)
-        finally:
-            await channel.close()
-
     span = cpu.Span(url, model, pid, "self")
-    result = asyncio.run(drive())
+    result = asyncio.run(
+        loadgen.image_closed_loop(
+            url, model, jpegs, concurrency=concurrency, duration_s=seconds, warmup_s=1.0
+        )
+    )
     batches, use = span.stop()
     return {"concurrency": concurrency, "images_per_s": result.images_per_s, "latency_ms": result.latency_ms,
             "batches": batches, "errors": result.errors, "cpu": dataclasses.asdict(use)}  # fmt: skip

@@ -133,6 +133,18 @@ async def closed_loop(
     )
 
 
+async def image_closed_loop(
+    url: str, model: str, images: Sequence[bytes], *, concurrency: int, duration_s: float, warmup_s: float
+) -> LoadResult:
+    """:func:`closed_loop` of image requests (:func:`image_caller`) on a channel of its own."""
+    ch = channel(url)
+    try:
+        call = image_caller(ch, model, images)
+        return await closed_loop(call, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
+    finally:
+        await ch.close()
+
+
 async def poisson(
     call: Call,
     *,

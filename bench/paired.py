@@ -82,23 +82,6 @@ def measure_rounds(
             "summary": summary(values) if values else None}  # fmt: skip
 
 
-def _served_image(url: str, model: str, concurrency: int, seconds: float, jpegs: list[bytes]) -> float:
-    from bench import loadgen
-
-    async def drive() -> float:
-        channel = loadgen.channel(url)
-        try:
-            call = loadgen.image_caller(channel, model, jpegs)
-            result = await loadgen.closed_loop(
-                call, concurrency=concurrency, duration_s=seconds, warmup_s=1.0
-            )
-            return result.images_per_s
-        finally:
-            await channel.close()
-
-    return asyncio.run(drive())
-
-
 def _print_now(line: str) -> None:
     print(line, flush=True)
 
@@ -117,13 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from bench import images, perf, target
+    from bench import ceiling, images, loadgen, perf, target
     from service import config, runtime
 
     settings = config.ModelSettings.load(args.model_path.parent.parent)
     session = runtime.Session(args.model_path, settings)
-    rng = np.random.default_rng(0)
-    inputs = {b: rng.standard_normal((b, *session.meta.input_shape), dtype=np.float32) for b in args.batches}
+    inputs = dict(ceiling.ready_batches(session.meta.input_shape, args.batches))
     jpegs = images.load_jpegs(REPO_ROOT / ".bench" / "images") if args.api == "image" else []
     perf_settings = perf.PerfSettings(round(args.served_s * 1000), 30, 6)
     repo = target.single_model_repository(args.model_path, args.name, WORK / "repos")
@@ -134,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 return perf.run_level(
                     server.grpc_url, args.name, args.concurrency, perf_settings, WORK / "perf"
                 ).images_per_s
-            return _served_image(server.grpc_url, args.name, args.concurrency, args.served_s, jpegs)
+            return asyncio.run(loadgen.image_closed_loop(
+                server.grpc_url, args.name, jpegs, concurrency=args.concurrency, duration_s=args.served_s,
+                warmup_s=1.0)).images_per_s  # fmt: skip
 
         result = measure_rounds(session.run, inputs, args.ceiling_s, served, args.rounds, log=_print_now)
     session.close()

@@ -22,8 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench import ceiling, cpu, images, loadgen, machine, models, paired, peer, perf, target
 from bench import profile as profiler
 
@@ -177,9 +175,7 @@ def _paired(m: models.BenchModel, settings, url: str, served: list[perf.PerfPoin
     log(f"  paired rounds: the ceiling at batch {', '.join(str(p.batch_size) for p in fastest)}, then "
         f"perf_analyzer at concurrency {concurrency}; {plan.paired_rounds} rounds")  # fmt: skip
     session = runtime.Session(m.path, settings)
-    rng = np.random.default_rng(0)
-    inputs = {p.batch_size: rng.standard_normal((p.batch_size, *session.meta.input_shape), dtype=np.float32)
-              for p in sorted(fastest, key=lambda p: p.batch_size)}  # fmt: skip
+    inputs = dict(ceiling.ready_batches(session.meta.input_shape, sorted(p.batch_size for p in fastest)))
 
     def served_rate() -> float | None:
         return perf.run_level(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired").images_per_s
