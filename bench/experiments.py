@@ -190,6 +190,27 @@ def patch_nice_frontend() -> None:
     models.ModelManager.__init__ = init
 
 
+def patch_grpc_options() -> None:
+    """Extra gRPC channel arguments for the server, from ``SVERTKA_EXPERIMENT_GRPC_OPTIONS``.
+
+    The variable holds a JSON object of argument names and integer values, e.g.
+    ``{"grpc.http2.max_frame_size": 1048576}``; they are appended to the server's
+    own arguments (``service.server.grpc_options``). Both arms inherit the
+    environment; only B applies it.
+    """
+    import os
+
+    from service import server
+
+    extra = [(k, int(v)) for k, v in json.loads(os.environ["SVERTKA_EXPERIMENT_GRPC_OPTIONS"]).items()]
+    original = server.grpc_options
+
+    def grpc_options(config):
+        return [*original(config), *extra]
+
+    server.grpc_options = grpc_options
+
+
 POLICIES = {
     "adaptive-idle": patch_adaptive_idle,
     "spinning": patch_spinning,
@@ -198,6 +219,7 @@ POLICIES = {
     "two-instances": patch_two_instances,
     "one-decoder": patch_one_decoder,
     "nice-frontend": patch_nice_frontend,
+    "grpc-options": patch_grpc_options,
 }
 
 

@@ -10,6 +10,7 @@ ratio can be trusted. ``make bench`` runs such rounds (``measure_rounds``)
 after each model's tensor-API sweep; on its own::
 
     python -m bench.paired --model-path M --name N [--api tensor|image] [--concurrency 16] [--rounds 5]
+    python -m bench.paired --model-path M --name N --latency [--rounds 5]
 
 Each round: the ceiling (onnxruntime alone, ``bench.ceiling``'s loop on the
 server's own session settings, in this process) at each of ``--batches`` for
@@ -18,6 +19,11 @@ server's own session settings, in this process) at each of ``--batches`` for
 ``make bench`` runs it; image API: bench.loadgen's closed loop over the
 benchmark's JPEGs). The server is idle while the ceiling runs, and the ceiling's
 session is idle while the server is loaded.
+
+``--latency`` asks the same of the concurrency-1 target (served p50 within a
+millisecond of onnxruntime's own batch-1 p50): each round times onnxruntime
+alone at batch 1, then perf_analyzer at concurrency 1 over unary calls and
+over the streaming RPC, and gives the served p50 minus that round's raw p50.
 """
 
 from __future__ import annotations
@@ -82,6 +88,41 @@ def measure_rounds(
             "summary": summary(values) if values else None}  # fmt: skip
 
 
+def measure_latency_rounds(
+    session_run: Callable[[np.ndarray], object],
+    x: np.ndarray,
+    seconds: float,
+    served_p50: dict[str, Callable[[], float | None]],
+    rounds: int,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """``rounds`` pairs of (onnxruntime alone: ``session_run(x)`` on one image for ``seconds``, its p50;
+    then each of ``served_p50``: the served p50 at concurrency 1 in ms, None if it did not stabilise)
+    -> the p50s, the served overhead over the raw p50 of the same round, and its summary per mode.
+    """
+    from bench import ceiling
+
+    raw: list[float] = []
+    served: dict[str, list[float | None]] = {mode: [] for mode in served_p50}
+    for r in range(rounds):
+        p50 = ceiling.time_batch(lambda: session_run(x), 1, seconds).latency_ms["p50"]
+        raw.append(p50)
+        shown = []
+        for mode, measure in served_p50.items():
+            value = measure()
+            served[mode].append(value)
+            shown.append(
+                f"{mode} {value:.2f} ms ({value - p50:+.2f})" if value is not None else f"{mode} unstable"
+            )
+        log(f"round {r + 1}: onnxruntime alone at batch 1 p50 {p50:.2f} ms; served p50 " + ", ".join(shown))
+    overhead = {
+        mode: [s - p for s, p in zip(values, raw, strict=True) if s is not None]
+        for mode, values in served.items()
+    }
+    return {"raw_p50": raw, "served_p50": served, "overhead_ms": overhead,
+            "summary": {mode: summary(values) for mode, values in overhead.items() if values}}  # fmt: skip
+
+
 def _print_now(line: str) -> None:
     print(line, flush=True)
 
@@ -93,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", choices=["tensor", "image"], default="tensor")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latency", action="store_true",
+                        help="concurrency-1 overhead (tensor API, unary and streaming) instead of served/ceiling")  # fmt: skip
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32], help="ceiling batch sizes")
     parser.add_argument("--ceiling-s", type=float, default=2.0, help="seconds per ceiling batch size")
     parser.add_argument(
@@ -105,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = config.ModelSettings.load(args.model_path.parent.parent)
     session = runtime.Session(args.model_path, settings)
+    if args.latency:
+        args.api, args.concurrency, args.batches = "tensor", 1, [1]
     inputs = dict(ceiling.ready_batches(session.meta.input_shape, args.batches))
     jpegs = images.load_jpegs(REPO_ROOT / ".bench" / "images") if args.api == "image" else []
     perf_settings = perf.PerfSettings(round(args.served_s * 1000), 30, 6)
@@ -120,8 +165,27 @@ def main(argv: list[str] | None = None) -> int:
                 server.grpc_url, args.name, jpegs, concurrency=args.concurrency, duration_s=args.served_s,
                 warmup_s=1.0)).images_per_s  # fmt: skip
 
-        result = measure_rounds(session.run, inputs, args.ceiling_s, served, args.rounds, log=_print_now)
+        def served_p50(streaming: bool) -> float | None:
+            point = perf.run_level(
+                server.grpc_url, args.name, 1, perf_settings, WORK / "perf", streaming=streaming
+            )
+            return point.latency_ms["p50"] if point.images_per_s else None
+
+        if args.latency:
+            modes = {"unary": lambda: served_p50(False), "streaming": lambda: served_p50(True)}
+            result = measure_latency_rounds(session.run, inputs[1], args.ceiling_s, modes, args.rounds,
+                                            log=_print_now)  # fmt: skip
+        else:
+            result = measure_rounds(session.run, inputs, args.ceiling_s, served, args.rounds, log=_print_now)
     session.close()
+    if args.latency:
+        for mode, s in result["summary"].items():
+            print(f"{args.name}, concurrency 1, {mode}: served p50 - onnxruntime's batch-1 p50, median "
+                  f"{s['median']:+.2f} ms (min {s['min']:+.2f}, max {s['max']:+.2f}) over {s['rounds']} rounds")  # fmt: skip
+        out = WORK / f"{args.name}-c1-latency.json"
+        out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=1))
+        print(f"results: {out}")
+        return 0 if result["summary"] else 1
     if result["summary"] is None:
         print("no round gave a stable served rate", file=sys.stderr)
         return 1

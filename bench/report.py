@@ -277,6 +277,16 @@ def _targets(results: dict) -> list[str]:
             rows.append([f"the same, tensors in system shared memory ({name})",
                          f"{fmt(c1['latency_ms']['p50'], 2)} vs {fmt(raw, 2)} ms ({signed(ov)} ms)",
                          mark(ov <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
+    for name, m in by_name.items():
+        # The same two targets read from the rounds measured in pairs (medians; sections below).
+        pair = (m.get("svertka") or {}).get("paired")
+        if name.startswith("resnet18") and pair and pair.get("summary"):
+            med = pair["summary"]["median"]
+            rows.append([f"the same served / ceiling, median of {pair['summary']['rounds']} rounds in pairs ({name})",
+                         f"{med:.2f}", mark(med >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
+        for mode, s in ((m.get("svertka") or {}).get("paired_c1") or {}).get("summary", {}).items():
+            rows.append([f"concurrency-1 overhead, median of {s['rounds']} rounds in pairs, {mode} ({name})",
+                         f"{signed(s['median'])} ms", mark(s["median"] <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
     if "resnet18" in sums:
         eff = sums["resnet18"]["image_efficiency"]
         rows.append([f"image API (1024x768 JPEG) / ceiling >= {TARGET_IMAGE_EFFICIENCY} (resnet18 fp32)",
@@ -589,6 +599,41 @@ def _paired_section(results: dict) -> list[str]:
     return lines + _table(header, rows) + [""]
 
 
+def _paired_c1_section(results: dict) -> list[str]:
+    """The concurrency-1 overhead from rounds measured seconds apart (``bench.paired``), per model and mode."""
+    rows = []
+    for model in results["models"]:
+        data = (model.get("svertka") or {}).get("paired_c1")
+        if not data:
+            continue
+        raw = data["raw_p50"]
+        for mode, served in data["served_p50"].items():
+            s = data["summary"].get(mode)
+            if s is None:
+                continue
+            rounds = ", ".join(
+                signed(v - p) if v is not None else "unstable" for v, p in zip(served, raw, strict=True)
+            )
+            rows.append([model["label"], mode, f"{fmt(min(raw), 2)}-{fmt(max(raw), 2)}", rounds,
+                         f"**{signed(s['median'])}**", f"{signed(s['min'])} to {signed(s['max'])}"])  # fmt: skip
+    if not rows:
+        return []
+    lines = ["## Concurrency-1 overhead, measured in pairs", "",
+             "The headline's concurrency-1 overhead sets perf_analyzer's p50 against onnxruntime's batch-1 p50 "
+             "measured minutes away. Here each round times onnxruntime alone at batch 1 and, seconds later, "
+             "perf_analyzer at concurrency 1 (`bench/paired.py`); each cell is that round's served p50 minus its "
+             "raw p50, in ms.", ""]  # fmt: skip
+    header = [
+        "model",
+        "calls",
+        "raw batch-1 p50 ms, lowest-highest",
+        "overhead per round, ms",
+        "median",
+        "range",
+    ]
+    return lines + _table(header, rows) + [""]
+
+
 def _cpu_section(results: dict) -> list[str]:
     """CPU time per image of each server and its client, at every level measured (``bench/cpu.py``)."""
 
@@ -753,7 +798,13 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
             else "rounds (not in this run) "
         )
         + "of a ceiling window followed within seconds by perf_analyzer at the best concurrency, one served/ceiling "
-        "ratio per round, and their median and range.",
+        "ratio per round, and their median and range; "
+        + (
+            "then as many rounds of onnxruntime alone at batch 1 followed by perf_analyzer at concurrency 1 "
+            f"({', '.join(plan['paired_c1_modes'])}), one concurrency-1 overhead per round."
+            if plan.get("paired_c1_modes")
+            else "the concurrency-1 rounds are not in this run."
+        ),
         "",
         "## Results per model",
         "",
@@ -765,6 +816,7 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     for key, heading, intro in CLIENT_MODES:
         lines += _mode_section(results, key, heading, intro)
     lines += _paired_section(results)
+    lines += _paired_c1_section(results)
     lines += _cpu_section(results)
     for model in results["models"]:
         lines += _profile_section(model)

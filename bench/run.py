@@ -47,6 +47,9 @@ class Plan:
     latency_bound_ms: float = 100.0
     #: Rounds of (ceiling, served at the best concurrency) measured seconds apart (``bench.paired``).
     paired_rounds: int = 0
+    #: The same rounds for the concurrency-1 target: onnxruntime's batch-1 p50, then the served p50 over these
+    #: perf_analyzer modes ("unary", "streaming").
+    paired_c1_modes: tuple[str, ...] = ()
 
 
 FULL = Plan(
@@ -60,6 +63,7 @@ FULL = Plan(
     shm_concurrencies=(1, 4, 16),
     stream_concurrencies=(1, 4, 16),
     paired_rounds=5,
+    paired_c1_modes=("unary", "streaming"),
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
@@ -72,6 +76,7 @@ QUICK = Plan(
     shm_concurrencies=(1,),
     stream_concurrencies=(1,),
     paired_rounds=1,
+    paired_c1_modes=("unary",),
 )
 
 #: svertka under test lets perf_analyzer use system shared memory (it changes nothing for other requests).
@@ -194,6 +199,29 @@ def _paired(m: models.BenchModel, settings, url: str, served: list[perf.PerfPoin
     return {"concurrency": concurrency, **result}
 
 
+def _paired_c1(m: models.BenchModel, settings, url: str, plan: Plan, workdir: Path) -> dict:
+    """Rounds of onnxruntime alone at batch 1 followed within seconds by perf_analyzer at concurrency 1
+    (each of ``plan.paired_c1_modes``): the concurrency-1 overhead, one per round (``bench.paired``)."""
+    from service import runtime
+
+    log(f"  paired concurrency-1 rounds: onnxruntime alone at batch 1, then perf_analyzer at concurrency 1 "
+        f"({', '.join(plan.paired_c1_modes)}); {plan.paired_rounds} rounds")  # fmt: skip
+    session = runtime.Session(m.path, settings)
+    x = dict(ceiling.ready_batches(session.meta.input_shape, [1]))[1]
+
+    def served_p50(mode: str) -> float | None:
+        point = perf.run_level(url, m.name, 1, plan.perf, workdir / "perf" / "paired",
+                               streaming=mode == "streaming")  # fmt: skip
+        return point.latency_ms["p50"] if point.images_per_s else None
+
+    modes = {mode: (lambda mode=mode: served_p50(mode)) for mode in plan.paired_c1_modes}
+    try:
+        return paired.measure_latency_rounds(session.run, x, plan.ceiling_s_per_batch, modes, plan.paired_rounds,
+                                             log=lambda s: log("    " + s))  # fmt: skip
+    finally:
+        session.close()
+
+
 def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
     """The peer serving ``m`` with svertka's batching settings and thread budget."""
     return peer.serve(m.path, m.name, threads=threads, max_batch_size=settings.max_batch_size,
@@ -231,6 +259,8 @@ def bench_model(
                           "perf_stream": sv_modes["stream"], "image": sv_image, "tensor_rate": sv_rate}  # fmt: skip
         if plan.paired_rounds:
             out["svertka"]["paired"] = _paired(m, settings, server.grpc_url, sv_perf, first, plan, workdir)
+        if plan.paired_rounds and plan.paired_c1_modes:
+            out["svertka"]["paired_c1"] = _paired_c1(m, settings, server.grpc_url, plan, workdir)
         if profile:
             log(f"  profile: py-spy on the server under closed-loop load, concurrency {PROFILE_CONCURRENCY}")
             out["svertka"]["profile"] = asyncio.run(profiler.profile_server(

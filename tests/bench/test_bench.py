@@ -130,6 +130,12 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert pairs["concurrency"] in (1, 4) and pairs["ceiling_batch"][0] in {
             p["batch_size"] for p in model["ceiling"]["points"]
         }
+        c1 = model["svertka"][
+            "paired_c1"
+        ]  # one round: onnxruntime at batch 1, then perf_analyzer at concurrency 1
+        assert len(c1["raw_p50"]) == 1 and c1["raw_p50"][0] > 0 and list(c1["served_p50"]) == ["unary"]
+        if c1["served_p50"]["unary"] is not None:
+            assert c1["overhead_ms"]["unary"] == [c1["served_p50"]["unary"][0] - c1["raw_p50"][0]]
         for search in (model["svertka"]["tensor_rate"], model["svertka"]["image"]["rate"]):
             assert search["tried"] and all(r["completed"] > 0 for r in search["tried"])
         assert f"### {model['label']}" in text
@@ -156,5 +162,8 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
     assert "## Throughput clients: the streaming RPC" in text
     assert "## CPU time per image" in text
     assert "## Served over ceiling, measured in pairs" in text  # one round per model in quick mode
+    if any(m["svertka"]["paired_c1"]["summary"] for m in results["models"]):
+        assert "## Concurrency-1 overhead, measured in pairs" in text
+        assert "concurrency-1 overhead, median of 1 rounds in pairs, unary" in text
     assert "## Headline" in text and "Quick mode" in text
     assert "## GPU" in text and "(benchmarks-gpu.md)" in text
