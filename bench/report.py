@@ -783,7 +783,14 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         f"p99 < {bound:g} ms.",
         "- **Peer** (`bench/peer_server.py`): nvidia-pytriton's bundled Triton server, an onnxruntime callable under "
         "`@batch`, `DynamicBatcher(max_queue_delay_microseconds=...)` and `max_batch_size` equal to svertka's, the "
-        "same intra-op threads, the same ONNX file.",
+        "same intra-op threads, the same ONNX file. "
+        + (
+            "Both servers are up at once and take turns at each perf_analyzer level (which goes first alternates "
+            "from level to level), so each svertka/peer pair is measured seconds apart; the idle one costs "
+            "nothing measurable. The two Poisson searches run one after the other."
+            if meta.get("peer_in_turn")
+            else "The peer was measured after svertka, minutes apart."
+        ),
         "- **CPU time** (`bench/cpu.py`): user + system time of the server's process tree and of the client, read "
         "before and after each perf_analyzer run and image-API window, divided by the images the server's "
         "ModelStatistics counted in between; the ceiling loop's own CPU time per image at each batch size.",

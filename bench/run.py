@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -142,23 +143,45 @@ def _best_perf(points: list[perf.PerfPoint]) -> float:
     return max((p.images_per_s for p in points if p.images_per_s), default=1.0)
 
 
-def _client_modes(url: str, model: str, plan: Plan, workdir: Path, pid: int) -> dict[str, list[dict]]:
-    """perf_analyzer again, the same requests carried two other ways.
+def _in_turn(servers: dict[str, tuple[str, int]], model: str, levels: list[int], settings: perf.PerfSettings,
+             workdir: Path, **flags) -> dict[str, list[perf.PerfPoint]]:  # fmt: skip
+    """perf_analyzer at each level on every server (name -> (gRPC address, pid)), one after the other.
+
+    The servers take turns level by level, in alternating order (svertka then the peer, then the peer then
+    svertka, ...), so the two points of a level are measured seconds apart: the machine's speed drifts by
+    a third or more over the minutes a whole sweep takes, and a sweep of one server followed by a sweep of
+    the other would compare two different machines. Each server idles while the other is loaded.
+    """
+    names = list(servers)
+    points: dict[str, list[perf.PerfPoint]] = {name: [] for name in names}
+    for i, c in enumerate(levels):
+        for name in names if i % 2 == 0 else names[::-1]:
+            url, pid = servers[name]
+            tag = f"  {name}" if len(names) > 1 else ""
+            points[name] += perf.sweep(url, model, [c], settings, workdir / name, lambda s, tag=tag: log(tag + s),
+                                       server_pid=pid, **flags)  # fmt: skip
+    return points
+
+
+def _client_modes(
+    servers: dict[str, tuple[str, int]], model: str, plan: Plan, workdir: Path
+) -> dict[str, dict]:
+    """perf_analyzer again, the same requests carried two other ways, the servers in turn (``_in_turn``).
 
     ``shm``: the tensors in system shared memory instead of the messages (same-host clients);
     ``stream``: one ModelStreamInfer stream per client thread instead of a unary call per request.
+    -> server name -> {"shm": [...], "stream": [...]}.
     """
-    out: dict[str, list[dict]] = {}
+    out: dict[str, dict] = {name: {} for name in servers}
     for key, levels, title, flags in (
         ("shm", plan.shm_concurrencies, "over system shared memory", {"shared_memory": True}),
         ("stream", plan.stream_concurrencies, "over the streaming RPC", {"streaming": True}),
     ):
         if levels:
             log(f"  tensor API {title}, perf_analyzer closed loop")
-            points = perf.sweep(url, model, list(levels), plan.perf, workdir, log, server_pid=pid, **flags)
-            out[key] = [_asdict(p) for p in points]
-        else:
-            out[key] = []
+        points = _in_turn(servers, model, list(levels), plan.perf, workdir, **flags)
+        for name in servers:
+            out[name][key] = [_asdict(p) for p in points[name]]
     return out
 
 
@@ -247,16 +270,30 @@ def bench_model(
         log(f"  batch {p.batch_size:2d}: {p.images_per_s:7.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
 
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
-    log(f"{m.label}: svertka")
-    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
+    log(f"{m.label}: svertka" + (" and the peer (Triton via PyTriton, onnxruntime callable), in turn" if with_peer else ""))  # fmt: skip
+    out["peer"] = None
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS)
+        )
+        servers = {"svertka": (server.grpc_url, server.pid)}
+        if with_peer:
+            p = stack.enter_context(_serve_peer(m, settings, threads, workdir))
+            servers["peer"] = (p.grpc_url, p.pid)
         log("  tensor API, perf_analyzer closed loop")
-        sv_perf = perf.sweep(server.grpc_url, m.name, list(plan.concurrencies), plan.perf,
-                             workdir / "perf" / "svertka", log, server_pid=server.pid)  # fmt: skip
-        sv_modes = _client_modes(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
+        sweeps = _in_turn(servers, m.name, list(plan.concurrencies), plan.perf, workdir / "perf")
+        modes = _client_modes(servers, m.name, plan, workdir / "perf")
+        sv_perf = sweeps["svertka"]
         sv_image = asyncio.run(_image_api(server.grpc_url, m.name, jpegs, plan, server.pid))
         sv_rate = asyncio.run(_tensor_rate(server.grpc_url, m.name, 0.5 * _best_perf(sv_perf), plan))
-        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": sv_modes["shm"],
-                          "perf_stream": sv_modes["stream"], "image": sv_image, "tensor_rate": sv_rate}  # fmt: skip
+        out["svertka"] = {"perf": [_asdict(p) for p in sv_perf], "perf_shm": modes["svertka"]["shm"],
+                          "perf_stream": modes["svertka"]["stream"], "image": sv_image, "tensor_rate": sv_rate}  # fmt: skip
+        if with_peer:
+            log("  the peer:")
+            pe_perf = sweeps["peer"]
+            pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
+            out["peer"] = {"perf": [_asdict(q) for q in pe_perf], "perf_shm": modes["peer"]["shm"],
+                           "perf_stream": modes["peer"]["stream"], "tensor_rate": pe_rate}  # fmt: skip
         if plan.paired_rounds:
             out["svertka"]["paired"] = _paired(m, settings, server.grpc_url, sv_perf, first, plan, workdir)
         if plan.paired_rounds and plan.paired_c1_modes:
@@ -266,18 +303,6 @@ def bench_model(
             out["svertka"]["profile"] = asyncio.run(profiler.profile_server(
                 server, m.name, jpegs, concurrency=PROFILE_CONCURRENCY, seconds=PROFILE_SECONDS,
                 workdir=workdir / "profile"))  # fmt: skip
-
-    out["peer"] = None
-    if with_peer:
-        log(f"{m.label}: peer (Triton via PyTriton, onnxruntime callable)")
-        with _serve_peer(m, settings, threads, workdir) as p:
-            log("  tensor API, perf_analyzer closed loop")
-            pe_perf = perf.sweep(p.grpc_url, m.name, list(plan.concurrencies), plan.perf,
-                                 workdir / "perf" / "peer", log, server_pid=p.pid)  # fmt: skip
-            pe_modes = _client_modes(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
-            pe_rate = asyncio.run(_tensor_rate(p.grpc_url, m.name, 0.5 * _best_perf(pe_perf), plan))
-        out["peer"] = {"perf": [_asdict(p) for p in pe_perf], "perf_shm": pe_modes["shm"],
-                       "perf_stream": pe_modes["stream"], "tensor_rate": pe_rate}  # fmt: skip
 
     passes = [first]
     if plan is not QUICK:
@@ -311,22 +336,22 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     levels = [c for c in FRONTEND_CONCURRENCIES if c <= max(plan.concurrencies)]
     out: dict = {"name": m.name, "label": m.label, "path": str(m.path), "concurrencies": levels}
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
-    log(f"{m.label}: svertka, perf_analyzer at concurrency {', '.join(map(str, levels))}")
-    with target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS) as server:
-        points = perf.sweep(server.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "svertka", log,
-                            server_pid=server.pid)  # fmt: skip
-        modes = _client_modes(server.grpc_url, m.name, plan, workdir / "perf" / "svertka", server.pid)
-        out["svertka_shm"], out["svertka_stream"] = modes["shm"], modes["stream"]
-    out["svertka"] = [_asdict(p) for p in points]
+    log(f"{m.label}: svertka{' and the peer, in turn' if with_peer else ''}, perf_analyzer at concurrency "
+        f"{', '.join(map(str, levels))}")  # fmt: skip
     out["peer"] = None
-    if with_peer:
-        log(f"{m.label}: peer")
-        with _serve_peer(m, settings, threads, workdir) as p:
-            points = perf.sweep(p.grpc_url, m.name, levels, plan.perf, workdir / "perf" / "peer", log,
-                                server_pid=p.pid)  # fmt: skip
-            modes = _client_modes(p.grpc_url, m.name, plan, workdir / "perf" / "peer", p.pid)
-            out["peer_shm"], out["peer_stream"] = modes["shm"], modes["stream"]
-        out["peer"] = [_asdict(p) for p in points]
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS)
+        )
+        servers = {"svertka": (server.grpc_url, server.pid)}
+        if with_peer:
+            p = stack.enter_context(_serve_peer(m, settings, threads, workdir))
+            servers["peer"] = (p.grpc_url, p.pid)
+        points = _in_turn(servers, m.name, levels, plan.perf, workdir / "perf")
+        modes = _client_modes(servers, m.name, plan, workdir / "perf")
+    for name in servers:
+        out[name] = [_asdict(q) for q in points[name]]
+        out[f"{name}_shm"], out[f"{name}_stream"] = modes[name]["shm"], modes[name]["stream"]
     return out
 
 
@@ -389,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     load_before = machine.load_average()
     meta = {"machine": machine.describe(), "quick": quick, "plan": _asdict(plan), "started": started.isoformat(timespec="seconds"),
-            "perf_analyzer": perf.version(), "argv": ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]}  # fmt: skip
+            "perf_analyzer": perf.version(), "argv": ["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])],
+            "peer_in_turn": True}  # fmt: skip
     if with_peer:
         log("peer: bench/setup_peer.sh")
         peer.setup()
