@@ -256,18 +256,34 @@ def _targets(results: dict) -> list[str]:
     by_name = {m["name"]: m for m in results["models"]}
     sums = {n: summary(m) for n, m in by_name.items()}
     rows = []
-    for name in by_name:
+    # Where the run measured rounds in pairs (bench.paired), their median decides: the headline's ratio sets
+    # the best served window against a ceiling taken minutes away, and the machine's speed drifts between them
+    # (a served/ceiling above 1 is that drift, not a server faster than onnxruntime alone).
+    for name, m in by_name.items():
         s = sums[name]
         if name.startswith("resnet18"):
             eff = s["efficiency"]
-            rows.append([f"tensor API served / ceiling >= {TARGET_TENSOR_EFFICIENCY} ({name})", fmt(eff, 2),
-                         mark(None if eff is None else eff >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
-    for name in by_name:
+            pair = ((m.get("svertka") or {}).get("paired") or {}).get("summary")
+            shown, decide = fmt(eff, 2), eff
+            if pair:
+                shown += f" (headline); median of {pair['rounds']} rounds in pairs {pair['median']:.2f}"
+                decide = pair["median"]
+            rows.append([f"tensor API served / ceiling >= {TARGET_TENSOR_EFFICIENCY} ({name})", shown,
+                         mark(None if decide is None else decide >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
+    for name, m in by_name.items():
         s = sums[name]
         ov = s["c1_overhead_ms"]
-        rows.append([f"concurrency-1 p50 <= raw batch-1 p50 + {TARGET_C1_OVERHEAD_MS:g} ms ({name})",
-                     f"{fmt(s['c1_p50_ms'], 2)} vs {fmt(s['raw_b1_ms'], 2)} ms ({signed(ov)} ms)",
-                     mark(None if ov is None else ov <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
+        shown, decide = f"{fmt(s['c1_p50_ms'], 2)} vs {fmt(s['raw_b1_ms'], 2)} ms ({signed(ov)} ms)", ov
+        pairs = ((m.get("svertka") or {}).get("paired_c1") or {}).get("summary") or {}
+        if "unary" in pairs:
+            shown += f"; median of {pairs['unary']['rounds']} rounds in pairs {signed(pairs['unary']['median'])} ms"
+            decide = pairs["unary"]["median"]
+        rows.append([f"concurrency-1 p50 <= raw batch-1 p50 + {TARGET_C1_OVERHEAD_MS:g} ms ({name})", shown,
+                     mark(None if decide is None else decide <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
+        if "streaming" in pairs:
+            med = pairs["streaming"]["median"]
+            rows.append([f"the same over the streaming RPC, median of {pairs['streaming']['rounds']} rounds in pairs ({name})",
+                         f"{signed(med)} ms", mark(med <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
     for name, m in by_name.items():
         # The same target for same-host clients, whose tensors travel in system shared memory.
         c1 = at_concurrency(m["svertka"].get("perf_shm") or [], 1)
@@ -277,16 +293,6 @@ def _targets(results: dict) -> list[str]:
             rows.append([f"the same, tensors in system shared memory ({name})",
                          f"{fmt(c1['latency_ms']['p50'], 2)} vs {fmt(raw, 2)} ms ({signed(ov)} ms)",
                          mark(ov <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
-    for name, m in by_name.items():
-        # The same two targets read from the rounds measured in pairs (medians; sections below).
-        pair = (m.get("svertka") or {}).get("paired")
-        if name.startswith("resnet18") and pair and pair.get("summary"):
-            med = pair["summary"]["median"]
-            rows.append([f"the same served / ceiling, median of {pair['summary']['rounds']} rounds in pairs ({name})",
-                         f"{med:.2f}", mark(med >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
-        for mode, s in ((m.get("svertka") or {}).get("paired_c1") or {}).get("summary", {}).items():
-            rows.append([f"concurrency-1 overhead, median of {s['rounds']} rounds in pairs, {mode} ({name})",
-                         f"{signed(s['median'])} ms", mark(s["median"] <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
     if "resnet18" in sums:
         eff = sums["resnet18"]["image_efficiency"]
         rows.append([f"image API (1024x768 JPEG) / ceiling >= {TARGET_IMAGE_EFFICIENCY} (resnet18 fp32)",
@@ -786,8 +792,8 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
         "same intra-op threads, the same ONNX file. "
         + (
             "Both servers are up at once and take turns at each perf_analyzer level (which goes first alternates "
-            "from level to level), so each svertka/peer pair is measured seconds apart; the idle one costs "
-            "nothing measurable. The two Poisson searches run one after the other."
+            "from level to level), so each svertka/peer pair is measured seconds apart. The two Poisson searches "
+            "run one after the other."
             if meta.get("peer_in_turn")
             else "The peer was measured after svertka, minutes apart."
         ),
