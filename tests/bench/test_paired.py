@@ -50,13 +50,18 @@ def test_concurrency_1_rounds_subtract_each_rounds_own_raw_p50():
     )
 
 
-@pytest.mark.slow
-def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
+def _tiny_model(tmp_path):
     from tests.helpers.tinymodel import make_tiny_model
 
     path = tmp_path / "tiny" / "1" / "model.onnx"
     path.parent.mkdir(parents=True)
     make_tiny_model(path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
+    path = _tiny_model(tmp_path)
     args = ["--model-path", str(path), "--name", "tiny", "--rounds", "2", "--batches", "1", "4",
             "--ceiling-s", "0.2", "--served-s", "0.5", "--concurrency", "2"]  # fmt: skip
     assert paired.main(args) == 0
@@ -70,11 +75,7 @@ def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_latency_rounds_run_end_to_end_against_a_real_server(tmp_path, capsys):
-    from tests.helpers.tinymodel import make_tiny_model
-
-    path = tmp_path / "tiny" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    make_tiny_model(path)
+    path = _tiny_model(tmp_path)
     args = ["--model-path", str(path), "--name", "tiny", "--latency", "--rounds", "1", "--ceiling-s", "0.2",
             "--served-s", "0.5"]  # fmt: skip
     assert paired.main(args) == 0
