@@ -7,7 +7,7 @@ onnxruntime's own speed moves by a tenth or more between such windows
 carries that movement. Here every round takes both within seconds of each
 other and gives one ratio; the spread of the rounds shows how far a single
 ratio can be trusted. ``make bench`` runs such rounds (``measure_rounds``)
-after each model's tensor-API sweep; on its own::
+after each model's tensor-API sweep and again for the image API; on its own::
 
     python -m bench.paired --model-path M --name N [--api tensor|image] [--concurrency 16] [--rounds 5]
     python -m bench.paired --model-path M --name N --latency [--rounds 5]

@@ -189,23 +189,29 @@ def _client_modes(
 PAIRED_BATCHES = 3
 
 
-def _paired(m: models.BenchModel, settings, url: str, served: list[perf.PerfPoint], first: ceiling.Ceiling,
-            plan: Plan, workdir: Path) -> dict | None:  # fmt: skip
+def _paired(m: models.BenchModel, settings, url: str, levels: list[tuple[int, float | None]],
+            first: ceiling.Ceiling, plan: Plan, workdir: Path, jpegs: list[bytes] | None = None) -> dict | None:  # fmt: skip
     """Rounds of the ceiling (onnxruntime alone, the first pass's fastest batch sizes) followed within seconds
-    by perf_analyzer at the best concurrency found, while the server is idle between them (``bench.paired``)."""
+    by the served rate at the best concurrency of ``levels`` ((concurrency, images/s) measured before), while
+    the server is idle between them (``bench.paired``): perf_analyzer, or with ``jpegs`` the image API's
+    closed loop."""
     from service import runtime
 
-    stable = [p for p in served if p.images_per_s]
+    stable = [(c, rate) for c, rate in levels if rate]
     if not stable:
         return None
-    concurrency = max(stable, key=lambda p: p.images_per_s).concurrency
+    concurrency = max(stable, key=lambda level: level[1])[0]
     fastest = sorted(first.points, key=lambda p: p.images_per_s, reverse=True)[:PAIRED_BATCHES]
+    load = "the image API's closed loop" if jpegs else "perf_analyzer"
     log(f"  paired rounds: the ceiling at batch {', '.join(str(p.batch_size) for p in fastest)}, then "
-        f"perf_analyzer at concurrency {concurrency}; {plan.paired_rounds} rounds")  # fmt: skip
+        f"{load} at concurrency {concurrency}; {plan.paired_rounds} rounds")  # fmt: skip
     session = runtime.Session(m.path, settings)
     inputs = dict(ceiling.ready_batches(session.meta.input_shape, sorted(p.batch_size for p in fastest)))
 
     def served_rate() -> float | None:
+        if jpegs:
+            return asyncio.run(loadgen.image_closed_loop(url, m.name, jpegs, concurrency=concurrency,
+                                                         duration_s=plan.load_s, warmup_s=plan.warmup_s)).images_per_s  # fmt: skip
         return perf.run_level(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired").images_per_s
 
     try:
@@ -301,7 +307,11 @@ def bench_model(
             out["peer"] = {"perf": [_asdict(q) for q in pe_perf], "perf_shm": modes["peer"]["shm"],
                            "perf_stream": modes["peer"]["stream"], "tensor_rate": pe_rate}  # fmt: skip
         if plan.paired_rounds:
-            out["svertka"]["paired"] = _paired(m, settings, server.grpc_url, sv_perf, first, plan, workdir)
+            levels = [(q.concurrency, q.images_per_s) for q in sv_perf]
+            out["svertka"]["paired"] = _paired(m, settings, server.grpc_url, levels, first, plan, workdir)
+            levels = [(int(r["load"]), r["images_per_s"]) for r in sv_image["closed"]]
+            out["svertka"]["paired_image"] = _paired(m, settings, server.grpc_url, levels, first, plan, workdir,
+                                                     jpegs=jpegs)  # fmt: skip
         if plan.paired_rounds and plan.paired_c1_modes:
             out["svertka"]["paired_c1"] = _paired_c1(m, settings, server.grpc_url, plan, workdir)
         if profile:

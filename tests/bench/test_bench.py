@@ -130,9 +130,12 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
         assert pairs["concurrency"] in (1, 4) and pairs["ceiling_batch"][0] in {
             p["batch_size"] for p in model["ceiling"]["points"]
         }
-        c1 = model["svertka"][
-            "paired_c1"
-        ]  # one round: onnxruntime at batch 1, then perf_analyzer at concurrency 1
+        # the same round with the image API's closed loop
+        image_pairs = model["svertka"]["paired_image"]
+        assert len(image_pairs["ceiling"]) == len(image_pairs["served"]) == 1
+        assert image_pairs["concurrency"] in (1, 4) and image_pairs["served"][0] > 0
+        # one round: onnxruntime at batch 1, then perf_analyzer at concurrency 1
+        c1 = model["svertka"]["paired_c1"]
         assert len(c1["raw_p50"]) == 1 and c1["raw_p50"][0] > 0 and list(c1["served_p50"]) == ["unary"]
         if c1["served_p50"]["unary"] is not None:
             assert c1["overhead_ms"]["unary"] == [c1["served_p50"]["unary"][0] - c1["raw_p50"][0]]
@@ -162,6 +165,7 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
     assert "## Throughput clients: the streaming RPC" in text
     assert "## CPU time per image" in text
     assert "## Served over ceiling, measured in pairs" in text  # one round per model in quick mode
+    assert "| image (JPEG) |" in text  # and its image-API row
     if any(m["svertka"]["paired_c1"]["summary"] for m in results["models"]):
         assert "## Concurrency-1 overhead, measured in pairs" in text
         assert (
