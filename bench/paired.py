@@ -123,6 +123,36 @@ def measure_latency_rounds(
             "summary": {mode: summary(values) for mode, values in overhead.items() if values}}  # fmt: skip
 
 
+def served_rate(
+    url: str,
+    name: str,
+    concurrency: int,
+    settings,
+    workdir: Path,
+    *,
+    jpegs: list[bytes] | None = None,
+    seconds: float = 4.0,
+    warmup_s: float = 1.0,
+) -> float | None:
+    """The served images/s at ``concurrency``: perf_analyzer on the tensor API (``bench.perf`` ``settings``),
+    or with ``jpegs`` the image API's closed loop for ``seconds``; None if perf_analyzer did not stabilise."""
+    from bench import loadgen, perf
+
+    if jpegs:
+        return asyncio.run(loadgen.image_closed_loop(url, name, jpegs, concurrency=concurrency, duration_s=seconds,
+                                                     warmup_s=warmup_s)).images_per_s  # fmt: skip
+    return perf.run_level(url, name, concurrency, settings, workdir).images_per_s
+
+
+def served_p50(url: str, name: str, settings, workdir: Path, mode: str) -> float | None:
+    """perf_analyzer's p50 in ms at concurrency 1 over unary calls or (``mode`` "streaming") the streaming RPC;
+    None if it did not stabilise."""
+    from bench import perf
+
+    point = perf.run_level(url, name, 1, settings, workdir, streaming=mode == "streaming")
+    return point.latency_ms["p50"] if point.images_per_s else None
+
+
 def _print_now(line: str) -> None:
     print(line, flush=True)
 
@@ -143,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from bench import ceiling, images, loadgen, perf, target
+    from bench import ceiling, images, perf, target
     from service import config, runtime
 
     settings = config.ModelSettings.load(args.model_path.parent.parent)
@@ -157,22 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     with target.serve(repo, log_path=WORK / f"svertka-{args.name}.log") as server:
 
         def served() -> float | None:
-            if args.api == "tensor":
-                return perf.run_level(
-                    server.grpc_url, args.name, args.concurrency, perf_settings, WORK / "perf"
-                ).images_per_s
-            return asyncio.run(loadgen.image_closed_loop(
-                server.grpc_url, args.name, jpegs, concurrency=args.concurrency, duration_s=args.served_s,
-                warmup_s=1.0)).images_per_s  # fmt: skip
-
-        def served_p50(streaming: bool) -> float | None:
-            point = perf.run_level(
-                server.grpc_url, args.name, 1, perf_settings, WORK / "perf", streaming=streaming
-            )
-            return point.latency_ms["p50"] if point.images_per_s else None
+            return served_rate(server.grpc_url, args.name, args.concurrency, perf_settings, WORK / "perf",
+                               jpegs=jpegs, seconds=args.served_s)  # fmt: skip
 
         if args.latency:
-            modes = {"unary": lambda: served_p50(False), "streaming": lambda: served_p50(True)}
+            modes = {
+                mode: (
+                    lambda mode=mode: served_p50(
+                        server.grpc_url, args.name, perf_settings, WORK / "perf", mode
+                    )
+                )
+                for mode in ("unary", "streaming")
+            }
             result = measure_latency_rounds(session.run, inputs[1], args.ceiling_s, modes, args.rounds,
                                             log=_print_now)  # fmt: skip
         else:

@@ -252,6 +252,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _with_pairs(headline: float | None, pairs: dict | None) -> tuple[str, float | None]:
+    """A ratio target's measured cell and the value its verdict is read from: the median of the rounds in pairs
+    (``pairs``, a bench.paired summary) where the run has them, else the headline ratio."""
+    if not pairs:
+        return fmt(headline, 2), headline
+    return (
+        f"{fmt(headline, 2)} (headline); median of {pairs['rounds']} rounds in pairs {pairs['median']:.2f}",
+        pairs["median"],
+    )
+
+
 def _targets(results: dict) -> list[str]:
     by_name = {m["name"]: m for m in results["models"]}
     sums = {n: summary(m) for n, m in by_name.items()}
@@ -262,12 +273,8 @@ def _targets(results: dict) -> list[str]:
     for name, m in by_name.items():
         s = sums[name]
         if name.startswith("resnet18"):
-            eff = s["efficiency"]
-            pair = ((m.get("svertka") or {}).get("paired") or {}).get("summary")
-            shown, decide = fmt(eff, 2), eff
-            if pair:
-                shown += f" (headline); median of {pair['rounds']} rounds in pairs {pair['median']:.2f}"
-                decide = pair["median"]
+            pairs = ((m.get("svertka") or {}).get("paired") or {}).get("summary")
+            shown, decide = _with_pairs(s["efficiency"], pairs)
             rows.append([f"tensor API served / ceiling >= {TARGET_TENSOR_EFFICIENCY} ({name})", shown,
                          mark(None if decide is None else decide >= TARGET_TENSOR_EFFICIENCY)])  # fmt: skip
     for name, m in by_name.items():
@@ -294,12 +301,8 @@ def _targets(results: dict) -> list[str]:
                          f"{fmt(c1['latency_ms']['p50'], 2)} vs {fmt(raw, 2)} ms ({signed(ov)} ms)",
                          mark(ov <= TARGET_C1_OVERHEAD_MS)])  # fmt: skip
     if "resnet18" in sums:
-        eff = sums["resnet18"]["image_efficiency"]
-        shown, decide = fmt(eff, 2), eff
-        pair = ((by_name["resnet18"].get("svertka") or {}).get("paired_image") or {}).get("summary")
-        if pair:
-            shown += f" (headline); median of {pair['rounds']} rounds in pairs {pair['median']:.2f}"
-            decide = pair["median"]
+        pairs = ((by_name["resnet18"].get("svertka") or {}).get("paired_image") or {}).get("summary")
+        shown, decide = _with_pairs(sums["resnet18"]["image_efficiency"], pairs)
         rows.append([f"image API (1024x768 JPEG) / ceiling >= {TARGET_IMAGE_EFFICIENCY} (resnet18 fp32)",
                      shown, mark(None if decide is None else decide >= TARGET_IMAGE_EFFICIENCY)])  # fmt: skip
     for fp32, int8 in (("resnet18", "resnet18-int8"), ("digits", "digits-int8")):

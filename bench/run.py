@@ -209,10 +209,8 @@ def _paired(m: models.BenchModel, settings, url: str, levels: list[tuple[int, fl
     inputs = dict(ceiling.ready_batches(session.meta.input_shape, sorted(p.batch_size for p in fastest)))
 
     def served_rate() -> float | None:
-        if jpegs:
-            return asyncio.run(loadgen.image_closed_loop(url, m.name, jpegs, concurrency=concurrency,
-                                                         duration_s=plan.load_s, warmup_s=plan.warmup_s)).images_per_s  # fmt: skip
-        return perf.run_level(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired").images_per_s
+        return paired.served_rate(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired", jpegs=jpegs,
+                                  seconds=plan.load_s, warmup_s=plan.warmup_s)  # fmt: skip
 
     try:
         result = paired.measure_rounds(
@@ -239,9 +237,7 @@ def _paired_c1(m: models.BenchModel, settings, url: str, plan: Plan, workdir: Pa
     x = dict(ceiling.ready_batches(session.meta.input_shape, [1]))[1]
 
     def served_p50(mode: str) -> float | None:
-        point = perf.run_level(url, m.name, 1, plan.perf, workdir / "perf" / "paired",
-                               streaming=mode == "streaming")  # fmt: skip
-        return point.latency_ms["p50"] if point.images_per_s else None
+        return paired.served_p50(url, m.name, plan.perf, workdir / "perf" / "paired", mode)
 
     modes = {mode: (lambda mode=mode: served_p50(mode)) for mode in plan.paired_c1_modes}
     try:
