@@ -17,7 +17,16 @@ start-up state costs a bare server instead. ``--stacks ... svertka`` adds
 client, so what svertka's own request path adds to the bare stack is measured
 the same way (its allocator state is its own: ``--malloc`` does not apply).
 
-``python -m bench.grpc_stacks [--seconds S] [--concurrency C ...] [--malloc raised|default]``
+``--stacks ... cpp`` adds the floor under any frontend: the same no-op server
+written in C++ on Debian's gRPC (``bench/cpp_floor/server.cc``, built on first
+use by its ``build.sh``; it needs ``apt-get install libgrpc++-dev
+protobuf-compiler-grpc pkg-config``). ``--client perf_analyzer`` drives every
+stack with Triton's C++ perf_analyzer instead of the Python client, as the
+targets are measured, and also prints perf_analyzer's own CPU per request: what
+a same-host client takes from the cores whatever the server is.
+
+``python -m bench.grpc_stacks [--stacks S ...] [--client python|perf_analyzer] [--seconds S]
+[--concurrency C ...] [--malloc raised|default]``
 """
 
 from __future__ import annotations
@@ -41,28 +50,96 @@ import numpy as np
 from bench.procs import free_port
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.gen.inference import model_config_pb2 as mc
 
 WORK = Path(__file__).resolve().parent.parent / ".bench"
 _OPTIONS = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
 SIZES = (32, 224)  # the digits model's and resnet18's inputs: 12 KiB and 588 KiB per request
 
 
-def _answer(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-    x = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
-    response.outputs.add(name="logits", datatype="FP32", shape=[1, 1000])
-    response.raw_output_contents.append(np.resize(x, 1000).tobytes())
-    return response
+class _NoOp:
+    """What both Python no-op servers answer: ModelInfer, and the server's and the model's metadata,
+    the model's config and statistics (one batch of one row per request) for perf_analyzer and ``bench.cpu``.
+
+    The first 1000 input values are the logits, as in bench/cpp_floor/server.cc.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._lock = threading.Lock()  # the threaded server answers from several threads
+
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        x = np.frombuffer(request.raw_input_contents[0], dtype="<f4")
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        response.outputs.add(name="logits", datatype="FP32", shape=[1, 1000])
+        response.raw_output_contents.append(x[:1000].tobytes())
+        with self._lock:
+            self.requests += 1
+        return response
+
+    @staticmethod
+    def server_metadata(request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="no-op", version="1")
+
+    @staticmethod
+    def metadata(request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
+        response = pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="onnxruntime_onnx")
+        response.inputs.add(name="input", datatype="FP32", shape=[-1, 3, 224, 224])
+        response.outputs.add(name="logits", datatype="FP32", shape=[-1, 1000])
+        return response
+
+    @staticmethod
+    def config(request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
+        config = mc.ModelConfig(name=request.name, platform="onnxruntime_onnx", max_batch_size=32)
+        config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[3, 224, 224])
+        config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[1000])
+        return pb.ModelConfigResponse(config=config)
+
+    def statistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
+        stats = pb.ModelStatistics(name="null", version="1", inference_count=self.requests,
+                                   execution_count=self.requests)  # fmt: skip
+        stats.batch_stats.add(batch_size=1).compute_infer.count = self.requests
+        return pb.ModelStatisticsResponse(model_stats=[stats])
 
 
 class _AsyncServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.noop = _NoOp()
+
     async def ModelInfer(self, request, context):
-        return _answer(request)
+        return self.noop.infer(request)
+
+    async def ServerMetadata(self, request, context):
+        return self.noop.server_metadata(request)
+
+    async def ModelMetadata(self, request, context):
+        return self.noop.metadata(request)
+
+    async def ModelConfig(self, request, context):
+        return self.noop.config(request)
+
+    async def ModelStatistics(self, request, context):
+        return self.noop.statistics(request)
 
 
 class _ThreadedServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.noop = _NoOp()
+
     def ModelInfer(self, request, context):
-        return _answer(request)
+        return self.noop.infer(request)
+
+    def ServerMetadata(self, request, context):
+        return self.noop.server_metadata(request)
+
+    def ModelMetadata(self, request, context):
+        return self.noop.metadata(request)
+
+    def ModelConfig(self, request, context):
+        return self.noop.config(request)
+
+    def ModelStatistics(self, request, context):
+        return self.noop.statistics(request)
 
 
 def raise_malloc_thresholds() -> None:
@@ -156,6 +233,44 @@ def measure(url: str, pid: int, size: int, concurrency: int, seconds: float) -> 
     }
 
 
+def cpp_server() -> Path:
+    """The C++ no-op server (bench/cpp_floor/server.cc), built on first use by its build.sh."""
+    binary = WORK / "cpp-floor" / "server"
+    source = Path(__file__).resolve().parent / "cpp_floor"
+    newest = max(f.stat().st_mtime for f in source.iterdir())
+    if not binary.is_file() or binary.stat().st_mtime < newest:
+        build = subprocess.run(
+            ["bash", str(source / "build.sh"), str(binary.parent)], capture_output=True, text=True
+        )
+        if build.returncode != 0:
+            raise SystemExit(f"bench/cpp_floor/build.sh failed:\n{build.stderr.strip()}")
+    return binary
+
+
+def measure_perf_analyzer(url: str, pid: int, concurrency: int, seconds: float) -> dict:
+    """The same measurement with Triton's perf_analyzer (C++) as the client, the client of the targets.
+
+    224x224 only (the served model's input). The CPU covers perf_analyzer's whole run, its
+    warm-up and trials included, divided by the requests the server counted over it. A level
+    that does not stabilise gives ``{"unstable": why}``.
+    """
+    from bench import perf
+
+    settings = perf.PerfSettings(
+        measurement_interval_ms=int(seconds * 1000), stability_percentage=25, max_trials=5
+    )
+    point = perf.run_level(url, "null", concurrency, settings, WORK / "grpc-stacks" / "perf", server_pid=pid)
+    if not point.stable:
+        return {"unstable": point.error}
+    use = point.cpu
+    return {
+        "requests_per_s": point.images_per_s,
+        "p50_ms": point.latency_ms["p50"],
+        "server_cpu_us_per_request": 1e6 * use["server_s"] / use["images"],
+        "client_cpu_us_per_request": 1e6 * use["client_s"] / use["images"],
+    }
+
+
 @contextlib.contextmanager
 def _server(stack: str, options: list, malloc: str) -> Iterator[tuple[str, int]]:
     """(address, pid) of a server under test: a no-op stack, or ``svertka serve`` on the null model."""
@@ -168,8 +283,11 @@ def _server(stack: str, options: list, malloc: str) -> Iterator[tuple[str, int]]
             yield server.grpc_url, server.pid
         return
     port = free_port()
-    cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
-           "--server-options", json.dumps(options), "--malloc", malloc]  # fmt: skip
+    if stack == "cpp":
+        cmd = [str(cpp_server()), str(port)]
+    else:
+        cmd = [sys.executable, "-m", "bench.grpc_stacks", "--serve", stack, "--port", str(port),
+               "--server-options", json.dumps(options), "--malloc", malloc]  # fmt: skip
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
         try:
             if server.stdout.readline().strip() != "ready":
@@ -189,9 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stacks",
         nargs="+",
-        choices=["aio", "threaded", "svertka"],
+        choices=["aio", "threaded", "cpp", "svertka"],
         default=["aio", "threaded"],
-        help="svertka: svertka serve on the null model (224x224 requests only), the same client",
+        help="cpp: a C++ no-op server on Debian's gRPC (bench/cpp_floor, built on first use); "
+        "svertka: svertka serve on the null model (224x224 requests only), the same client",
+    )
+    parser.add_argument(
+        "--client",
+        choices=["python", "perf_analyzer"],
+        default="python",
+        help="python: a threaded gRPC Python client in this process; perf_analyzer: Triton's C++ "
+        "client, as the targets are measured (224x224 only; also its own CPU per request)",
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument(
@@ -217,15 +343,27 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for stack, (variant, options) in ((s, v) for s in args.stacks for v in variants.items()):
             with _server(stack, options, args.malloc) as (address, pid):
-                for size in args.sizes if stack != "svertka" else [224]:
+                sizes = args.sizes if stack != "svertka" and args.client == "python" else [224]
+                for size in sizes:
                     for c in args.concurrency:
-                        row = {"stack": stack, "options": variant, "size": size, "concurrency": c}
-                        row |= measure(address, pid, size, c, args.seconds)
+                        row = {"stack": stack, "options": variant, "size": size, "concurrency": c,
+                               "client": args.client}  # fmt: skip
+                        if args.client == "python":
+                            row |= measure(address, pid, size, c, args.seconds)
+                            tail = f"{row['minor_faults_per_request']:6.1f} minor faults/request"
+                        else:
+                            row |= measure_perf_analyzer(address, pid, c, args.seconds)
+                            if "unstable" in row:  # kept in the JSON, so a pass is not silently shorter
+                                rows.append(row)
+                                print(
+                                    f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['unstable']}"
+                                )
+                                continue
+                            tail = f"client CPU {row['client_cpu_us_per_request']:6.0f} us/request"
                         rows.append(row)
                         print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
                               f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
-                              f"us/request  {row['minor_faults_per_request']:6.1f} minor faults/request",
-                              flush=True)  # fmt: skip
+                              f"us/request  {tail}", flush=True)  # fmt: skip
     print(json.dumps(rows))
     return 0
 
