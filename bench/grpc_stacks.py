@@ -1,4 +1,4 @@
-"""What a ModelInfer request costs in gRPC Python itself: the asyncio server against the threaded one.
+"""What a ModelInfer request costs in the gRPC stack itself: gRPC Python's asyncio and threaded servers, and C++.
 
 svertka's frontend is ``grpc.aio``. The null model (``bench/run.py:
 bench_frontend``) shows its floor; this experiment asks how much of that floor
