@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = args.sizes if stack != "svertka" and args.client == "python" else [224]
                 for size in sizes:
                     for c in args.concurrency:
+                        shown = f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}:"
                         row = {"stack": stack, "options": variant, "size": size, "concurrency": c,
                                "client": args.client}  # fmt: skip
                         if args.client == "python":
@@ -355,13 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                             row |= measure_perf_analyzer(address, pid, c, args.seconds)
                             if "unstable" in row:  # kept in the JSON, so a pass is not silently shorter
                                 rows.append(row)
-                                print(
-                                    f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['unstable']}"
-                                )
+                                print(f"{shown} {row['unstable']}", flush=True)
                                 continue
                             tail = f"client CPU {row['client_cpu_us_per_request']:6.0f} us/request"
                         rows.append(row)
-                        print(f"{stack:9s} {variant:12s} {size:3d}x{size:<3d} c={c:2d}: {row['requests_per_s']:7.0f} req/s  "
+                        print(f"{shown} {row['requests_per_s']:7.0f} req/s  "
                               f"p50 {row['p50_ms']:6.2f} ms  server CPU {row['server_cpu_us_per_request']:6.0f} "
                               f"us/request  {tail}", flush=True)  # fmt: skip
     print(json.dumps(rows))

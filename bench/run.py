@@ -257,13 +257,17 @@ def _serve_peer(m: models.BenchModel, settings, threads: int, workdir: Path):
 @contextlib.contextmanager
 def _servers(m: models.BenchModel, repo: Path, settings, threads: int, with_peer: bool, workdir: Path):
     """svertka serving ``repo`` and, if ``with_peer``, the peer serving the same model, both up until the block
-    exits -> (svertka, peer or None)."""
+    exits -> (svertka, peer or None, name -> (gRPC address, pid) of each, as ``_in_turn`` takes them)."""
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(
             target.serve(repo, log_path=workdir / "logs" / f"svertka-{m.name}.log", args=SERVE_ARGS)
         )
         p = stack.enter_context(_serve_peer(m, settings, threads, workdir)) if with_peer else None
-        yield server, p
+        yield (
+            server,
+            p,
+            {"svertka": (server.grpc_url, server.pid), **({"peer": (p.grpc_url, p.pid)} if p else {})},
+        )
 
 
 def bench_model(
@@ -286,8 +290,7 @@ def bench_model(
     repo = target.single_model_repository(m.path, m.name, workdir / "repos")
     log(f"{m.label}: svertka" + (" and the peer (Triton via PyTriton, onnxruntime callable), in turn" if with_peer else ""))  # fmt: skip
     out["peer"] = None
-    with _servers(m, repo, settings, threads, with_peer, workdir) as (server, p):
-        servers = {"svertka": (server.grpc_url, server.pid), **({"peer": (p.grpc_url, p.pid)} if p else {})}
+    with _servers(m, repo, settings, threads, with_peer, workdir) as (server, p, servers):
         log("  tensor API, perf_analyzer closed loop")
         sweeps = _in_turn(servers, m.name, list(plan.concurrencies), plan.perf, workdir / "perf")
         modes = _client_modes(servers, m.name, plan, workdir / "perf")
@@ -351,8 +354,7 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     log(f"{m.label}: svertka{' and the peer, in turn' if with_peer else ''}, perf_analyzer at concurrency "
         f"{', '.join(map(str, levels))}")  # fmt: skip
     out["peer"] = None
-    with _servers(m, repo, settings, threads, with_peer, workdir) as (server, p):
-        servers = {"svertka": (server.grpc_url, server.pid), **({"peer": (p.grpc_url, p.pid)} if p else {})}
+    with _servers(m, repo, settings, threads, with_peer, workdir) as (server, p, servers):
         points = _in_turn(servers, m.name, levels, plan.perf, workdir / "perf")
         modes = _client_modes(servers, m.name, plan, workdir / "perf")
     for name in servers:
