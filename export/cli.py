@@ -103,6 +103,11 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--val-split", type=float, help="hold out this fraction when DATA has no train/ and val/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads (default: the cores available); weights are bit-identical only at the same count",
+    )
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.add_argument("--weights", type=Path, help="fine-tune from a local torchvision-format state dict")
     p.add_argument("--no-hflip", dest="hflip", action="store_false", help="no horizontal flips (e.g. digits)")
@@ -321,6 +326,7 @@ def _train(args: argparse.Namespace) -> int:
         val_split=args.val_split,
         seed=args.seed,
         workers=args.workers,
+        threads=args.threads,
         strict=args.strict,
         weights=args.weights,
         hflip=args.hflip,

@@ -10,20 +10,26 @@ killed run leaves the previous one intact) and ``--resume`` continues from it.
 A checkpoint carries the model's preprocessing (crop, resize, mean/std,
 colour order) and labels next to the weights, so ``svertka export`` needs
 nothing else to write a self-describing model.
+
+A run is reproducible bit for bit (:func:`reproducible`): the same settings and
+seed on the same machine, at the same thread count, give the same weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,6 +67,7 @@ class TrainConfig:
     val_split: float | None = None
     seed: int = 0
     workers: int = 0
+    threads: int | None = None  # torch's intra-op threads; None: torch's default (the cores available)
     strict: bool = False
     weights: Path | None = None
     hflip: bool = True
@@ -86,6 +93,8 @@ class TrainConfig:
             raise ExportError(f"--augment: expected one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.workers < 0:
             raise ExportError(f"--workers: expected >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ExportError(f"--threads: expected >= 1, got {self.threads}")
         if self.image_size is None:
             self.image_size = 32 if models.is_small_image_arch(self.arch) else 224
         if self.image_size < 8:
@@ -355,6 +364,10 @@ def make_loaders(cfg: TrainConfig, splits: datamod.Splits, mean: Sequence[float]
     train_ds = datamod.ImageDataset(splits.train, build_transforms(cfg, mean, std, train=True))
     val_ds = datamod.ImageDataset(splits.val, build_transforms(cfg, mean, std, train=False))
     drop_last = len(train_ds) > cfg.batch_size  # avoid a 1-image BatchNorm batch, keep tiny sets usable
+    # The shuffle order comes from this generator. So do the seeds of worker processes: DataLoader
+    # seeds each worker's torch, random and numpy from a draw of it plus the worker's index, and a
+    # worker's batches are always the same ones, so a given --workers count is reproducible. Another
+    # count gives each image other augmentation draws (with 0 they come from the global torch RNG).
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
         train_ds,
@@ -367,6 +380,47 @@ def make_loaders(cfg: TrainConfig, splits: datamod.Splits, mean: Sequence[float]
     )
     val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 128), num_workers=cfg.workers)
     return train_loader, val_loader, generator
+
+
+@contextlib.contextmanager
+def reproducible(seed: int, threads: int | None = None) -> Iterator[None]:
+    """Seed every RNG and make torch use deterministic kernels, for the duration of a run.
+
+    Seeds Python's ``random``, numpy's and torch's global RNGs (augmentation draws from torch's;
+    nothing in training draws from the other two, seeded all the same for custom transforms), and
+    turns on ``torch.use_deterministic_algorithms`` (``warn_only``: an operator without a
+    deterministic implementation warns rather than stops the run; none of the CPU ops used here
+    lacks one). ``threads`` pins torch's intra-op thread count. The caller's settings come back
+    afterwards, so an in-process run (tests, ``build-default``) does not change the process.
+
+    What still varies is the floating-point summation order, which depends on the thread count and
+    on the kernels oneDNN and MKL pick for the CPU (AVX2 or AVX-512, ...): runs agree bit for bit at
+    the same thread count on the same CPU and torch build, and not otherwise (docs/training.md).
+    """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_threads = torch.get_num_threads()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if threads is not None:
+            torch.set_num_threads(previous_threads)
+
+
+def numeric_environment() -> dict[str, Any]:
+    """What, besides the settings and the seed, decides the weights bit for bit (kept in checkpoints)."""
+    return {
+        "torch": str(torch.__version__),  # a str subclass torch.load(weights_only=True) refuses
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def resume_config(path: Path, epochs: int | None = None, progress: bool | None = None) -> TrainConfig:
@@ -383,7 +437,15 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
 
     With ``resume``, ``cfg`` should come from :func:`resume_config`; training
     continues after the checkpoint's epoch with its optimizer, schedule and RNG state.
+    Runs are reproducible (:func:`reproducible`): the same ``cfg`` on the same machine gives
+    bit-identical weights. So does a resumed run as against an uninterrupted one when the number of
+    epochs is the planned one and ``workers`` is 0 (worker processes' RNG states are not saved).
     """
+    with reproducible(cfg.seed, cfg.threads):
+        return _main(cfg, resume)
+
+
+def _main(cfg: TrainConfig, resume: Path | None) -> TrainResult:
     started = time.perf_counter()
     state: dict[str, Any] | None = None
     if resume is not None:
@@ -393,7 +455,6 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
                 f"{resume}: already trained {state['epoch']} of {cfg.epochs} epochs (raise --epochs)"
             )
         log.info("resuming %s from %s after epoch %d", cfg.arch, resume, state["epoch"])
-    torch.manual_seed(cfg.seed)
     splits = datamod.load_splits(cfg.data, cfg.val_split, cfg.seed, cfg.strict)
     labels = splits.train.classes
     if state is not None and tuple(state["meta"]["labels"]) != labels:
@@ -419,6 +480,17 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
         list(cfg.mean),
         list(cfg.std),
     )
+    environment = numeric_environment()
+    log.info(
+        "seed %d, torch %s, %d threads, %s kernels, %d loader workers (bit-identical weights on a run "
+        "with all of these the same)",
+        cfg.seed, environment["torch"], environment["threads"], environment["cpu_capability"], cfg.workers,
+    )  # fmt: skip
+    if state is not None and state.get("environment", environment) != environment:
+        log.warning(
+            "%s was trained with %s, this run has %s: the result will not be bit-identical to an "
+            "uninterrupted run", resume, state["environment"], environment,
+        )  # fmt: skip
     train_loader, val_loader, generator = make_loaders(cfg, splits, cfg.mean, cfg.std)
 
     model = models.build_model(cfg.arch, len(labels))
@@ -496,6 +568,7 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> TrainResult:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
+            "environment": environment,
             "history": history,
         }
         save_atomic(checkpoint, cfg.output / "last.pt")

@@ -24,6 +24,11 @@ SVERTKA = ROOT / ".venv" / "bin" / "svertka"
 TINY_CLASSES = ("0", "1", "7")
 TINY_TRAIN_PER_CLASS = 50
 TINY_VAL_PER_CLASS = 15
+#: --max-drop for the int8/fp16 gates where a test needs them passed: one of the 45 val images is
+#: 2.2 points, so the default (1.0) refuses on the first image that flips, and whether the model
+#: ``trained`` gives has an image close enough to a tie to flip depends on the machine that trained
+#: it. Three images (6.7 points) may flip.
+TINY_MAX_DROP = "7"
 
 
 def write_tiny_digits(root: Path) -> Path:
@@ -54,9 +59,13 @@ def tiny_digits(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, tiny_digits):
     """resnet20 trained in-process on the tiny digits until it separates them.
 
-    8 epochs of batch 16 with the default model's augmentation reach 100 % on the
-    45 val images (6 epochs of batch 32 with padded crops: 69 %), which the int8
-    gate test needs: a weak model's int8 twin flips borderline images.
+    Which weights (and so which val top-1) come out is reproducible on one machine
+    but not across machines (docs/training.md, reproducibility): tests assert nothing
+    that depends on it. 8 epochs of batch 8 with the default model's augmentation
+    reached 100 % on the 45 val images for seeds 0-8 here but seed 7 (97.8 %), the
+    smallest top-1 lead 6 % of the largest logit (batch 16: 73-100 %, leads down to
+    0.3 %), so int8 and fp16 twins do not flip images in practice; the tests allow a
+    few anyway (``TINY_MAX_DROP``).
     """
     from export import train
 
@@ -65,7 +74,7 @@ def trained(tmp_path_factory, tiny_digits):
         arch="resnet20",
         output=tmp_path_factory.mktemp("run"),
         epochs=8,
-        batch_size=16,
+        batch_size=8,
         augment="affine",
         label_smoothing=0.1,
         hflip=False,

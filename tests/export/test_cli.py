@@ -19,6 +19,7 @@ from PIL import Image
 
 from export.models import build_model
 from export.repository import publish
+from service import modelmeta
 
 from .conftest import main_in_process, run_cli
 
@@ -191,7 +192,11 @@ def test_export_from_checkpoint_then_an_existing_version_is_refused_up_front(tra
     r = run_cli("export", "--checkpoint", trained.checkpoint, "--repository", repo, "--name", "tiny")
     assert r.returncode == 0, r.stderr
     written = repo / "tiny" / "1" / "model.onnx"
-    assert f"wrote {written}" in r.stdout and "val top-1 100.00%" in r.stdout
+    # The val top-1 is whatever this machine's training reached (docs/training.md, reproducibility):
+    # checked here is that the line reports it, as the file's metadata has it.
+    top1 = modelmeta.read_model_file(str(written)).val_top1
+    assert f"wrote {written} (resnet20, 3 classes, fp32, val top-1 {100 * top1:.2f}%)" in r.stdout
+    # The export refuses a model whose top-1 differs from torch's on any parity image (all 45 here).
     assert "parity on 45 val images" in r.stdout and "top-1 identical 45/45" in r.stdout
     before = written.stat().st_mtime_ns
     r = run_cli(
@@ -313,10 +318,66 @@ def test_train_smoke_one_epoch_then_resume(tiny_digits, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_with_the_same_seed_gives_bit_identical_weights(tiny_digits, tmp_path):
+    """``svertka train --seed N`` twice on one machine: the same weights bit for bit (the same
+    shuffles and augmentation draws, deterministic kernels, the same thread count: torch's default
+    on this machine both times). A run resumed from the first epoch's checkpoint ends exactly where
+    the uninterrupted run did; another seed ends elsewhere."""
+    common = ("train", "--data", tiny_digits, "--epochs", "2", "--batch-size", "16", "--augment", "affine")
+
+    def train(name: str, seed: str, *extra: str) -> dict:
+        r = run_cli(*common, "--no-hflip", "--seed", seed, "--output", tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr
+        assert f"seed {seed}, torch " in r.stderr
+        return torch.load(tmp_path / name / "last.pt", weights_only=True)
+
+    def same(a: dict, b: dict) -> bool:
+        return a["model"].keys() == b["model"].keys() and all(
+            torch.equal(a["model"][k], b["model"][k]) for k in a["model"]
+        )
+
+    first, second, other = train("a", "7", "--keep-all"), train("b", "7"), train("c", "8")
+    assert same(first, second)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in first["history"]] == [
+        {k: v for k, v in h.items() if k != "seconds"} for h in second["history"]
+    ]
+    assert first["environment"] == second["environment"]
+    assert not same(first, other)
+
+    # Resuming writes into the run's own directory: epoch 2 again, from epoch 1's checkpoint.
+    r = run_cli("train", "--resume", tmp_path / "a" / "epoch-001.pt")
+    assert r.returncode == 0, r.stderr
+    assert "resuming resnet20" in r.stderr and "will not be bit-identical" not in r.stderr
+    assert same(torch.load(tmp_path / "a" / "last.pt", weights_only=True), first)
+
+
+def test_reproducible_seeds_and_restores_the_callers_torch_settings():
+    import random
+
+    import numpy as np
+
+    from export import train
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    draws = []
+    for _ in range(2):
+        with train.reproducible(3, threads=1):
+            assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+            draws.append((random.random(), float(np.random.random()), float(torch.rand(1))))
+    assert draws[0] == draws[1]
+    assert torch.get_num_threads() == threads
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+
+
+@pytest.mark.slow
 def test_train_fine_tunes_from_a_torchvision_format_weights_file(trained, tiny_digits, tmp_path):
-    """``--weights`` starts from the file's parameters: with a learning rate too small to learn
-    anything in one epoch, the run keeps the accuracy of the model the file came from, while
-    the same run from a random start stays far below it."""
+    """``--weights`` starts from the file's parameters: with a learning rate too small to move them
+    in one epoch, the run ends next to the file's weights, while the same run from a random start
+    (another seed than the file's run, so an independent initialisation) ends far from them.
+
+    Asserted on the weights, not on accuracy: how well the tiny model classifies depends on the
+    machine that trained it (docs/training.md), where its weights file came from does not.
+    """
     state = torch.load(trained.checkpoint, weights_only=True)["model"]
     weights = tmp_path / "resnet20-digits.pth"
     torch.save(state, weights)  # a plain state dict, as torchvision ships them
@@ -325,12 +386,17 @@ def test_train_fine_tunes_from_a_torchvision_format_weights_file(trained, tiny_d
     tuned = run_cli("train", *common, "--weights", weights, "--output", tmp_path / "tuned")
     assert tuned.returncode == 0, tuned.stderr
     assert f"loaded {weights}" in tuned.stderr
-    scratch = run_cli("train", *common, "--output", tmp_path / "scratch")
+    scratch = run_cli("train", *common, "--seed", "1", "--output", tmp_path / "scratch")
     assert scratch.returncode == 0, scratch.stderr
 
-    def top1(run: Path) -> float:
-        return torch.load(run / "last.pt", weights_only=True)["history"][-1]["val_top1"]
+    def distance(run: Path) -> float:
+        """|trained - start| / |start| over every weight and bias (the BatchNorm statistics move)."""
+        after = torch.load(run / "last.pt", weights_only=True)["model"]
+        keys = [k for k in state if k.endswith(("weight", "bias"))]
+        diff = torch.cat([(after[k] - state[k]).flatten() for k in keys])
+        return float(diff.norm() / torch.cat([state[k].flatten() for k in keys]).norm())
 
-    assert trained.val.top1 >= 0.9  # what the weights file can do
-    assert top1(tmp_path / "tuned") >= trained.val.top1 - 0.05
-    assert top1(tmp_path / "scratch") < top1(tmp_path / "tuned") - 0.3
+    # 9 SGD steps at a peak learning rate of 1e-5 move the parameters by a few 1e-6 of their norm
+    # (2.5e-6 measured); an independent initialisation is ~1.2 away (1.23 measured for seeds 1-3).
+    assert distance(tmp_path / "tuned") < 1e-3
+    assert distance(tmp_path / "scratch") > 0.3

@@ -13,7 +13,7 @@ from export import onnx_export, pipeline
 from export.repository import publish
 from service import modelmeta
 
-from .conftest import main_in_process, run_cli
+from .conftest import TINY_MAX_DROP, main_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +59,14 @@ def _meta(path) -> modelmeta.ModelMeta:
 
 def test_gate_passes_and_the_int8_model_is_written_with_its_metadata(repo_models, tiny_digits):
     repo, good, _ = repo_models
-    result = run_cli("quantize", good, "--data", tiny_digits)
+    result = run_cli("quantize", good, "--data", tiny_digits, "--max-drop", TINY_MAX_DROP)
     assert result.returncode == 0, result.stderr
     written = repo / "tiny-int8" / "1" / "model.onnx"
     assert f"wrote {written}" in result.stdout
     assert "int8 speed-up on this machine: batch 1:" in result.stdout
     fp32, int8 = _meta(good), _meta(written)
     assert int8.precision == "int8" and fp32.precision == "fp32"
-    assert 100 * (fp32.val_top1 - int8.val_top1) <= 1.0
+    assert 100 * (fp32.val_top1 - int8.val_top1) <= float(TINY_MAX_DROP)
     for field in (
         "labels",
         "crop",
@@ -91,6 +91,8 @@ def test_gate_passes_and_the_int8_model_is_written_with_its_metadata(repo_models
 
 
 def test_gate_refuses_a_model_that_loses_accuracy_and_force_overrides(repo_models, tiny_digits):
+    """The outlier leaves int8 unable to tell the classes apart: it drops to about chance (1/3) from
+    whatever the fp32 model reaches (97.8-100 % over seeds 0-8 here), far past the 1.0 gate."""
     repo, _, fragile = repo_models
     refused = run_cli("quantize", fragile, "--data", tiny_digits)
     assert refused.returncode == 2
@@ -118,6 +120,8 @@ def test_export_int8_writes_both_and_inspect_shows_precision(trained, tmp_path, 
         "--name",
         "both",
         "--int8",
+        "--max-drop",
+        TINY_MAX_DROP,
     )
     code, out, err = main_in_process(capsys, *args)
     assert code == 0, err
