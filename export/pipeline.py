@@ -24,6 +24,7 @@ from export.errors import ExportError
 from export.onnx_export import EvalData, prepare_export
 from export.quantize import MIN_CALIBRATION_IMAGES, quantize
 from export.repository import check_target, model_path, publish, resolve_model_file
+from service import layout
 from service.modelmeta import IMAGENET_MEAN, IMAGENET_STD, ModelMeta, read_model_file
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def _print_quantized(path: Path, result: Any) -> None:
 def _default_target(path: Path) -> tuple[Path | None, str | None]:
     """``repo/name/N/model.onnx`` -> (repo, name); otherwise (None, None)."""
     parts = path.resolve().parts
-    if len(parts) >= 4 and parts[-2].isdigit():
+    if len(parts) >= 4 and layout.parse_version(parts[-2]) is not None:
         return Path(*parts[:-3]), parts[-3]
     return None, None
 

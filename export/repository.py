@@ -7,7 +7,9 @@ half-written ``model.onnx``. A new version is staged as a hidden directory
 hidden temporary file next to it and ``os.replace``-s it. If the process is
 killed mid-write, only the hidden staging entry is left; the next write into
 the same model directory removes staging entries whose process is gone.
-Readers skip names that are not decimal version numbers.
+Readers skip names that are not version numbers. The layout rules (model names,
+version directories, file names) are :mod:`service.layout`'s, the same the server
+applies, so whatever this writes the server serves.
 """
 
 from __future__ import annotations
@@ -20,31 +22,31 @@ import tempfile
 from pathlib import Path
 
 from export.errors import ExportError
+from service import layout
+from service.errors import shown
 
-MODEL_FILENAME = "model.onnx"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_FILENAME = layout.MODEL_FILE
 _STAGING_RE = re.compile(r"^\.(?:tmp|model\.onnx\.tmp)-(\d+)-")
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name or ""):
-        raise ExportError(
-            f"--name: {name!r} is not a valid model name (letters, digits, '_', '-', '.'; not starting with '.')"
-        )
+    if not layout.is_valid_name(name):
+        raise ExportError(f"--name: {shown(name)} is not a valid model name ({layout.NAME_RULE})")
     return name
 
 
+def check_version(version: int | None) -> None:
+    if version is not None and not layout.is_version(version):
+        raise ExportError(f"--version: expected {layout.VERSION_RULE}, got {version}")
+
+
 def versions(model_dir: Path) -> list[int]:
-    """Version numbers present in a model directory (decimal directory names), ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
-    )
+    """Version numbers present in a model directory (version directories, empty ones too), ascending."""
+    return layout.versions(model_dir, with_model=False)
 
 
 def model_path(repository: Path, name: str, version: int) -> Path:
-    return Path(repository) / name / str(version) / MODEL_FILENAME
+    return layout.model_path(repository, name, version)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,7 +65,7 @@ def remove_stale_staging(model_dir: Path) -> list[Path]:
     if not model_dir.is_dir():
         return removed
     entries = list(model_dir.iterdir())
-    for version_dir in [e for e in entries if e.is_dir() and e.name.isdigit()]:
+    for version_dir in [e for e in entries if e.is_dir() and layout.parse_version(e.name) is not None]:
         entries.extend(version_dir.iterdir())
     for entry in entries:
         m = _STAGING_RE.match(entry.name)
@@ -107,8 +109,7 @@ def _fsync_dir(path: Path) -> None:
 def check_target(repository: Path, name: str, version: int | None, overwrite: bool) -> None:
     """Fail fast, before any work, when :func:`publish` would refuse these arguments."""
     check_name(name)
-    if version is not None and version < 1:
-        raise ExportError(f"--version: expected >= 1, got {version}")
+    check_version(version)
     repository = Path(repository)
     if repository.exists() and not repository.is_dir():
         raise ExportError(f"{repository}: not a directory")
@@ -135,6 +136,8 @@ def publish(
             return _replace_file(target, data)
     candidate = version if version is not None else (max(versions(model_dir), default=0) + 1)
     while True:
+        if candidate > layout.MAX_VERSION:
+            raise ExportError(f"{model_dir}: no version left after {layout.MAX_VERSION}; pass --version")
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=model_dir))
         try:
             os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700; a version dir is for all readers

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
+
+from service import errors, layout
 
 ENV_PREFIX = "SVERTKA_"
 
@@ -26,6 +30,9 @@ DEFAULT_MAX_QUEUE_DELAY_MS = 2.0
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+#: Images decoded at full size (PNG, WebP, GIF, BMP, progressive JPEG) allocate 4-20 bytes per pixel
+#: while decoding (docs/engine.md, "Costly images"): 4096 x 4096.
+DEFAULT_MAX_DECODED_PIXELS = 4096 * 4096
 DEFAULT_MAX_ROWS_PER_REQUEST = 64
 #: The latency SLO that the histogram buckets and alert rules are built around.
 DEFAULT_LATENCY_SLO_S = 0.1
@@ -41,8 +48,63 @@ PROVIDER_NAMES = {
 DEFAULT_PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 
+#: Upper bounds of the per-model settings. Integers go into int32 fields of Triton's ModelConfig
+#: (max_batch_size, preferred_batch_size, instance count) and onnxruntime's thread counts.
+MAX_INT_SETTING = 2**31 - 1
+MAX_INSTANCES = 64
+MAX_INTRA_OP_THREADS = 1024
+MAX_IMAGE_PIXELS_SETTING = 2**63 - 1
+MAX_QUEUE_DELAY_MS = 3_600_000.0  # one hour
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and what was expected."""
+
+
+def _given(value: object) -> str:
+    """A configured value as a message quotes it: bounded repr and its YAML/JSON-level type."""
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+    return f"{errors.shown(value)} ({kind})"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(settings: object, name: str, low: int, high: int) -> None:
+    """An integer setting (not a bool, a float or a string) within [low, high]; stored as an int."""
+    value = getattr(settings, name)
+    if not _is_int(value) or not low <= value <= high:
+        raise ConfigError(f"{name}: expected an integer from {low} to {high}, got {_given(value)}")
+    object.__setattr__(settings, name, int(value))
+
+
+def _check_number(settings: object, name: str, low: float, high: float) -> None:
+    """A finite number setting (an integer or a float, not a bool or a string) within [low, high]."""
+    value = getattr(settings, name)
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        raise ConfigError(f"{name}: expected a finite number from {low:g} to {high:g}, got {_given(value)}")
+    object.__setattr__(settings, name, float(value))
+
+
+def _check_sizes(settings: Any, name: str, *, allow_auto: bool) -> None:
+    """A list of batch sizes, each an integer from 1 to max_batch_size; stored as a tuple."""
+    sizes = getattr(settings, name)
+    limit = settings.max_batch_size
+    what = "auto or a list of batch sizes" if allow_auto else "a list of batch sizes"
+    if isinstance(sizes, str) or not isinstance(sizes, list | tuple) or not all(_is_int(b) for b in sizes):
+        raise ConfigError(f"{name}: expected {what} (integers from 1 to {limit}), got {_given(sizes)}")
+    bad = [b for b in sizes if not 1 <= b <= limit]
+    if bad:
+        raise ConfigError(f"{name}: expected values in [1, {limit}], got {bad}")
+    object.__setattr__(settings, name, tuple(int(b) for b in sizes))
 
 
 def default_intra_op_threads() -> int:
@@ -72,61 +134,63 @@ class ModelSettings:
     #: decided from the model's input size (service.runtime.spinning).
     intra_op_spinning: bool | str = "auto"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    #: The pixel limit for images decoded at full size: all but single-scan sequential JPEGs, which are
+    #: decoded downscaled and get max_image_pixels (service.preprocess, service.imagescan).
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
     version: int | None = None  # serve this version instead of the newest
-
-    def _check_batch_sizes(self, name: str, sizes: tuple[int, ...]) -> None:
-        bad = [b for b in sizes if not 1 <= b <= self.max_batch_size]
-        if bad:
-            raise ConfigError(f"{name}: expected values in [1, {self.max_batch_size}], got {bad}")
+    #: Refuse FP32 tensor requests holding NaN or +-Inf (INVALID_ARGUMENT). Off by default, as in
+    #: Triton, which computes whatever it is sent (perf_analyzer's default random data included).
+    reject_non_finite_inputs: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "preferred_batch_sizes", tuple(int(x) for x in self.preferred_batch_sizes))
-        object.__setattr__(self, "providers", tuple(str(p).lower() for p in self.providers))
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size: expected >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_ms < 0:
-            raise ConfigError(f"max_queue_delay_ms: expected >= 0, got {self.max_queue_delay_ms}")
-        self._check_batch_sizes("preferred_batch_sizes", self.preferred_batch_sizes)
+        _check_int(self, "max_batch_size", 1, MAX_INT_SETTING)
+        _check_number(self, "max_queue_delay_ms", 0.0, MAX_QUEUE_DELAY_MS)
+        _check_sizes(self, "preferred_batch_sizes", allow_auto=False)
         if self.padded_batch_sizes != "auto":
-            if isinstance(self.padded_batch_sizes, str | int) or not all(
-                isinstance(b, int) and not isinstance(b, bool) for b in self.padded_batch_sizes
-            ):
-                raise ConfigError(
-                    f"padded_batch_sizes: expected auto or a list of batch sizes, got {self.padded_batch_sizes!r}"
-                )
+            _check_sizes(self, "padded_batch_sizes", allow_auto=True)
             object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
-            self._check_batch_sizes("padded_batch_sizes", self.padded_batch_sizes)
-        if self.max_queue_size < 1:
-            raise ConfigError(f"max_queue_size: expected >= 1, got {self.max_queue_size}")
-        if self.instances < 1:
-            raise ConfigError(f"instances: expected >= 1, got {self.instances}")
+        _check_int(self, "max_queue_size", 1, MAX_INT_SETTING)
+        _check_int(self, "instances", 1, MAX_INSTANCES)
+        providers = self.providers
+        if (
+            isinstance(providers, str)
+            or not isinstance(providers, list | tuple)
+            or not all(isinstance(p, str) for p in providers)
+        ):
+            raise ConfigError(
+                f"providers: expected a list of provider names from {sorted(PROVIDER_NAMES)}, got {_given(providers)}"
+            )
+        object.__setattr__(self, "providers", tuple(p.lower() for p in providers))
         unknown = [p for p in self.providers if p not in PROVIDER_NAMES]
         if unknown or not self.providers:
             raise ConfigError(
                 f"providers: expected a non-empty list from {sorted(PROVIDER_NAMES)}, got {list(self.providers)}"
             )
-        if self.intra_op_threads < 0:
-            raise ConfigError(f"intra_op_threads: expected >= 0, got {self.intra_op_threads}")
+        _check_int(self, "intra_op_threads", 0, MAX_INTRA_OP_THREADS)
         if not (isinstance(self.intra_op_spinning, bool) or self.intra_op_spinning == "auto"):
             raise ConfigError(
-                f"intra_op_spinning: expected true, false or auto, got {self.intra_op_spinning!r}"
+                f"intra_op_spinning: expected true, false or auto, got {_given(self.intra_op_spinning)}"
             )
-        if self.max_image_pixels < 1:
-            raise ConfigError(f"max_image_pixels: expected >= 1, got {self.max_image_pixels}")
-        if self.max_rows_per_request < 1:
-            raise ConfigError(f"max_rows_per_request: expected >= 1, got {self.max_rows_per_request}")
-        if self.version is not None and self.version < 1:
-            raise ConfigError(f"version: expected >= 1, got {self.version}")
+        _check_int(self, "max_image_pixels", 1, MAX_IMAGE_PIXELS_SETTING)
+        _check_int(self, "max_decoded_pixels", 1, MAX_IMAGE_PIXELS_SETTING)
+        _check_int(self, "max_rows_per_request", 1, MAX_INT_SETTING)
+        if self.version is not None:
+            _check_int(self, "version", 1, layout.MAX_VERSION)
+        if not isinstance(self.reject_non_finite_inputs, bool):
+            raise ConfigError(
+                f"reject_non_finite_inputs: expected true or false, got {_given(self.reject_non_finite_inputs)}"
+            )
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ModelSettings:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((key for key in data if key not in known), key=str)  # YAML keys may be any type
         if unknown:
-            raise ConfigError(f"{source}: unknown settings {unknown}; known: {sorted(known)}")
+            shown = ", ".join(errors.shown(key) for key in unknown[:10])
+            raise ConfigError(f"{source}: unknown settings [{shown}]; known: {sorted(known)}")
         try:
             return cls(**data)
         except ConfigError as exc:
@@ -137,11 +201,14 @@ class ModelSettings:
     @classmethod
     def load(cls, model_dir: Path) -> ModelSettings:
         """Read ``config.yaml``/``config.yml``/``config.json`` in a model directory, if any."""
-        for name in ("config.yaml", "config.yml", "config.json"):
+        for name in layout.CONFIG_FILES:
             path = Path(model_dir) / name
             if not path.is_file():
                 continue
-            text = path.read_text()
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot read ({exc})") from None
             try:
                 if name.endswith(".json"):
                     data = json.loads(text)
@@ -163,6 +230,8 @@ class ServerConfig:
     host: str = DEFAULT_HOST
     grpc_port: int = DEFAULT_GRPC_PORT
     metrics_port: int = DEFAULT_METRICS_PORT
+    #: Address the metrics port listens on; "" (the default): the same as ``host``.
+    metrics_host: str = ""
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S

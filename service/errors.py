@@ -66,3 +66,22 @@ class Unauthenticated(SvertkaError):
 
 class PermissionDenied(SvertkaError):
     """The operation is disabled on this server (e.g. model control)."""
+
+
+#: The most characters of a client-supplied value that a message echoes back.
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as an error message or log line may quote it: repr, bounded, one line.
+
+    A request can carry a 60 MiB model name or an id with a newline in it;
+    quoting it whole would make the error bigger than gRPC lets a status
+    message be (the client then sees RESOURCE_EXHAUSTED instead of the real
+    error) and could forge lines in a text log. The bound applies *before* the
+    repr is built, so the cost does not grow with the value.
+    """
+    if isinstance(value, str | bytes | bytearray) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit + 16 else text[: limit + 16] + "..."

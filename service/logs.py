@@ -93,26 +93,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+#: Control characters as escapes: a value from a request (an id, a name) with a newline in it
+#: must not start a line of its own in a text log, where it could pass for another record.
+_ESCAPES = str.maketrans({i: f"\\x{i:02x}" for i in (*range(32), 127)})
+
+
+def one_line(value: Any) -> str:
+    """``value`` as text with every control character escaped (``\\n`` becomes ``\\x0a``)."""
+    return str(_safe(value)).translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """``time level logger [request_id] message key=value ...`` for people reading a terminal."""
+    """``time level logger [request_id] message key=value ...`` for people reading a terminal.
+
+    The first line (message and fields) never contains a line break, whatever a request put
+    into them; only a traceback follows on lines of its own.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        head, sep, tail = line.partition("\n")  # keep tracebacks below the first line
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        head = f"{record.asctime} {record.levelname:<7} {record.name} {one_line(record.message)}"
         rid = getattr(record, "request_id", "")
         fields = [
-            f"{k}={_safe(v)}"
+            f"{k}={one_line(v)}"
             for k, v in record.__dict__.items()
             if k not in _RESERVED and not k.startswith("_")
         ]
         if rid:
-            fields.insert(0, f"request_id={rid}")
+            fields.insert(0, f"request_id={one_line(rid)}")
         if fields:
             head = f"{head} " + " ".join(fields)
-        return head + sep + tail
+        tail = []
+        if record.exc_info:
+            tail.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            tail.append(self.formatStack(record.stack_info))
+        return "\n".join([head, *tail])
 
 
 def setup_logging(
@@ -154,8 +174,12 @@ def access_log(
     duration_ms: float,
     images: int | None = None,
     peer: str | None = None,
+    sha256: str | None = None,
 ) -> None:
-    """One line per finished request. Only scalars: never a payload."""
+    """One line per finished request. Only scalars: never a payload.
+
+    ``sha256``: the served model file's fingerprint (which weights answered under that version).
+    """
     logger = logging.getLogger(ACCESS_LOGGER)
     level = logging.INFO if _access_enabled else logging.DEBUG
     if not logger.isEnabledFor(level):
@@ -173,4 +197,6 @@ def access_log(
         extra["images"] = int(images)
     if peer:
         extra["peer"] = peer
+    if sha256:
+        extra["sha256"] = sha256
     logger.log(level, "%s %s %s %.3fms", method, model, code, duration_ms, extra=extra)

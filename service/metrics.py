@@ -32,7 +32,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -368,8 +368,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             "svertka_model_info",
-            "Loaded model version: execution provider, precision and architecture (value 1).",
-            (*mv, "provider", "precision", "arch"),
+            "Loaded model version: execution provider, precision, architecture and the first 12 hex "
+            "digits of model.onnx's sha256 (value 1).",
+            (*mv, "provider", "precision", "arch", "sha256"),
             registry=r,
         )
         self.model_ready = Gauge(
@@ -421,9 +422,9 @@ class Metrics:
             r.register(self.gpu)
 
         self._recorders: dict[tuple[str, int], ModelRecorder] = {}
-        self._info_labels: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self._info_labels: dict[tuple[str, int], tuple[str, str, str, str]] = {}
         self._lock = threading.Lock()
-        self._http: tuple[Any, threading.Thread] | None = None
+        self._http: Any = None
 
     # -- per-model -----------------------------------------------------
     def model(self, name: str, version: int) -> ModelRecorder:
@@ -436,14 +437,18 @@ class Metrics:
                 self._recorders[key] = rec
             return rec
 
-    def set_model_info(self, name: str, version: int, *, provider: str, precision: str, arch: str) -> None:
+    def set_model_info(
+        self, name: str, version: int, *, provider: str, precision: str, arch: str, sha256: str = ""
+    ) -> None:
+        """One series per loaded version; a reload (new provider, or new weights under the same
+        version: a new sha256) replaces it, so count(svertka_model_info) stays the loaded versions."""
         key = (name, int(version))
         with self._lock:
             old = self._info_labels.pop(key, None)
             if old is not None:
                 self.model_info.remove(name, str(key[1]), *old)
-            self._info_labels[key] = (provider, precision, arch)
-        self.model_info.labels(name, str(key[1]), provider, precision, arch).set(1)
+            self._info_labels[key] = (provider, precision, arch, sha256)
+        self.model_info.labels(name, str(key[1]), provider, precision, arch, sha256).set(1)
 
     def set_model_ready(self, name: str, version: int, ready: bool) -> None:
         self.model_ready.labels(name, str(int(version))).set(1 if ready else 0)
@@ -480,21 +485,21 @@ class Metrics:
 
     # -- HTTP --------------------------------------------------------------
     def start_http(self, host: str, port: int) -> int:
-        """Serve the registry at ``/metrics`` on its own port; returns the bound port."""
+        """Serve the registry at ``/metrics`` on its own port (service/metrics_http.py); returns the bound port."""
+        from service.metrics_http import MetricsHTTPServer
+
         if self._http is not None:
             raise RuntimeError("metrics HTTP server already started")
-        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = (httpd, thread)
-        return int(httpd.server_port)
+        httpd = MetricsHTTPServer(make_wsgi_app(self.registry), host, port)
+        port = httpd.start()
+        self._http = httpd
+        return port
 
     def stop_http(self) -> None:
         if self._http is None:
             return
-        httpd, thread = self._http
-        self._http = None
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+        httpd, self._http = self._http, None
+        httpd.stop()
 
 
 def _code_name(code: Any) -> str | None:

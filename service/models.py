@@ -3,7 +3,7 @@
 Layout (Triton/KServe style)::
 
     <repository>/<model>/config.yaml|yml|json      optional ModelSettings
-    <repository>/<model>/<version>/model.onnx       version: a positive integer
+    <repository>/<model>/<version>/model.onnx       version: 1 .. 2**63-1, ASCII decimal (service.layout)
 
 Each model serves one version: the newest, or ``version`` from its config.
 :class:`ModelManager` owns the lifecycle; :class:`ServedModel` is one loaded
@@ -28,8 +28,8 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service import config, errors, modelmeta, runtime
+from service import config, errors, layout, modelmeta, runtime
 from service.batching import Batcher, BatchInfo, Hooks, Reservation, Result
 from service.preprocess import Preprocessor
 
@@ -51,35 +51,44 @@ LOADING = "LOADING"
 UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 
-MODEL_FILE = "model.onnx"
+MODEL_FILE = layout.MODEL_FILE
+#: Hex digits of the model file's sha256 that identify the weights being served.
+FINGERPRINT_CHARS = 12
 #: Tensors up to this many elements are checked for NaN/Inf on the event loop: 2**20 floats take
 #: about 0.4 ms (np.isfinite(x).all(): 65 us for one 3x224x224 image, 3.9 ms for 32 of them).
 INLINE_CHECK_ELEMENTS = 1 << 20
-#: Model names are single path components: no separators, no leading dot, no "..".
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid model name, else raise ModelNotFound (it can't exist)."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise errors.ModelNotFound(
-            f"invalid model name {name!r}: expected letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit, at most 128 characters)"
-        )
+    """Return ``name`` if it is a valid model name (service.layout), else raise ModelNotFound (it can't exist)."""
+    if not layout.is_valid_name(name):
+        raise errors.ModelNotFound(f"invalid model name {errors.shown(name)}: expected {layout.NAME_RULE}")
     return name
 
 
 def repository_versions(model_dir: Path) -> list[int]:
-    """Versions present on disk: integer-named subdirectories holding a model.onnx."""
-    versions = []
+    """Versions present on disk: version directories (service.layout) holding a model.onnx."""
+    return layout.versions(model_dir)
+
+
+def file_fingerprint(path: Path) -> str:
+    """The first FINGERPRINT_CHARS hex digits of the file's sha256 (blocking: run it off the loop)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _load_sessions(
+    path: Path, settings: config.ModelSettings, cpu_budget: int
+) -> tuple[list[runtime.Session], str]:
+    """The loader thread's work: the file's fingerprint, then the warmed-up sessions."""
     try:
-        children = list(model_dir.iterdir())
-    except OSError:
-        return []
-    for child in children:
-        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILE).is_file():
-            versions.append(int(child.name))
-    return sorted(versions)
+        sha256 = file_fingerprint(path)
+    except OSError as exc:
+        raise runtime.ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return runtime.load_instances(path, settings, cpu_budget), sha256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,12 +165,15 @@ class ServedModel:
         *,
         decode_executor: concurrent.futures.Executor,
         path: Path | None = None,
+        sha256: str = "",
     ) -> None:
         self.name = name
         self.version = int(version)
         self.meta = meta
         self.settings = settings
         self.recorder = recorder
+        #: The first hex digits of model.onnx's sha256 at load: which weights answer under this version.
+        self.sha256 = sha256
         # Exported so the queue-saturation alert and dashboard can compare depth with capacity.
         recorder.set_queue_capacity(settings.max_queue_size)
         self.path = path
@@ -170,7 +182,9 @@ class ServedModel:
         self.threads_per_instance = sessions[0].threads
         self._sessions = sessions
         self._decode_executor = decode_executor
-        self.preprocessor = Preprocessor(meta, max_pixels=settings.max_image_pixels)
+        self.preprocessor = Preprocessor(
+            meta, max_pixels=settings.max_image_pixels, max_decoded_pixels=settings.max_decoded_pixels
+        )
         self.label = f"model '{name}' version {self.version}"
         self.batcher = Batcher(
             [s.run for s in sessions],
@@ -230,7 +244,8 @@ class ServedModel:
     def check_tensor(self, batch: object) -> np.ndarray:
         """The checks a float32 (n, 3, H, W) request must pass; returns it C-contiguous."""
         x = self._check_layout(batch)
-        self._check_finite(x)
+        if self.settings.reject_non_finite_inputs:
+            self._check_finite(x)
         return x
 
     def _check_layout(self, batch: object) -> np.ndarray:
@@ -286,7 +301,10 @@ class ServedModel:
         timings = _start_timings(timings)
         with self._tracked():
             x = self._check_layout(batch)
-            if x.size <= INLINE_CHECK_ELEMENTS:
+            if not self.settings.reject_non_finite_inputs:
+                # As Triton does: NaN/Inf rows are computed like any others (no scan at all).
+                res = await self.batcher.submit(x, deadline=deadline)
+            elif x.size <= INLINE_CHECK_ELEMENTS:
                 self._check_finite(x)
                 res = await self.batcher.submit(x, deadline=deadline)
             else:
@@ -429,6 +447,7 @@ class _Entry:
     versions: list[int] = dataclasses.field(default_factory=list)
     serving_fingerprint: tuple | None = None
     attempted_fingerprint: tuple | None = None
+    misnamed: list[str] = dataclasses.field(default_factory=list)  # skipped version-like directories
     unready_version: int | None = None  # version whose svertka_model_ready is 0 after a failed load
 
 
@@ -547,7 +566,7 @@ class ModelManager:
         entry = self._entries.get(name)
         if entry is None:
             if not directory.is_dir():
-                raise errors.ModelNotFound(f"no model '{name}' in the repository {self.repository}")
+                raise errors.ModelNotFound(f"no model '{name}' in the repository")
             entry = _Entry(name, directory, ModelStatus(name, None, LOADING, "waiting to load"))
             self._entries[name] = entry
         async with entry.lock:
@@ -563,11 +582,23 @@ class ModelManager:
                 entry, ModelStatus(name, None, UNAVAILABLE, "removed from the repository")
             )
         entry.versions = repository_versions(entry.directory)
+        misnamed = layout.misnamed_versions(entry.directory)
+        if misnamed and misnamed != entry.misnamed:
+            log.warning(
+                "model '%s': skipping directories %s: not a version (a version is %s)",
+                name,
+                ", ".join(errors.shown(m) for m in misnamed[:5]),
+                layout.VERSION_RULE,
+            )
+        entry.misnamed = misnamed
         entry.attempted_fingerprint = _desired_fingerprint(entry.directory)
         try:
             settings = config.ModelSettings.load(entry.directory)
         except config.ConfigError as exc:
             return self._failed(entry, None, f"bad config: {exc}")
+        except Exception as exc:  # whatever a config file holds, it must not stop the other models
+            log.exception("model '%s': unexpected error while reading its config", name)
+            return self._failed(entry, None, f"bad config: {exc!r}")
         version = settings.version or (entry.versions[-1] if entry.versions else None)
         if (
             entry.serving is not None
@@ -580,8 +611,12 @@ class ModelManager:
                 entry, f"version {entry.serving.version} was removed from the repository"
             )
         if not entry.versions:
+            skipped = f"; skipped {', '.join(errors.shown(m) for m in misnamed[:5])}" if misnamed else ""
             return self._failed(
-                entry, None, f"no versions: expected {entry.directory}/<version>/{MODEL_FILE}"
+                entry,
+                None,
+                f"no versions: expected {entry.directory}/<version>/{MODEL_FILE}, "
+                f"<version> {layout.VERSION_RULE}{skipped}",
             )
         if version not in entry.versions:
             return self._failed(
@@ -594,10 +629,16 @@ class ModelManager:
             self._set_status(entry, ModelStatus(name, version, LOADING, f"loading version {version}"))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        loading = self._loader.submit(_load_sessions, path, settings, self.cpu_budget)
         try:
-            sessions = await loop.run_in_executor(
-                self._loader, runtime.load_instances, path, settings, self.cpu_budget
-            )
+            sessions, sha256 = await asyncio.wrap_future(loading)
+        except asyncio.CancelledError:
+            # The caller went away (e.g. a cancelled RepositoryModelLoad); the loader thread goes on:
+            # close what it loads rather than leave the sessions to the garbage collector.
+            loading.add_done_callback(_close_loaded)
+            if entry.serving is None:
+                self._set_status(entry, ModelStatus(name, version, UNAVAILABLE, "loading was cancelled"))
+            raise
         except runtime.ModelLoadError as exc:
             return self._failed(entry, version, f"version {version}: {exc}")
         except Exception as exc:
@@ -609,18 +650,31 @@ class ModelManager:
                 session.close()
             return self._failed(entry, version, "not started: the server is shutting down")
         meta = sessions[0].meta
-        served = ServedModel(
-            name,
-            version,
-            meta,
-            settings,
-            sessions,
-            self.metrics.model(name, version),
-            decode_executor=self._decode_executor,
-            path=path,
-        )
+        try:
+            served = ServedModel(
+                name,
+                version,
+                meta,
+                settings,
+                sessions,
+                self.metrics.model(name, version),
+                decode_executor=self._decode_executor,
+                path=path,
+                sha256=sha256,
+            )
+        except Exception as exc:
+            # Nothing may outlive a failed load: the sessions (and their onnxruntime threads) go now.
+            for session in sessions:
+                session.close()
+            log.exception("model '%s' version %d: unexpected error while starting it", name, version)
+            return self._failed(
+                entry, version, f"version {version}: unexpected error while starting: {exc!r}"
+            )
         try:
             await loop.run_in_executor(self._decode_executor, served.warm_up_decode)
+        except asyncio.CancelledError:
+            await served.close()
+            raise
         except Exception:  # a decode warm-up failure must not make a good model unavailable
             log.warning("model '%s' version %d: decode warm-up failed", name, version, exc_info=True)
         if self._closed or self._draining:
@@ -632,17 +686,19 @@ class ModelManager:
         entry.serving_fingerprint = entry.attempted_fingerprint
         self._forget_unready(entry, keep=version)
         self.metrics.set_model_info(
-            name, version, provider=served.provider, precision=meta.precision, arch=meta.arch
+            name, version, provider=served.provider, precision=meta.precision, arch=meta.arch, sha256=sha256
         )
         self.metrics.set_model_ready(name, version, True)
         log.info(
-            "model '%s' version %d ready on %s: %d instance(s) x %d threads, max batch %d, loaded in %.2f s%s",
+            "model '%s' version %d ready on %s: %d instance(s) x %d threads, max batch %d, "
+            "sha256 %s, loaded in %.2f s%s",
             name,
             version,
             served.provider,
             served.instances,
             served.threads_per_instance,
             settings.max_batch_size,
+            sha256,
             time.perf_counter() - started,
             f" (replacing version {old.version})" if old is not None else "",
         )
@@ -662,7 +718,16 @@ class ModelManager:
             self.metrics.remove_model(old.name, old.version)
         log.info("model '%s' version %d unloaded (its accepted requests finished)", old.name, old.version)
 
+    def _relative(self, text: str) -> str:
+        """``text`` with the repository's own path taken out: clients see paths inside it only."""
+        for root in {str(self.repository), str(self.repository.resolve())}:
+            text = text.replace(root + "/", "").replace(root, "<repository>")
+        return text
+
     def _failed(self, entry: _Entry, version: int | None, reason: str) -> ModelStatus:
+        # The status (RepositoryIndex, the UNAVAILABLE message a client gets) and its log line show
+        # paths relative to the repository, whose own path is logged once at start-up.
+        reason = self._relative(reason)
         if entry.serving is not None:
             log.error("model '%s': %s; still serving version %d", entry.name, reason, entry.serving.version)
             return ModelStatus(
@@ -747,8 +812,8 @@ class ModelManager:
         for child in sorted(self.repository.iterdir()):
             if not child.is_dir() or child.name.startswith("."):
                 continue
-            if not NAME_PATTERN.fullmatch(child.name) or ".." in child.name:
-                log.warning("ignoring %s: not a valid model name", child)
+            if not layout.is_valid_name(child.name):
+                log.warning("ignoring %s: not a valid model name (%s)", child, layout.NAME_RULE)
                 continue
             names.append(child.name)
         return names
@@ -789,18 +854,29 @@ class ModelManager:
             self._poll_task = None
 
 
+def _close_loaded(future: concurrent.futures.Future) -> None:
+    """Close the sessions of a load nobody waits for any more (runs in the loader thread)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    sessions, _ = future.result()
+    for session in sessions:
+        session.close()
+
+
 def _parse_version(name: str, version: str | int) -> int:
-    if isinstance(version, int | np.integer) and not isinstance(version, bool):
-        if version >= 1:
-            return int(version)
-    elif isinstance(version, str) and version.isdigit() and int(version) >= 1:
-        return int(version)
-    raise errors.ModelNotFound(f"model '{name}' has no version {version!r} (versions are positive integers)")
+    if isinstance(version, np.integer):
+        version = int(version)
+    parsed = version if layout.is_version(version) else layout.parse_version(version)
+    if parsed is None:
+        raise errors.ModelNotFound(
+            f"model '{name}' has no version {errors.shown(version)} (a version is {layout.VERSION_RULE})"
+        )
+    return parsed
 
 
 def _config_stamp(directory: Path) -> tuple:
     stamps = []
-    for fname in ("config.yaml", "config.yml", "config.json"):
+    for fname in layout.CONFIG_FILES:
         try:
             st = (directory / fname).stat()
         except OSError:
@@ -819,7 +895,7 @@ def _desired_fingerprint(directory: Path) -> tuple:
     try:
         settings = config.ModelSettings.load(directory)
         wanted: int | str | None = settings.version or (versions[-1] if versions else None)
-    except config.ConfigError:
+    except Exception:  # config.ConfigError, or anything else a broken file raises: same outcome
         wanted = "bad config"
     stamp = None
     if isinstance(wanted, int):

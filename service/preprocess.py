@@ -4,11 +4,15 @@ The pipeline is the one :class:`service.modelmeta.ModelMeta` describes and
 torchvision's reference recipe trains with (``Resize(shorter side)`` ->
 ``CenterCrop`` -> ``ToTensor`` -> ``Normalize``, on an image converted to RGB
 the way ``torchvision.datasets.folder.pil_loader`` does), so a served model
-sees what it saw in training. Three things make it cheaper than that recipe
+sees what it saw in training. What makes it cheaper (and safer) than that recipe,
 without changing its geometry:
 
-* the pixel limit is checked from the header, before any pixel is decoded
-  (decompression bombs cost nothing);
+* the container is pre-scanned (:mod:`service.imagescan`) with caps on the
+  structure Pillow would walk in Python, and the pixel limits are checked
+  from the header, before any pixel is decoded: decompression bombs and
+  files built to be costly to parse cost about a millisecond;
+* images decoded at full size (all but baseline JPEGs) have a lower pixel
+  limit (``max_decoded_pixels``) than baseline JPEGs (``max_image_pixels``);
 * JPEGs are decoded with DCT-domain downscaling (libjpeg-turbo through
   ``simplejpeg``, scale factors n/8) to the smallest size whose shorter side
   still covers the resize target, so a 1024x768 photo for a 224 model is
@@ -26,7 +30,10 @@ bilinear resize was kept over OpenCV's faster but non-antialiased
 
 Everything here is thread-safe and the heavy calls (libjpeg-turbo, Pillow's
 decoders and resampling) release the GIL, so callers run
-:meth:`Preprocessor.__call__` in a thread pool, off the event loop.
+:meth:`Preprocessor.__call__` in a thread pool, off the event loop. What
+still holds it (Pillow's container parsing, allocation, WebP's canvas copy)
+is bounded by the pre-scan and the limits; measured in docs/engine.md,
+"Costly images".
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from service import errors, modelmeta
+from service import config, errors, imagescan, modelmeta
 
 # Each decode thread normalises one image at a time; OpenCV's own thread pool would only make
 # those threads compete with each other and with onnxruntime for the same cores.
@@ -127,9 +134,17 @@ class Preprocessor:
     message that names the problem; nothing else escapes for bad input.
     """
 
-    def __init__(self, meta: modelmeta.ModelMeta, *, max_pixels: int) -> None:
+    def __init__(
+        self,
+        meta: modelmeta.ModelMeta,
+        *,
+        max_pixels: int,
+        max_decoded_pixels: int = config.DEFAULT_MAX_DECODED_PIXELS,
+    ) -> None:
         self.meta = meta
         self.max_pixels = int(max_pixels)
+        #: The limit for images decoded at full size (everything but single-scan sequential JPEGs).
+        self.max_decoded_pixels = int(max_decoded_pixels)
         self.resample = _RESAMPLE[meta.interpolation]
         self.bgr = meta.color_order == "BGR"
         mean = np.asarray(meta.mean, np.float64)
@@ -161,14 +176,26 @@ class Preprocessor:
             raise errors.InvalidInput(
                 f"not an image: {len(data)} bytes that are not {_FORMAT_NAMES} ({_describe(data)})"
             )
+        # Structure and size from the header, before Pillow walks the file in Python or anything is
+        # allocated (service/imagescan.py; docs/engine.md, "Costly images").
+        layout = imagescan.scan(data, fmt)
+        if layout is not None:
+            self._check_decoded_size(layout.what, layout.width, layout.height, layout.full_size)
         image = self._open(data, fmt)
         width, height = image.size
+        # The same check on Pillow's reading of the header (also for a file the scan could not follow).
+        if layout is not None:
+            self._check_decoded_size(layout.what, width, height, layout.full_size)
+        else:
+            full_size = fmt != "JPEG" or bool(image.info.get("progression"))
+            self._check_decoded_size(f"{fmt} image", width, height, full_size)
         fast_jpeg = fmt == "JPEG" and image.mode in ("RGB", "L")
         if not fast_jpeg:
             # Decode before reading the EXIF: a PNG's getexif() decodes the whole image, and
             # _orientation() takes any failure for a broken EXIF block -- a broken pixel
             # stream would then be served as a blank image instead of being refused.
             self._load_pillow(image, fmt)
+            self._check_exif(image, layout.what if layout is not None else f"{fmt} image")
         orientation = self._orientation(image)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
@@ -211,6 +238,28 @@ class Preprocessor:
                 f"{self.max_pixels} (max_image_pixels)"
             )
         return image
+
+    def _check_decoded_size(self, what: str, width: int, height: int, full_size: bool) -> None:
+        """Images decoded at full size get the lower limit; above max_image_pixels, _open's message applies."""
+        pixels = width * height
+        if full_size and self.max_decoded_pixels < pixels <= self.max_pixels:
+            raise errors.InvalidInput(
+                f"{what} is {width}x{height} = {pixels} pixels, more than the limit of "
+                f"{self.max_decoded_pixels} for images decoded at full size (max_decoded_pixels); "
+                f"only baseline JPEGs, decoded downscaled, may have up to {self.max_pixels} (max_image_pixels)"
+            )
+
+    @staticmethod
+    def _check_exif(image: Image.Image, what: str) -> None:
+        """PNG and WebP carry EXIF blocks of any size, which getexif() parses entry by entry in Python."""
+        blob = image.info.get("exif")
+        if blob is None and "Raw profile type exif" in image.info:
+            # What Image.getexif() decodes from a PNG text chunk (at most 1 MB: PngImagePlugin.MAX_TEXT_CHUNK).
+            try:
+                blob = bytes.fromhex("".join(str(image.info["Raw profile type exif"]).split("\n")[3:]))
+            except ValueError:
+                return
+        imagescan.check_exif(blob, what)
 
     def _too_many_pixels(self, fmt: str, exc: Exception) -> errors.InvalidInput:
         found = re.search(r"\((\d+) pixels\)", str(exc))
@@ -258,7 +307,12 @@ class Preprocessor:
             grey = np.asarray(image)
             if grey.dtype.kind == "i" and grey.size and int(grey.min()) < 0:
                 raise errors.InvalidInput(f"{fmt} image mode {mode} has negative grey values")
-            scaled = np.rint(grey.astype(np.float32) * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8)
+            # In place: one float32 copy of the image at a time (a 16-bit PNG is decoded at full size).
+            scaled = grey.astype(np.float32)
+            scaled *= 255.0 / 65535.0
+            np.rint(scaled, out=scaled)
+            np.clip(scaled, 0, 255, out=scaled)
+            scaled = scaled.astype(np.uint8)
             return Image.fromarray(scaled, "L").convert("RGB")
         if mode in ("P", "PA") and image.palette is None:
             # e.g. a palette PNG without its PLTE chunk; Pillow's convert() would fail an assert.

@@ -279,7 +279,15 @@ class Session:
         elif CUDA in chosen:
             provider_list = [(p, dict(CUDA_OPTIONS) if p == CUDA else {}) for p in chosen]
         self._options, self._provider_list = options, provider_list
+        self._by_size: dict[int, ort.InferenceSession] = {}
         self._session = self._open()
+        try:
+            self._check_and_open_sizes(settings, chosen)
+        except BaseException:
+            self.close()  # a half-built session frees its onnxruntime sessions (and threads) now
+            raise
+
+    def _check_and_open_sizes(self, settings: config.ModelSettings, chosen: list[str]) -> None:
         self.meta = read_metadata(self._session)
         check_signature(self._session, self.meta)
         self.provider = self._session.get_providers()[0]
@@ -297,13 +305,12 @@ class Session:
         self._device = self.provider in GPU_PROVIDERS
         #: Batch size -> the session that runs batches padded to it (empty: one session, any size).
         self.padded_sizes = padded_sizes(settings, self.provider)
-        self._by_size = {
-            b: self._session if b == self.padded_sizes[-1] else self._open() for b in self.padded_sizes
-        }
+        for b in self.padded_sizes:  # one at a time, so that close() finds those already open
+            self._by_size[b] = self._session if b == self.padded_sizes[-1] else self._open()
         log.info(
             "loaded %s instance %d on %s (%d intra-op threads, %s%s)",
             self.path,
-            instance,
+            self.instance,
             self.provider,
             self.threads,
             "spinning" if self.spinning else "not spinning",
@@ -393,10 +400,16 @@ def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget:
     providers = resolve_providers(settings)
     threads = intra_op_threads(settings, cpu_budget)
     sessions: list[Session] = []
-    for i in range(settings.instances):
-        # The first session reads the file's metadata where its options need it; the others reuse it.
-        peeked = sessions[0].meta if sessions else None
-        session = Session(path, settings, providers=providers, threads=threads, instance=i, peeked=peeked)
-        session.warm_up(settings.max_batch_size)
-        sessions.append(session)
+    try:
+        for i in range(settings.instances):
+            # The first session reads the file's metadata where its options need it; the others reuse it.
+            peeked = sessions[0].meta if sessions else None
+            session = Session(path, settings, providers=providers, threads=threads, instance=i, peeked=peeked)
+            sessions.append(session)
+            session.warm_up(settings.max_batch_size)
+    except BaseException:
+        # A failed load keeps nothing: every session opened so far is closed, not left to the collector.
+        for session in sessions:
+            session.close()
+        raise
     return sessions

@@ -9,8 +9,12 @@ Lifecycle, as Kubernetes sees it:
 3. ``shutdown(grace_s)`` (SIGTERM/SIGINT in ``serve``): health turns
    NOT_SERVING at once, new inference calls get UNAVAILABLE, streams stop
    reading new requests, and everything already accepted (queued or being
-   computed) completes and is answered; after at most ``grace_s`` the gRPC
-   server stops and the models are closed.
+   computed) completes and is answered. Then new calls are held until callers
+   go quiet, the gRPC server stops (GOAWAY) with a short grace, the held calls
+   are answered UNAVAILABLE, and the models are closed (service/drain.py says
+   why in that order). Whatever was accepted and is still unanswered when
+   ``grace_s`` runs out is abandoned: its callers get UNAVAILABLE, and
+   ``abandoned`` counts it (``serve`` then exits ``EXIT_ABANDONED``).
 
 Importing this module starts nothing; ``build_server`` must run inside the
 event loop that will serve (``grpc.aio`` binds to it).
@@ -29,8 +33,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import config as cfg
-from service import shm
-from service.api import auth, common
+from service import drain, limits, shm
+from service.api import auth, common, wire
 from service.api.classifier import ImageClassifierServicer
 from service.api.health import HealthReporter
 from service.api.inference import InferenceServicer
@@ -51,10 +55,18 @@ KEEPALIVE_OPTIONS = (
 )
 
 
-#: After draining: stop once no inference call arrived for this long (see Server._linger) ...
-LINGER_QUIET_S = 0.2
-#: ... or after this long at most, whichever comes first.
-LINGER_MAX_S = 2.0
+#: After draining, new calls are held until none arrived for this long (see Server.shutdown) ...
+HOLD_QUIET_S = 0.2
+#: ... or for this long at most, whichever comes first.
+HOLD_MAX_S = 2.0
+#: The grace ``grpc.aio``'s stop() gets once everything accepted is answered: what it waits for
+#: then is the answers being written, held calls being answered, and calls that never sent their
+#: whole request message (which it ends UNAVAILABLE when this runs out).
+FINAL_GRACE_S = 1.0
+#: Held calls are answered this long after stop() began, so that its GOAWAY is on the wire first.
+RELEASE_AFTER_S = 0.05
+#: Exit status of ``serve`` when the grace period ran out with accepted calls still unanswered.
+EXIT_ABANDONED = 3
 
 
 def grpc_options(config: cfg.ServerConfig) -> list[tuple[str, int]]:
@@ -90,15 +102,27 @@ def _credentials(config: cfg.ServerConfig) -> grpc.ServerCredentials | None:
 class Server:
     """One svertka server: the grpc.aio server plus its health, state and model manager."""
 
-    def __init__(self, grpc_server: grpc.aio.Server, port: int, manager, health: HealthReporter) -> None:
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        manager,
+        health: HealthReporter,
+        gate: drain.CallGate | None = None,
+    ) -> None:
         self.grpc_server = grpc_server
         self.port = port
         self.manager = manager
         self.health = health
+        #: The interceptor that knows which calls are in progress (build_server installs it).
+        self.gate = gate if gate is not None else drain.CallGate()
         self.state = common.ServerState()
         #: Registered system shared memory regions (None unless allow_shared_memory).
         self.shared_memory: shm.Registry | None = None
+        #: Accepted inference calls still unanswered when the drain gave up (grace over, or forced).
+        self.abandoned = 0
         self._stopped = asyncio.Event()
+        self._forced = asyncio.Event()
 
     async def start(self) -> None:
         """Open the port (health NOT_SERVING until ``load_models`` finishes)."""
@@ -122,16 +146,37 @@ class Server:
             return
         deadline = time.monotonic() + grace_s
         self.state.draining = True
+        # What is inside a handler now was accepted; every call that enters later sees draining
+        # and is refused (UNAVAILABLE) at once.
+        accepted = self.gate.work_in_progress()
         self.state.drain_event.set()
         await self.health.enter_draining()
         log.info("draining: finishing accepted requests (grace %.1f s)", grace_s)
-        try:
-            await self.manager.drain(grace_s)
-        except Exception:
-            log.exception("draining the models failed")
-        await self._linger(deadline)
-        # Let the handlers of finished requests write their responses, then close.
-        await self.grpc_server.stop(max(0.5, deadline - time.monotonic()))
+        drained = await self._finish_accepted(accepted, deadline)
+        if not drained:
+            log.error(
+                "drain: %s with %d accepted calls unanswered; abandoning them (their callers get UNAVAILABLE)",
+                "second signal" if self._forced.is_set() else f"grace period of {grace_s:g} s over",
+                self.gate.unanswered(accepted),
+            )
+        # Hold new calls so that no caller has one on the wire when stop() sends GOAWAY. The hold
+        # gets one quiet period even when the grace period is over (HOLD_QUIET_S past it at most).
+        self.gate.hold()
+        await self._until_quiet(deadline)
+        if drained:
+            final_grace = min(FINAL_GRACE_S, max(0.5, deadline - time.monotonic()))
+        else:
+            self.abandoned = self.gate.unanswered(accepted)
+            final_grace = 0.0
+        half_open = self.gate.waiting_for_request
+        stopping = asyncio.create_task(self.grpc_server.stop(final_grace))
+        await asyncio.sleep(RELEASE_AFTER_S)
+        self.gate.release()
+        await stopping
+        if half_open:
+            log.info("ended %d calls whose request message had not arrived (UNAVAILABLE)", half_open)
+        if self.gate.held:
+            log.info("answered %d calls that arrived at the end of the drain (UNAVAILABLE)", self.gate.held)
         try:
             await self.manager.close()
         except Exception:
@@ -139,22 +184,42 @@ class Server:
         if self.shared_memory is not None:
             self.shared_memory.close()
         self._stopped.set()
-        log.info("stopped")
+        if self.abandoned:
+            log.error("stopped: %d accepted calls abandoned", self.abandoned)
+        else:
+            log.info("stopped: every accepted call answered")
 
-    async def _linger(self, deadline: float) -> None:
-        """Keep refusing with UNAVAILABLE while clients are still sending, before closing the transport.
+    def force_stop(self) -> None:
+        """End the drain at once (a second signal): whatever is still accepted is abandoned."""
+        self._forced.set()
 
-        grpc answers calls that arrive while ``stop()`` runs with CANCELLED,
-        which a client would read as "I cancelled" rather than "go elsewhere".
-        So once everything accepted is answered, wait until no inference call
-        has arrived for ``LINGER_QUIET_S`` (at most ``LINGER_MAX_S``, never past
-        the grace period): in that window late callers get a clean UNAVAILABLE.
-        """
+    async def _finish_accepted(self, accepted: frozenset[asyncio.Task], deadline: float) -> bool:
+        """Wait for the models' accepted work and the ``accepted`` calls; False if cut short first."""
+        forced = asyncio.ensure_future(self._forced.wait())
+        model_drain = asyncio.ensure_future(self.manager.drain(max(0.0, deadline - time.monotonic())))
+        try:
+            await asyncio.wait({model_drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+            if model_drain.done() and model_drain.exception() is not None:
+                log.error("draining the models failed", exc_info=model_drain.exception())
+            # Handlers write their answers after the models are done with them; streams end.
+            while self.gate.unanswered(accepted) and not forced.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return not self.gate.unanswered(accepted)
+        finally:
+            forced.cancel()
+            if not model_drain.done():
+                model_drain.cancel()
+                await asyncio.gather(model_drain, return_exceptions=True)
+
+    async def _until_quiet(self, deadline: float) -> None:
+        """Return once no call arrived for ``HOLD_QUIET_S``: at most ``HOLD_MAX_S``, and past the
+        deadline (or after a second signal) only by as much as one quiet period needs."""
         started = time.monotonic()
-        self.state.last_call = max(self.state.last_call, started)
-        limit = min(deadline, started + LINGER_MAX_S)
-        while time.monotonic() < limit and time.monotonic() - self.state.last_call < LINGER_QUIET_S:
-            await asyncio.sleep(LINGER_QUIET_S / 4)
+        self.gate.last_arrival = max(self.gate.last_arrival, started)
+        one_period = started + HOLD_QUIET_S * 1.25
+        limit = one_period if self._forced.is_set() else max(min(deadline, started + HOLD_MAX_S), one_period)
+        while time.monotonic() < limit and time.monotonic() - self.gate.last_arrival < HOLD_QUIET_S:
+            await asyncio.sleep(HOLD_QUIET_S / 4)
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -165,12 +230,17 @@ def build_server(config: cfg.ServerConfig, manager, metrics) -> tuple[Server, in
 
     Returns the server and the bound gRPC port (useful with ``grpc_port=0``).
     """
-    interceptors = [metrics.grpc_interceptor()]
+    gate = drain.CallGate()
+    # Metrics outermost (they count held calls too), then the gate, then authentication.
+    interceptors = [metrics.grpc_interceptor(), gate]
     if config.auth_token_file is not None:
         interceptors.append(auth.BearerTokenInterceptor(auth.read_token(config.auth_token_file)))
+    # Innermost: only calls that passed auth have their message parsed, and one that does not
+    # parse ends INVALID_ARGUMENT instead of grpc's UNKNOWN with a logged traceback.
+    interceptors.append(wire.DecodeInterceptor())
     grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
     health = HealthReporter(manager)
-    server = Server(grpc_server, 0, manager, health)
+    server = Server(grpc_server, 0, manager, health, gate)
     if config.allow_shared_memory:
         server.shared_memory = shm.Registry()
 
@@ -215,11 +285,15 @@ def build_server(config: cfg.ServerConfig, manager, metrics) -> tuple[Server, in
 async def serve(config: cfg.ServerConfig) -> int:
     """Run a server until SIGTERM/SIGINT, then drain; the process exit status.
 
-    A second signal while draining stops at once (in-flight requests are cancelled).
+    0: drained, every accepted call answered; 1: loading the repository failed;
+    ``EXIT_ABANDONED``: the grace period ran out (or a second signal came) with
+    accepted calls unanswered, and the log says how many.
     """
     from service.metrics import Metrics
     from service.models import ModelManager
 
+    # Before anything opens files: connections, shared memory regions and models each hold one.
+    limits.raise_open_files_limit()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     signals_seen = 0
@@ -231,8 +305,7 @@ async def serve(config: cfg.ServerConfig) -> int:
         stop_requested.set()
         if signals_seen > 1:
             log.warning("second signal: stopping without waiting for in-flight requests")
-            force_task = loop.create_task(server.grpc_server.stop(0))
-            force_task.add_done_callback(lambda _t: None)
+            server.force_stop()
 
     metrics = Metrics()
     manager = ModelManager(
@@ -245,17 +318,18 @@ async def serve(config: cfg.ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    metrics_host = config.metrics_host or config.host
     try:
-        metrics_port = metrics.start_http(config.host, config.metrics_port)
+        metrics_port = metrics.start_http(metrics_host, config.metrics_port)
     except OSError as exc:
         raise cfg.ConfigError(
-            f"cannot serve metrics on {_address(config.host, config.metrics_port)}: {exc}"
+            f"cannot serve metrics on {_address(metrics_host, config.metrics_port)}: {exc}"
         ) from None
     await server.start()
     log.info(
         "svertka listening: grpc %s metrics %s (tls %s, auth %s)",
         _address(config.host, port),
-        _address(config.host, metrics_port),
+        _address(metrics_host, metrics_port),
         "on" if config.tls_cert else "off",
         "on" if config.auth_token_file else "off",
     )
@@ -280,4 +354,6 @@ async def serve(config: cfg.ServerConfig) -> int:
         metrics.stop_http()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    if server.abandoned and exit_code == 0:
+        exit_code = EXIT_ABANDONED
     return exit_code

@@ -25,6 +25,11 @@ SERVE_FLAGS: dict[str, tuple[str, str]] = {
         "int",
         f"Prometheus /metrics port; 0 picks a free one (default {cfg.DEFAULT_METRICS_PORT})",
     ),
+    "metrics_host": (
+        "str",
+        "address the metrics port listens on, e.g. 127.0.0.1 to keep it off other interfaces "
+        "(default: the same as --host)",
+    ),
     "grace_period_s": (
         "float",
         f"on SIGTERM/SIGINT, seconds to finish accepted requests before exiting (default {cfg.DEFAULT_GRACE_PERIOD_S:g})",
@@ -73,6 +78,7 @@ _METAVARS = {
     "host": "HOST",
     "grpc_port": "PORT",
     "metrics_port": "PORT",
+    "metrics_host": "HOST",
     "max_message_bytes": "BYTES",
     "intra_op_threads": "N",
     "log_format": "{text,json}",

@@ -22,8 +22,10 @@ codes in one place (``service.api.status``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import resource
 import stat
 import threading
 
@@ -33,11 +35,26 @@ from service import errors
 
 #: Where Linux keeps POSIX shared memory objects: ``shm_open("/name")`` is ``/dev/shm/name``.
 SHM_DIR = "/dev/shm"
-#: Regions one server holds at once (each keeps one file descriptor open).
+#: Regions one server holds at most (each keeps one file descriptor open) ...
 MAX_REGIONS = 1024
+#: ... and never more than this share of the process's file descriptor limit: the rest stays
+#: for connections, model files and the metrics port. At 1,000 regions under the default limit
+#: of 1,024 descriptors, health checks and scrapes on new connections timed out.
+FD_SHARE = 4
+#: The longest region name accepted (Triton sets no limit; a name is held for as long as its region).
+MAX_NAME_CHARS = 256
 #: An object name as ``shm_open`` takes it: one optional leading slash, then one path component.
 _KEY_RE = re.compile(r"^/?([^/\x00]{1,255})$")
-_NAME_RE = re.compile(r"^[^\x00]{1,256}$")
+_NAME_RE = re.compile(rf"^[^\x00]{{1,{MAX_NAME_CHARS}}}$")
+
+
+def region_cap() -> int:
+    """How many regions this process may hold: MAX_REGIONS, or a quarter of its descriptor limit."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_REGIONS
+    return max(1, min(MAX_REGIONS, soft // FD_SHARE))
+
 
 #: The tensor parameters of the extension (Triton's names).
 REGION_PARAM = "shared_memory_region"
@@ -69,9 +86,10 @@ class Slice:
 class Registry:
     """The server's registered regions, by name. Safe to call from any thread."""
 
-    def __init__(self, shm_dir: str = SHM_DIR, max_regions: int = MAX_REGIONS) -> None:
+    def __init__(self, shm_dir: str = SHM_DIR, max_regions: int | None = None) -> None:
         self._dir = shm_dir
-        self._max = max_regions
+        #: Read when the registry is made: after ``serve`` has raised the descriptor limit.
+        self._max = region_cap() if max_regions is None else max_regions
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
@@ -80,12 +98,14 @@ class Registry:
         """Open ``key`` and hold ``[offset, offset + byte_size)`` of it under ``name``."""
         if not _NAME_RE.fullmatch(name or ""):
             raise errors.InvalidInput(
-                f"system shared memory: region name must be 1-256 characters, got {name!r}"
+                f"system shared memory: region name must be 1-{MAX_NAME_CHARS} characters without NUL, "
+                f"got {errors.shown(name)}"
             )
         match = _KEY_RE.fullmatch(key or "")
         if not match or match.group(1) in (".", ".."):
             raise errors.InvalidInput(
-                f"system shared memory region '{name}': key {key!r} is not a shared memory object name; "
+                f"system shared memory region '{name}': key {errors.shown(key)} is not a shared memory "
+                "object name; "
                 "expected what shm_open takes, e.g. '/my_input' (one path component)"
             )
         if byte_size < 1:
@@ -182,12 +202,13 @@ class Registry:
     def read(self, where: Slice, dtype: str, shape: list[int], what: str) -> np.ndarray:
         """A fresh array of ``shape`` filled from the slice (one copy, no mapping)."""
         fd, position = self._locate(where, what)
-        out = np.empty(shape, dtype=dtype)
-        if out.nbytes != where.byte_size:
+        need = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+        if need != where.byte_size:  # before allocating: the shape is the client's
             raise errors.InvalidInput(
                 f"{what}: shared_memory_byte_size is {where.byte_size} but shape {list(shape)} of {dtype} "
-                f"needs {out.nbytes} bytes"
+                f"needs {need} bytes"
             )
+        out = np.empty(shape, dtype=dtype)
         view = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < out.nbytes:

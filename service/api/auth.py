@@ -37,7 +37,12 @@ def read_token(path: Path) -> bytes:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without the right token with UNAUTHENTICATED before any handler runs."""
+    """Rejects calls without the right token with UNAUTHENTICATED before any handler runs.
+
+    The token is checked on the call's headers, before its message is parsed: a refused call's
+    message is received (gRPC reads it up to the size limit) but never deserialized, so an
+    unauthenticated client cannot make the server build a large message.
+    """
 
     def __init__(self, token: bytes) -> None:
         if not token:
@@ -72,11 +77,13 @@ async def _deny_stream(request_or_iterator, context):
     yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
 
+def _unread(data: bytes) -> None:
+    """A refused call's message is never parsed: its cost to the server ends at receiving it."""
+    return None
+
+
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kwargs = {"request_deserializer": _unread, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(_deny_stream, **kwargs)
     if handler.request_streaming:

@@ -11,7 +11,7 @@ import time
 import grpc
 import numpy as np
 
-from service import errors
+from service import errors, layout
 from service.api import common, status
 from service.gen.svertka.v1 import classifier_pb2 as pb
 from service.gen.svertka.v1 import classifier_pb2_grpc as pb_grpc
@@ -22,7 +22,7 @@ DEFAULT_TOP_K = 5
 
 def resolve_model(manager, name: str, version: int):
     """The ServedModel a request names; an empty name means the server's only model."""
-    if version < 0:
+    if version != 0 and not layout.is_version(version):  # 0: the newest; else service.layout's rule
         raise errors.InvalidInput(f"version: expected a positive integer or 0 (newest), got {version}")
     if not name:
         names = sorted({s.name for s in manager.statuses()})
@@ -72,12 +72,13 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         record.images = 1
         with common.track(record):
             k = top_k_of(request, model.meta.num_classes)
-            if not request.image:
+            image = request.image  # read once: with protobuf's upb backend every read copies the bytes
+            if not image:
                 raise errors.InvalidInput(
                     "image: empty; expected encoded image bytes (JPEG, PNG, WebP, BMP or GIF)"
                 )
             (result,) = await model.infer_images(
-                [request.image], deadline=common.deadline_of(context), timings=record.timings
+                [image], deadline=common.deadline_of(context), timings=record.timings
             )
             if isinstance(result, errors.SvertkaError):
                 raise result
@@ -110,7 +111,8 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             except Exception as exc:  # answered in-band: the stream stays open
                 code, message = status.status_for(exc)
                 return pb.ClassifyResponse(
-                    id=request.id, error=pb.Error(code=code.value[0], code_name=code.name, message=message)
+                    id=request.id[: common.MAX_REQUEST_ID_CHARS],
+                    error=pb.Error(code=code.value[0], code_name=code.name, message=message),
                 )
 
         try:

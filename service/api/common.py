@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from service import errors, logs
+from service import errors, layout, logs
 from service.api import status
 
 log = logging.getLogger(__name__)
@@ -24,14 +23,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Requests of one stream that may be in flight at once; the stream stops reading
-#: from the client (HTTP/2 flow control pushes back) until one finishes. Bounded so
-#: that one client cannot park unbounded work in the server through one stream.
+#: Requests of one stream that the server holds at once: read and not yet answered, or
+#: answered and not yet written to the client. At the bound the stream stops reading (HTTP/2
+#: flow control pushes back on the client), so a client that never reads its answers cannot
+#: make the server keep them: a stream's footprint is at most this many requests, each at most
+#: the message-size limit, plus their answers.
 STREAM_MAX_IN_FLIGHT = 128
 
-#: Model names as they may appear in a request and in the repository: no path
-#: separators, no leading dot, nothing a filesystem or a metric label would mind.
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+#: The longest request id accepted (the ``id`` field, or an ``x-request-id`` header). The id is
+#: echoed in the response and written to the access log; UUIDs (36) and W3C trace ids (55) fit.
+MAX_REQUEST_ID_CHARS = 256
+#: What an in-band stream error echoes of other request fields (a model name is at most 128).
+MAX_ECHOED_CHARS = 128
 
 
 class ServerState:
@@ -42,11 +45,8 @@ class ServerState:
         self.draining = False
         #: Set when draining starts: open streams stop reading new requests.
         self.drain_event = asyncio.Event()
-        #: time.monotonic() of the latest inference call (accepted or refused).
-        self.last_call = 0.0
 
     def check_accepting(self) -> None:
-        self.last_call = time.monotonic()
         if self.draining:
             raise errors.Draining(
                 "server is shutting down and accepts no new requests; retry on another replica"
@@ -56,27 +56,22 @@ class ServerState:
 
 
 def validate_model_name(name: str) -> str:
-    """Reject names that could not be a repository directory (and could escape one)."""
-    if not MODEL_NAME_RE.fullmatch(name) or ".." in name:
-        raise errors.InvalidInput(
-            f"model name {name!r} is invalid: expected 1-128 characters from [A-Za-z0-9_.-], "
-            "starting with a letter or digit, without '..'"
-        )
+    """Reject names that could not be a repository directory (and could escape one): service.layout's rule."""
+    if not layout.is_valid_name(name):
+        raise errors.InvalidInput(f"model name {errors.shown(name)} is invalid: expected {layout.NAME_RULE}")
     return name
 
 
 def parse_version(text: str) -> int | None:
-    """A KServe version string: "" means the newest ready version."""
+    """A KServe version string: "" means the newest ready version; else service.layout's version rule."""
     if text == "":
         return None
-    try:
-        version = int(text)
-    except ValueError:
+    version = layout.parse_version(text)
+    if version is None:
         raise errors.InvalidInput(
-            f"model version: expected a positive integer or empty, got {text!r}"
-        ) from None
-    if version < 1:
-        raise errors.InvalidInput(f"model version: expected a positive integer or empty, got {text!r}")
+            f"model version: expected a positive integer or empty, got {errors.shown(text)} "
+            f"(a version is {layout.VERSION_RULE})"
+        )
     return version
 
 
@@ -88,13 +83,24 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
+def check_request_id(explicit: str) -> str:
+    """The request's own ``id`` field, refused when longer than MAX_REQUEST_ID_CHARS."""
+    if len(explicit) > MAX_REQUEST_ID_CHARS:
+        raise errors.InvalidInput(f"id: {len(explicit)} characters; expected at most {MAX_REQUEST_ID_CHARS}")
+    return explicit
+
+
 def request_id(explicit: str, context: grpc.aio.ServicerContext | None) -> str:
-    """The request's id: its own ``id`` field, else an ``x-request-id`` header, else a fresh one."""
+    """The request's id: its own ``id`` field, else an ``x-request-id`` header, else a fresh one.
+
+    An ``id`` field over the limit is refused (the client chose it and gets it back); a header
+    over the limit is ignored for a fresh id (a proxy may have set it).
+    """
     if explicit:
-        return explicit
+        return check_request_id(explicit)
     if context is not None:
         for key, value in context.invocation_metadata() or ():
-            if key == "x-request-id" and value:
+            if key == "x-request-id" and value and len(value) <= MAX_REQUEST_ID_CHARS:
                 return str(value)
     return logs.new_request_id()
 
@@ -149,6 +155,7 @@ class RequestRecord:
             duration_ms=duration * 1000.0,
             images=self.images,
             peer=self.peer,
+            sha256=getattr(self.model, "sha256", None),
         )
         logs.reset_request_id(self._log_token)
 
@@ -178,7 +185,10 @@ async def run_stream(
     """Run ``handle`` on each request of a bidi stream concurrently; yield results as they finish.
 
     ``handle`` must turn its own failures into a response (a stream carries
-    per-request errors in-band). When ``stop`` is set (the server drains), no
+    per-request errors in-band). At most ``max_in_flight`` requests are held at
+    once, counting each from when it is read until its answer has been written
+    (the caller's ``yield`` returns once gRPC has taken it): a client that stops
+    reading answers stops the reading of its requests. When ``stop`` is set (the server drains), no
     further request is read; those already read are finished and answered,
     then :class:`~service.errors.Draining` is raised so the client learns that
     anything it sent after them was not accepted. If the client goes away,
@@ -192,14 +202,13 @@ async def run_stream(
     stopped = False
 
     async def one(item: T) -> None:
+        # The slot is released by the writer below once the answer is written, not here.
         try:
             results.put_nowait(await handle(item))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # handle() answers failures in-band; anything else ends the stream
             results.put_nowait(exc)
-        finally:
-            slots.release()
 
     async def next_or_stop(iterator, stop_waiter):
         """The next request, or None when the stream ended or draining began first."""
@@ -217,23 +226,31 @@ async def run_stream(
 
     async def reader() -> None:
         stop_waiter = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        failure: Exception | None = None
         try:
             iterator = aiter(requests)
             while True:
                 await slots.acquire()
-                item = await next_or_stop(iterator, stop_waiter)
+                try:
+                    item = await next_or_stop(iterator, stop_waiter)
+                except Exception as exc:  # the stream itself failed (e.g. a message that does not parse)
+                    failure = exc
+                    item = None
                 if item is None:
                     slots.release()
                     break
                 task = asyncio.create_task(one(item))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+            # Requests read before the end (or before a failure) were accepted: answer them first.
             while pending:
                 await asyncio.gather(*list(pending), return_exceptions=True)
         finally:
             if stop_waiter is not None:
                 stop_waiter.cancel()
             results.put_nowait(done_reading)
+        if failure is not None:
+            raise failure
 
     reader_task = asyncio.create_task(reader())
     try:
@@ -244,6 +261,7 @@ async def run_stream(
             if isinstance(item, BaseException):
                 raise item
             yield item
+            slots.release()
         await reader_task  # surfaces a failure of the request iterator itself
     finally:
         reader_task.cancel()

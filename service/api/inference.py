@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from service import __version__, errors, shm
+from service import __version__, errors, layout, shm
 from service.api import common, status, tensors
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -155,7 +155,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         with common.track(record):
             outputs = tensors.requested_outputs(request, model.meta, self._shm)
-            parsed = tensors.parse_input(request, model.meta, self._shm)
+            parsed = tensors.parse_input(
+                request, model.meta, self._shm, max_rows=model.settings.max_rows_per_request
+            )
             tensors.check_output_room(outputs, parsed.rows, model.meta)
             record.images = parsed.rows
             deadline = common.deadline_of(context)
@@ -190,7 +192,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                        model_name=request.model_name[: common.MAX_ECHOED_CHARS],
+                        model_version=request.model_version[: common.MAX_ECHOED_CHARS],
+                        id=request.id[: common.MAX_REQUEST_ID_CHARS],
                     ),
                 )
 
@@ -354,7 +358,7 @@ def model_config(model) -> mc.ModelConfig:
         platform=PLATFORM,
         backend=BACKEND,
         max_batch_size=settings.max_batch_size,
-        default_model_filename="model.onnx",
+        default_model_filename=layout.MODEL_FILE,
     )
     config.version_policy.latest.num_versions = 1
     config.input.add(
@@ -380,6 +384,9 @@ def model_config(model) -> mc.ModelConfig:
         ("num_classes", str(meta.num_classes)),
         ("max_rows_per_request", str(settings.max_rows_per_request)),
         ("max_image_pixels", str(settings.max_image_pixels)),
+        ("max_decoded_pixels", str(settings.max_decoded_pixels)),
+        ("reject_non_finite_inputs", "true" if settings.reject_non_finite_inputs else "false"),
+        ("sha256", model.sha256),
     ):
         config.parameters[key].string_value = value
     return config

@@ -42,6 +42,19 @@ STATUS_BY_ERROR: dict[type[errors.SvertkaError], grpc.StatusCode] = {
 #: What a client sees for an exception we did not raise on purpose.
 INTERNAL_MESSAGE = "internal error"
 
+#: The longest status message sent. A status travels in a response header (grpc-message,
+#: percent-encoded: up to 9 bytes per non-ASCII character), and a client refuses headers over its
+#: metadata limit (8 KiB by default) with a RESOURCE_EXHAUSTED that hides the real error. Values
+#: quoted from requests are bounded where they are quoted (service.errors.shown); this is the
+#: last line of defence for a message that grew some other way (a long list of models).
+MAX_MESSAGE_CHARS = 800
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 40] + f"... ({len(message)} characters, truncated)"
+
 
 def _mapped(exc: errors.SvertkaError) -> grpc.StatusCode | None:
     """The table's code for ``exc``, looked up along its MRO; None when unmapped."""
@@ -60,7 +73,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, errors.SvertkaError):
         code = _mapped(exc)
         if code is not None:
-            return code, exc.message
+            return code, _bounded(exc.message)
         # A SvertkaError subclass nobody mapped is a bug in this table: fail closed.
         log.error("unmapped domain error %s: %s", type(exc).__name__, exc.message)
         return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE

@@ -9,6 +9,14 @@ gets them is usually a generic tool such as tritonclient or perf_analyzer.
 Raw contents are wrapped with ``np.frombuffer`` (no copy: the array views
 the request's bytes) after an exact byte-count check; typed contents are
 checked element by element count.
+
+Cost comes first: everything a request declares (the number of inputs, a
+shape's rank and dimensions, the rows it asks for, the element count of a
+BYTES tensor) is checked against small limits with ``len()`` on the parsed
+message before any loop, allocation or error text that grows with it, so a
+request that declares thirty million dimensions or sixteen million empty
+images is refused in microseconds. Client-supplied names in messages go
+through :func:`service.errors.shown` (bounded).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import errors, modelmeta, shm
+from service import config, errors, modelmeta, shm
 from service.gen.inference import grpc_service_pb2 as pb
 
 #: Datatypes whose typed contents live in which InferTensorContents field.
@@ -46,6 +54,9 @@ CLASSIFICATION_PARAM = "classification"
 #: Upper bound on any element count we are asked to allocate for, far above any real request
 #: (the message-size limit bounds real payloads); it stops int64 shapes from overflowing the math.
 _MAX_ELEMENTS = 1 << 40
+#: The highest rank any tensor of this API may have (FP32 inputs are 4-d, BYTES 1- or 2-d); a
+#: shape is refused on its length before a single dimension is read.
+MAX_RANK = 8
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,32 @@ def shared_memory_slice(what: str, parameters, shm_registry: shm.Registry | None
         if value < 0:
             raise errors.InvalidInput(f"{what}: parameter '{key}' must be an integer >= 0 (int64_param)")
         numbers[key] = value
+    if len(region.string_param) > shm.MAX_NAME_CHARS:
+        raise errors.InvalidInput(
+            f"{what}: parameter '{shm.REGION_PARAM}' is {len(region.string_param)} characters; "
+            f"region names have at most {shm.MAX_NAME_CHARS}"
+        )
     where = shm.Slice(region.string_param, numbers[shm.OFFSET_PARAM], numbers[shm.BYTE_SIZE_PARAM])
     shm_registry.check(where, what)
     return where
 
 
 def _shape_text(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+    """A shape for a message; callers check the rank (<= MAX_RANK) first, so this stays short."""
+    return (
+        "["
+        + ",".join(str(int(d)) for d in shape[:MAX_RANK])
+        + (",..." if len(shape) > MAX_RANK else "")
+        + "]"
+    )
+
+
+def _shape_of(tensor, what: str) -> list[int]:
+    """The tensor's shape as a list, refused on its length first (a list of 30 M ints costs seconds)."""
+    rank = len(tensor.shape)
+    if rank > MAX_RANK:
+        raise errors.InvalidInput(f"{what}: shape has {rank} dimensions; expected at most {MAX_RANK}")
+    return list(tensor.shape)
 
 
 def _element_count(name: str, shape: Sequence[int]) -> int:
@@ -124,33 +154,40 @@ def _typed_fields_set(contents: pb.InferTensorContents) -> list[str]:
 
 
 def parse_input(
-    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.Registry | None = None
+    request: pb.ModelInferRequest,
+    meta: modelmeta.ModelMeta,
+    shm_registry: shm.Registry | None = None,
+    *,
+    max_rows: int = config.DEFAULT_MAX_ROWS_PER_REQUEST,
 ) -> ParsedInput:
     """Validate a ModelInfer request's inputs against the model and extract the data.
 
     Accepts one input named like the model's input, either FP32 ``[n, 3, H, W]``
     (raw, ``fp32_contents`` or a system shared memory region) or BYTES ``[n]`` /
-    ``[n, 1]`` holding encoded images. ``shm_registry`` is None when the server
-    does not allow shared memory.
+    ``[n, 1]`` holding encoded images, with 1 <= n <= ``max_rows`` (the model's
+    max_rows_per_request, checked here before anything is read or split).
+    ``shm_registry`` is None when the server does not allow shared memory.
     """
     expected_name = meta.input_name
     chw = meta.input_shape
     if len(request.inputs) != 1:
-        got = [i.name for i in request.inputs]
+        shown_names = ", ".join(errors.shown(i.name) for i in request.inputs[:4])
+        more = ", ..." if len(request.inputs) > 4 else ""
         raise errors.InvalidInput(
             f"expected exactly 1 input ('{expected_name}'), got {len(request.inputs)}"
-            + (f" {got}" if got else "")
+            + (f" [{shown_names}{more}]" if shown_names else "")
         )
     tensor = request.inputs[0]
     if tensor.name != expected_name:
         raise errors.InvalidInput(
-            f"unknown input '{tensor.name}': model '{request.model_name}' has one input, '{expected_name}'"
+            f"unknown input {errors.shown(tensor.name)}: model '{request.model_name}' has one input, "
+            f"'{expected_name}'"
         )
     raw = request.raw_input_contents
     typed = _typed_fields_set(tensor.contents)
     where = shared_memory_slice(f"input '{tensor.name}'", tensor.parameters, shm_registry)
     if where is not None:
-        return _parse_shared_memory(tensor, where, bool(raw) or bool(typed), chw, shm_registry)
+        return _parse_shared_memory(tensor, where, bool(raw) or bool(typed), chw, shm_registry, max_rows)
     if len(raw) not in (0, len(request.inputs)):
         raise errors.InvalidInput(
             f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}"
@@ -160,12 +197,14 @@ def parse_input(
             f"input '{tensor.name}': data given both in raw_input_contents and in contents.{typed[0]}; send one"
         )
     datatype = tensor.datatype
-    shape = list(tensor.shape)
+    shape = _shape_of(tensor, f"input '{tensor.name}'")
     if datatype == "FP32":
-        return _parse_fp32(tensor, raw[0] if raw else None, typed, shape, chw)
+        count = _fp32_count(tensor.name, shape, chw, max_rows)
+        return _parse_fp32(tensor, raw[0] if raw else None, typed, shape, count)
     if datatype == "BYTES":
-        return _parse_bytes(tensor, raw[0] if raw else None, typed, shape)
-    what = f"'{datatype}'" if datatype else "no datatype"
+        count = _bytes_count(tensor.name, shape, max_rows)
+        return _parse_bytes(tensor, raw[0] if raw else None, typed, shape, count)
+    what = errors.shown(datatype) if datatype else "no datatype"
     known = (
         ""
         if datatype in KNOWN_DATATYPES
@@ -177,20 +216,28 @@ def parse_input(
     )
 
 
-def _fp32_count(name: str, shape: list[int], chw) -> int:
+def _check_rows(name: str, shape: list[int], max_rows: int) -> None:
+    if shape[0] < 1:
+        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    if shape[0] > max_rows:
+        raise errors.InvalidInput(
+            f"input '{name}': batch of {shape[0]} rows; expected 1 to {max_rows} rows per request "
+            "(max_rows_per_request)"
+        )
+
+
+def _fp32_count(name: str, shape: list[int], chw, max_rows: int) -> int:
     """Elements of an FP32 ``[N, 3, H, W]`` input after checking its shape against the model."""
     expected = f"[N,{chw[0]},{chw[1]},{chw[2]}]"
     if len(shape) != 4 or tuple(shape[1:]) != tuple(chw):
         raise errors.InvalidInput(f"input '{name}': expected FP32 shape {expected}, got {_shape_text(shape)}")
-    count = _element_count(name, shape)
-    if shape[0] < 1:
-        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    count = _element_count(name, shape)  # rank <= MAX_RANK here: a few multiplications
+    _check_rows(name, shape, max_rows)
     return count
 
 
-def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], chw) -> ParsedInput:
+def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], count: int) -> ParsedInput:
     name = tensor.name
-    count = _fp32_count(name, shape, chw)
     if raw is not None:
         want = count * 4
         if len(raw) != want:
@@ -216,30 +263,46 @@ def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], c
 
 
 def _parse_shared_memory(
-    tensor, where: shm.Slice, inline: bool, chw, shm_registry: shm.Registry
+    tensor, where: shm.Slice, inline: bool, chw, shm_registry: shm.Registry, max_rows: int
 ) -> ParsedInput:
     name = tensor.name
     if inline:
         raise errors.InvalidInput(
             f"input '{name}': data given both in a shared memory region and in the request; send one"
         )
-    shape = list(tensor.shape)
     if tensor.datatype != "FP32":
         raise errors.InvalidInput(
             f"input '{name}': a shared memory input must be FP32 [N,{chw[0]},{chw[1]},{chw[2]}], "
-            f"got datatype {tensor.datatype or 'none'}"
+            f"got datatype {errors.shown(tensor.datatype) if tensor.datatype else 'none'}"
         )
-    _fp32_count(name, shape, chw)
+    shape = _shape_of(tensor, f"input '{name}'")
+    # Rows and byte count first: nothing is allocated or read for a request that would be refused.
+    count = _fp32_count(name, shape, chw, max_rows)
+    if where.byte_size != count * 4:
+        raise errors.InvalidInput(
+            f"input '{name}': shared_memory_byte_size is {where.byte_size} but FP32 {_shape_text(shape)} "
+            f"needs {count * 4} bytes"
+        )
     array = shm_registry.read(where, "<f4", shape, f"input '{name}'")
     return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
 
 
-def split_raw_bytes(name: str, raw: bytes) -> list[bytes]:
-    """Split a raw BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
+def split_raw_bytes(name: str, raw: bytes, count: int | None = None) -> list[bytes]:
+    """Split a raw BYTES tensor: each element is a 4-byte little-endian length, then the bytes.
+
+    With ``count`` (the element count the shape declares), splitting stops after that many
+    elements and refuses the rest at once: the loop never runs more than ``count + 1`` times,
+    however many elements the bytes hold.
+    """
     items = []
     offset = 0
     view = memoryview(raw)
     while offset < len(raw):
+        if count is not None and len(items) == count:
+            raise errors.InvalidInput(
+                f"input '{name}': shape needs {count} BYTES elements but raw_input_contents has "
+                f"{len(raw) - offset} more bytes after element {count - 1}"
+            )
         if offset + 4 > len(raw):
             raise errors.InvalidInput(
                 f"input '{name}': raw BYTES element {len(items)} is truncated: "
@@ -257,21 +320,30 @@ def split_raw_bytes(name: str, raw: bytes) -> list[bytes]:
     return items
 
 
-def _parse_bytes(tensor, raw: bytes | None, typed: list[str], shape: list[int]) -> ParsedInput:
-    name = tensor.name
+def _bytes_count(name: str, shape: list[int], max_rows: int) -> int:
+    """Elements of a BYTES ``[N]`` / ``[N, 1]`` input after checking its shape and rows."""
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise errors.InvalidInput(
             f"input '{name}': BYTES input holds encoded images with shape [N] or [N,1], got {_shape_text(shape)}"
         )
-    count = _element_count(name, shape)
-    if count < 1:
-        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
+    count = _element_count(name, shape)  # rank <= MAX_RANK here: a few multiplications
+    _check_rows(name, shape, max_rows)
+    return count
+
+
+def _parse_bytes(tensor, raw: bytes | None, typed: list[str], shape: list[int], count: int) -> ParsedInput:
+    name = tensor.name
     if raw is not None:
-        images = split_raw_bytes(name, raw)
+        images = split_raw_bytes(name, raw, count)
     else:
         if typed and typed != ["bytes_contents"]:
             raise errors.InvalidInput(
                 f"input '{name}': datatype BYTES carries typed data in contents.bytes_contents, got contents.{typed[0]}"
+            )
+        given = len(tensor.contents.bytes_contents)
+        if given != count:  # before the list: sixteen million empty elements cost nothing to refuse
+            raise errors.InvalidInput(
+                f"input '{name}': shape {_shape_text(shape)} needs {count} images, got {given}"
             )
         images = list(tensor.contents.bytes_contents)
     if len(images) != count:
@@ -281,11 +353,21 @@ def _parse_bytes(tensor, raw: bytes | None, typed: list[str], shape: list[int]) 
     return ParsedInput(tensor=None, images=images, rows=count)
 
 
+def _param_text(param: pb.InferParameter) -> str:
+    """An InferParameter as a message shows it: its kind and bounded value."""
+    which = param.WhichOneof("parameter_choice")
+    if which is None:
+        return "no value"
+    return f"{which} {errors.shown(getattr(param, which))}"
+
+
 def _int_param(param: pb.InferParameter) -> int | None:
     which = param.WhichOneof("parameter_choice")
     if which in ("int64_param", "uint64_param"):
         return int(getattr(param, which))
     if which == "string_param":
+        if len(param.string_param) > 20:  # int() of a long digit string is quadratic; no k is that long
+            return None
         try:
             return int(param.string_param)
         except ValueError:
@@ -304,7 +386,8 @@ def requested_outputs(
     for out in request.outputs:
         if out.name != meta.output_name:
             raise errors.InvalidInput(
-                f"unknown output '{out.name}': model '{request.model_name}' has one output, '{meta.output_name}'"
+                f"unknown output {errors.shown(out.name)}: model '{request.model_name}' has one output, "
+                f"'{meta.output_name}'"
             )
         if out.name in seen:
             raise errors.InvalidInput(f"output '{out.name}' requested twice")
@@ -315,7 +398,7 @@ def requested_outputs(
             if k is None or k < 1:
                 raise errors.InvalidInput(
                     f"output '{out.name}': parameter 'classification' must be an integer >= 1 (top k), "
-                    f"got {out.parameters[CLASSIFICATION_PARAM]}".strip()
+                    f"got {_param_text(out.parameters[CLASSIFICATION_PARAM])}"
                 )
         where = shared_memory_slice(f"output '{out.name}'", out.parameters, shm_registry)
         if where is not None and k is not None:

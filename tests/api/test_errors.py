@@ -115,8 +115,6 @@ def _tensor_cases():
     two_inputs.inputs.add(name="extra", datatype="FP32", shape=[1])
     bad_output = _tensor_request()
     bad_output.outputs.add(name="probs")
-    nan = np.zeros((1, 3, 32, 32), np.float32)
-    nan[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
     return [
         (
             _tensor_request(nbytes=1000),
@@ -135,11 +133,6 @@ def _tensor_cases():
             C.INVALID_ARGUMENT,
             "batch of 65 rows; expected 1 to 64 rows per request",
         ),
-        (
-            _tensor_request(values=nan),
-            C.INVALID_ARGUMENT,
-            "3 values are NaN or infinite; expected finite FP32 values",
-        ),
         (wrong_name, C.INVALID_ARGUMENT, "unknown input 'pixels': model 'tiny' has one input, 'input'"),
         (
             wrong_type,
@@ -156,6 +149,26 @@ def _tensor_cases():
             "model version: expected a positive integer or empty, got 'x'",
         ),
         (_tensor_request(version="9"), C.NOT_FOUND, "model 'tiny' has no version 9"),
+        # One spelling per version (service.layout): no leading zero, ASCII digits, at most 2**63-1.
+        *(
+            (
+                _tensor_request(version=version),
+                C.INVALID_ARGUMENT,
+                f"model version: expected a positive integer or empty, got {version!r} "
+                "(a version is a decimal integer from 1 to 9223372036854775807 without leading zeros)",
+            )
+            for version in ("02", "\u00b2", "9223372036854775808", "99999999999999999999999", " 2", "+2")
+        ),
+        (
+            _tensor_request(version="9" * 100_000),
+            C.INVALID_ARGUMENT,
+            "got '9999999999999999999999999999999999999999999999999999999999999999'... (100000 characters)",
+        ),
+        (
+            _tensor_request(version="9223372036854775807"),
+            C.NOT_FOUND,
+            "model 'tiny' has no version 9223372036854775807",
+        ),
     ]
 
 
@@ -202,6 +215,37 @@ def test_model_control_is_off_by_default(stubs):
     assert "--enable-model-control" in details
     code, _ = _error(stubs[1].RepositoryModelUnload, kpb.RepositoryModelUnloadRequest(model_name="tiny"))
     assert code == C.PERMISSION_DENIED
+
+
+def _nan_request(model: str = "tiny") -> kpb.ModelInferRequest:
+    nan = np.zeros((1, 3, 32, 32), np.float32)
+    nan[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    return _tensor_request(values=nan, model=model)
+
+
+def test_non_finite_inputs_are_computed_by_default_as_triton_does(stubs):
+    response = stubs[1].ModelInfer(_nan_request(), timeout=30)
+    assert response.model_version == "2" and list(response.outputs[0].shape) == [1, 10]
+
+
+def test_non_finite_inputs_are_refused_where_the_model_asks(make_server, tmp_path):
+    repo = make_repository(tmp_path / "repo", {"tiny": [1]})
+    (repo / "tiny" / "config.yaml").write_text("reject_non_finite_inputs: true\n")
+    with make_server(repo).channel() as channel:
+        code, details = _error(kgrpc.GRPCInferenceServiceStub(channel).ModelInfer, _nan_request())
+    assert code == C.INVALID_ARGUMENT
+    assert details == "input 'input': 3 values are NaN or infinite; expected finite FP32 values"
+
+
+def test_a_huge_model_name_is_quoted_bounded(stubs):
+    for fn, request in (
+        (stubs[0].Classify, cpb.ClassifyRequest(model="../" + "x" * 1_000_000, image=images.png(1))),
+        (stubs[1].ModelInfer, _tensor_request(model="../" + "x" * 1_000_000)),
+    ):
+        code, details = _error(fn, request)
+        assert code == C.INVALID_ARGUMENT
+        assert details.startswith("model name '../xxxx") and "... (1000003 characters) is invalid" in details
+        assert len(details) < 400
 
 
 def test_model_control_when_enabled(make_server, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import types
 from pathlib import Path
 
 import grpc
@@ -111,3 +112,49 @@ def test_bearer_token_guards_both_apis_but_not_health_or_reflection(make_server,
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert "svertka.v1.ImageClassifier" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+
+def _send_unparsable(channel, method: str, metadata) -> None:
+    path = f"/inference.GRPCInferenceService/{method}"
+    if method == "ModelInfer":
+        call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+        call(b"\x0a\xff\xff", metadata=metadata, timeout=10)
+    else:
+        stream = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+        list(stream(iter([b"\x0a\xff\xff"]), metadata=metadata, timeout=10))
+
+
+def test_a_call_refused_for_its_token_never_has_its_message_parsed(make_server, tmp_path):
+    """Bytes that would not even parse get UNAUTHENTICATED, not INVALID_ARGUMENT: they were never read."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    srv = make_server(auth_token_file=token_file)
+    with srv.channel() as channel:
+        for method in ("ModelInfer", "ModelStreamInfer"):
+            for metadata, code in (
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+                ((("authorization", "Bearer s3cret-token"),), grpc.StatusCode.INVALID_ARGUMENT),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    _send_unparsable(channel, method, metadata)
+                assert info.value.code() == code, (method, info.value.details())
+
+
+def test_the_token_is_checked_before_the_message_is_deserialized():
+    import asyncio
+
+    from service.api import auth
+
+    def parse(data: bytes):
+        raise AssertionError("a refused call's message was parsed")
+
+    async def continuation(details):
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: None, request_deserializer=parse)
+
+    details = types.SimpleNamespace(
+        method="/inference.GRPCInferenceService/ModelInfer",
+        invocation_metadata=(("authorization", "Bearer wrong"),),
+    )
+    interceptor = auth.BearerTokenInterceptor(b"s3cret-token")
+    handler = asyncio.run(interceptor.intercept_service(continuation, details))
+    assert handler.request_deserializer(b"\x0a\xff\xff") is None

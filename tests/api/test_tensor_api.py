@@ -13,6 +13,7 @@ from service import __version__
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.inference import model_config_pb2 as mc
+from service.models import file_fingerprint
 from tests.api import images
 
 
@@ -73,6 +74,10 @@ def test_model_config_is_what_perf_analyzer_reads(server, stub):
     assert config.instance_group[0].count == settings.instances
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
     assert config.model_transaction_policy.decoupled is False
+    # Which weights answer: the model file's fingerprint at load (a file replaced in place shows).
+    sha256 = config.parameters["sha256"].string_value
+    assert len(sha256) == 12 and sha256 == file_fingerprint(server.manager.get("small").path)
+    assert config.parameters["reject_non_finite_inputs"].string_value == "false"
 
 
 def test_raw_and_typed_infer_equal_onnxruntime_bit_for_bit(tiny_repository, stub):

@@ -163,3 +163,75 @@ def test_outputs_are_raw_and_classification_is_tritons_format():
         raw = raw[4 + n :]
     assert items[:4] == ["2.000000:1:dog", "2.000000:3:yak", "0.500000:0:cat", "-1.000000:2:emu"]
     assert items[4] == "3.000000:0:cat"
+
+
+# -- what a request declares is checked before anything grows with it --------------------------
+
+
+def test_a_shape_is_refused_on_its_rank_before_its_dimensions_are_read():
+    request = _request(shape=[1] * 1000, raw=b"")
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(request, META)
+    assert info.value.message == "input 'input': shape has 1000 dimensions; expected at most 8"
+
+
+def test_rows_over_the_limit_are_refused_before_bytes_are_split():
+    raw = tensors.encode_bytes([b"x"] * 5)
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request("BYTES", (5,), raw=raw), META, max_rows=4)
+    assert "batch of 5 rows; expected 1 to 4 rows per request (max_rows_per_request)" in info.value.message
+
+
+def test_raw_bytes_stop_splitting_at_the_declared_count():
+    """Sixteen empty elements under shape [1]: refused after reading two length prefixes."""
+    raw = b"\0\0\0\0" * 16
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request("BYTES", (1,), raw=raw), META)
+    assert info.value.message == (
+        "input 'input': shape needs 1 BYTES elements but raw_input_contents has 60 more bytes after element 0"
+    )
+    assert tensors.split_raw_bytes("input", tensors.encode_bytes([b"a", b"bc"]), 2) == [b"a", b"bc"]
+
+
+def test_typed_bytes_are_counted_before_they_are_copied():
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request("BYTES", (1,), bytes_contents=[b""] * 100), META)
+    assert info.value.message == "input 'input': shape [1] needs 1 images, got 100"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"name": "n" * 100_000}, "unknown input 'nnnnnnnn"),
+        ({"datatype": "D" * 100_000, "raw": b""}, "got 'DDDDDDDD"),
+    ],
+)
+def test_echoed_names_are_bounded(kwargs, fragment):
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(_request(**kwargs), META)
+    assert fragment in info.value.message and "(100000 characters)" in info.value.message
+    assert len(info.value.message) < 400
+
+
+def test_many_inputs_are_named_in_the_message_only_by_their_first_few():
+    request = pb.ModelInferRequest(model_name="tiny")
+    for i in range(10_000):
+        request.inputs.add(name=f"in{i}")
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.parse_input(request, META)
+    assert (
+        info.value.message
+        == "expected exactly 1 input ('input'), got 10000 ['in0', 'in1', 'in2', 'in3', ...]"
+    )
+
+
+def test_a_long_classification_parameter_is_refused_and_bounded():
+    request = _request(raw=b"\0" * 768)
+    request.outputs.add(name="logits").parameters["classification"].string_param = "9" * 100_000
+    with pytest.raises(errors.InvalidInput) as info:
+        tensors.requested_outputs(request, META)
+    assert (
+        "parameter 'classification' must be an integer >= 1 (top k), got string_param '999"
+        in info.value.message
+    )
+    assert len(info.value.message) < 400

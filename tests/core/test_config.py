@@ -75,3 +75,58 @@ def test_intra_op_spinning_is_true_false_or_auto(tmp_path, text, expected):
 def test_intra_op_spinning_refuses_anything_else_and_says_what_it_takes(value):
     with pytest.raises(ConfigError, match=r"intra_op_spinning: expected true, false or auto, got "):
         ModelSettings.from_mapping({"intra_op_spinning": value})
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"max_image_pixels": float("inf")}, "max_image_pixels: expected an integer from 1 to 9223372036854775807, got inf (number)"),
+        ({"max_decoded_pixels": 0}, "max_decoded_pixels: expected an integer from 1 to 9223372036854775807, got 0 (integer)"),
+        ({"max_queue_size": float("nan")}, "max_queue_size: expected an integer from 1 to 2147483647, got nan (number)"),
+        ({"max_batch_size": 4.0}, "max_batch_size: expected an integer from 1 to 2147483647, got 4.0 (number)"),
+        ({"max_batch_size": True}, "max_batch_size: expected an integer from 1 to 2147483647, got True (boolean)"),
+        ({"instances": "2"}, "instances: expected an integer from 1 to 64, got '2' (string)"),
+        ({"instances": 65}, "instances: expected an integer from 1 to 64, got 65 (integer)"),
+        ({"max_queue_size": 2**31}, "max_queue_size: expected an integer from 1 to 2147483647, got 2147483648"),
+        ({"intra_op_threads": -1}, "intra_op_threads: expected an integer from 0 to 1024, got -1"),
+        ({"max_rows_per_request": None}, "max_rows_per_request: expected an integer from 1 to 2147483647, got None (null)"),
+        ({"max_queue_delay_ms": float("inf")}, "max_queue_delay_ms: expected a finite number from 0 to 3.6e+06, got inf"),
+        ({"max_queue_delay_ms": float("nan")}, "max_queue_delay_ms: expected a finite number"),
+        ({"max_queue_delay_ms": "2"}, "max_queue_delay_ms: expected a finite number from 0 to 3.6e+06, got '2' (string)"),
+        ({"max_queue_delay_ms": -1}, "max_queue_delay_ms: expected a finite number from 0"),
+        ({"version": 2**63}, "version: expected an integer from 1 to 9223372036854775807, got 9223372036854775808"),
+        ({"version": 1.0}, "version: expected an integer"),
+        ({"preferred_batch_sizes": [1.5]}, "preferred_batch_sizes: expected a list of batch sizes"),
+        ({"preferred_batch_sizes": "4"}, "preferred_batch_sizes: expected a list of batch sizes"),
+        ({"preferred_batch_sizes": [True]}, "preferred_batch_sizes: expected a list of batch sizes"),
+        ({"providers": "cpu"}, "providers: expected a list of provider names"),
+        ({"providers": [1]}, "providers: expected a list of provider names"),
+        ({"reject_non_finite_inputs": "true"}, "reject_non_finite_inputs: expected true or false, got 'true' (string)"),
+        ({"reject_non_finite_inputs": 1}, "reject_non_finite_inputs: expected true or false"),
+        ({1: 2}, "unknown settings [1]"),
+        ({"x" * 10_000: 1}, "... (10000 characters)]; known: ["),
+    ],
+)  # fmt: skip
+def test_settings_are_strictly_typed_finite_and_in_range(data, message):
+    with pytest.raises(ConfigError) as info:
+        ModelSettings.from_mapping(data)
+    assert message in str(info.value)
+    assert len(str(info.value)) < 1000  # a huge key or value is quoted bounded
+
+
+def test_settings_keep_their_types_and_accept_what_yaml_writes(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "max_queue_delay_ms: 5\nmax_image_pixels: 9223372036854775807\nversion: 9223372036854775807\n"
+        "reject_non_finite_inputs: true\nproviders: [CPU]\n"
+    )
+    settings = ModelSettings.load(tmp_path)
+    assert settings.max_queue_delay_ms == 5.0 and isinstance(settings.max_queue_delay_ms, float)
+    assert settings.max_image_pixels == settings.version == 2**63 - 1
+    assert settings.reject_non_finite_inputs is True and settings.providers == ("cpu",)
+    assert ModelSettings().reject_non_finite_inputs is False
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path):
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfe max_batch_size: 4")
+    with pytest.raises(ConfigError, match="config.yaml: cannot"):
+        ModelSettings.load(tmp_path)

@@ -135,7 +135,7 @@ def test_timings_are_visible_to_the_calling_task(tmp_path):
 
 def test_tensor_validation_messages(tmp_path):
     repo = make_repository(tmp_path, {"tiny": [1]})
-    write_config(repo, "tiny", "max_rows_per_request: 4\n")
+    write_config(repo, "tiny", "max_rows_per_request: 4\nreject_non_finite_inputs: true\n")
 
     async def main():
         manager, metrics = await started(repo)
@@ -169,6 +169,7 @@ def test_tensor_validation_messages(tmp_path):
 def test_large_tensors_are_checked_off_the_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "INLINE_CHECK_ELEMENTS", 0)
     repo = make_repository(tmp_path, {"tiny": [1]})
+    write_config(repo, "tiny", "reject_non_finite_inputs: true\n")
     x = images(3)
 
     async def main():
@@ -186,6 +187,36 @@ def test_large_tensors_are_checked_off_the_loop(tmp_path, monkeypatch):
     out, depth = run(main())
     np.testing.assert_array_equal(out, direct(repo / "tiny/1/model.onnx", x))
     assert depth == 0  # the reservation taken for the rejected tensor was released
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "large"])
+def test_non_finite_inputs_are_computed_by_default_without_a_scan(tmp_path, monkeypatch, inline):
+    """As Triton does: NaN/Inf rows are computed; the finite scan does not run at all (either path)."""
+    if not inline:
+        monkeypatch.setattr(models, "INLINE_CHECK_ELEMENTS", 0)
+
+    def no_scan(self, x):
+        raise AssertionError("the finite check ran although reject_non_finite_inputs is off")
+
+    monkeypatch.setattr(models.ServedModel, "_check_finite", no_scan)
+    repo = make_repository(tmp_path, {"tiny": [1]})
+    x = images(2)
+    x[0, 0, 0, 0] = np.nan
+    x[1, 1, 1, 1] = np.inf
+
+    async def main():
+        manager, _ = await started(repo)
+        model = manager.get("tiny")
+        out = await model.infer_tensor(x)
+        checked = model.check_tensor(x)
+        option = model.settings.reject_non_finite_inputs
+        await manager.close()
+        return out, checked, option
+
+    out, checked, option = run(main())
+    assert option is False and checked.shape == x.shape
+    assert out.shape == (2, 10)
+    np.testing.assert_array_equal(out, direct(repo / "tiny/1/model.onnx", x))  # NaN where onnxruntime has NaN
 
 
 def test_top_k_scores_and_order(tmp_path):
@@ -285,6 +316,7 @@ def test_default_providers_fall_back_to_cpu_loudly(tmp_path, caplog):
             provider="CPUExecutionProvider",
             precision="fp32",
             arch="tinycnn",
+            sha256=models.file_fingerprint(repo / "tiny/1/model.onnx"),
         )
         await manager.close()
         return provider, info
@@ -628,6 +660,7 @@ def test_instances_and_precisions_from_the_repository(tmp_path, precision):
             provider="CPUExecutionProvider",
             precision=precision,
             arch="tinycnn",
+            sha256=models.file_fingerprint(repo / "tiny/1/model.onnx"),
         )
         stats = model.recorder.snapshot()
         await manager.close()

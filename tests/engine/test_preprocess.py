@@ -20,6 +20,7 @@ from skimage import data as skdata
 
 from service import errors
 from service.preprocess import Preprocessor, resized_geometry, sniff_format
+from tests.helpers import costly_images as costly
 from tests.helpers.tinymodel import tiny_meta
 
 META = tiny_meta(size=224).replace(resize=256)
@@ -265,3 +266,270 @@ def test_pixel_limit_comes_from_settings(coffee):
     ):
         Preprocessor(META, max_pixels=239_999)(data)
     assert Preprocessor(META, max_pixels=240_000)(data).shape == (3, 224, 224)
+
+
+# -- Costly images (issue 15, item 4): refused from the header or a bounded pre-scan --------------
+# The hostile files are built in memory by tests/helpers/costly_images.py; service/imagescan.py
+# holds the caps. Each refusal is an InvalidInput that names what was wrong and what is accepted.
+
+
+@pytest.fixture(scope="module")
+def small_jpeg() -> bytes:
+    return encode(Image.fromarray(skdata.coffee()).resize((160, 120)), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def small_png(coffee) -> bytes:
+    return encode(coffee.resize((160, 120)), "PNG")
+
+
+def _refused(pre: Preprocessor, data: bytes) -> str:
+    with pytest.raises(errors.InvalidInput) as info:
+        pre(data)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (
+            lambda: costly.bmp_rle8_rows(6300, 6300),
+            "BMP image is RLE8-compressed and 6300x6300 = 39690000 pixels; RLE-compressed BMPs are "
+            "accepted up to 262144 pixels (512x512): send it uncompressed or as PNG",
+        ),
+        (
+            lambda: costly.bmp_rle4_runs(1000, 1000),
+            "BMP image is RLE4-compressed and 1000x1000 = 1000000 pixels; RLE-compressed BMPs are accepted up to 262144",
+        ),
+        (
+            lambda: costly.bmp_big_palette(65536),
+            "BMP image has a palette of 65536 colours; at most 256 are accepted",
+        ),
+    ],
+)
+def test_costly_bmps_are_refused_from_the_header(pre, build, expected):
+    assert _refused(pre, build()).startswith(expected)
+
+
+def test_small_rle8_bmp_still_decodes(pre, coffee):
+    data = costly.bmp_rle8(coffee.resize((300, 200)))
+    assert Image.open(io.BytesIO(data)).info["compression"] == 1  # really RLE8
+    np.testing.assert_allclose(pre(data), reference(data), atol=ONE_LEVEL, rtol=0)
+    # The largest RLE BMP accepted (512x512) decodes too.
+    assert pre(costly.bmp_rle8_rows(512, 512)).shape == (3, 224, 224)
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _insert_after_soi(jpeg: bytes, segments: bytes) -> bytes:
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+@pytest.mark.parametrize(
+    "build,expected",
+    [
+        (
+            lambda j: costly.jpeg_with_comments(j, 5000),
+            "JPEG image has more than 1024 marker segments before its image data; at most 1024 are accepted",
+        ),
+        (
+            lambda j: costly.jpeg_with_comments(j, 2_000_000),  # 8 MB of comment markers: 2.1 s in Pillow
+            "JPEG image has more than 1024 marker segments before its image data",
+        ),
+        (
+            lambda j: costly.jpeg_with_fill_bytes(j, 100_000),
+            "JPEG image has more than 4096 padding or stray bytes between its header segments; at most 4096",
+        ),
+        (
+            lambda j: _insert_after_soi(j, _segment(0xFE, b"x") + b"\x00" * 100_000),
+            "JPEG image has more than 4096 padding or stray bytes",
+        ),
+        (
+            lambda j: _insert_after_soi(j, _segment(0xDB, (b"\x00" + bytes(64)) * 1000) * 5),
+            "JPEG image has more than 4096 bytes of quantization tables; at most 4096 are accepted",
+        ),
+        (
+            lambda j: _insert_after_soi(
+                j, _segment(0xED, b"Photoshop 3.0\x00" + b"8BIM\x04\x04\x00\x00" * 5000)
+            ),
+            "JPEG image has more than 4096 Photoshop resources; at most 4096 are accepted",
+        ),
+        (
+            lambda j: _insert_after_soi(j, _segment(0xE1, b"Exif\x00\x00" + costly.tiff_directory(4000))),
+            "JPEG image's EXIF block has 4000 entries in its first directory; at most 1024 are accepted",
+        ),
+        (
+            lambda j: _insert_after_soi(j, _segment(0xE1, b"Exif\x00\x00" + costly.tiff_directory(3)) * 17),
+            "JPEG image has more than 16 EXIF segments; at most 16 are accepted",
+        ),
+        (
+            lambda j: _insert_after_soi(j, _segment(0xE2, b"MPF\x00" + costly.tiff_directory(2000))),
+            "JPEG image's multi-picture (MPF) index has 2000 entries; at most 1024 are accepted",
+        ),
+        (
+            lambda j: (
+                j[: j.index(b"\xff\xc0")]
+                + _segment(0xC0, bytes(6) + b"\x01\x22\x00" * 20000)
+                + j[j.index(b"\xff\xc0") :]
+            ),
+            "JPEG image has more than one frame header (SOF) before its image data; exactly one is accepted",
+        ),
+    ],
+)
+def test_jpegs_with_costly_headers_are_refused(pre, small_jpeg, build, expected):
+    assert expected in _refused(pre, build(small_jpeg))
+
+
+def test_jpeg_headers_within_the_caps_decode_as_before(pre, small_jpeg):
+    plain = pre(small_jpeg)
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    padded = [
+        costly.jpeg_with_comments(small_jpeg, 1000, b"a comment"),
+        costly.jpeg_with_fill_bytes(small_jpeg, 4000),
+        _insert_after_soi(small_jpeg, _segment(0xED, b"Photoshop 3.0\x00" + b"8BIM\x04\x04\x00\x00" * 100)),
+        _insert_after_soi(small_jpeg, _segment(0xE1, b"Exif\x00\x00" + costly.tiff_directory(1000))),
+    ]
+    for data in padded:
+        np.testing.assert_array_equal(pre(data), plain)
+
+
+def test_progressive_jpeg_is_limited_like_a_full_size_decode(coffee):
+    image = coffee.resize((1200, 1000))
+    pre = Preprocessor(META, max_pixels=40_000_000, max_decoded_pixels=1_000_000)
+    baseline = encode(image, "JPEG", quality=90)
+    progressive = encode(image, "JPEG", quality=90, progressive=True)
+    # Baseline JPEGs are decoded downscaled in the DCT domain: only max_image_pixels applies.
+    assert pixel_levels(pre(baseline), reference(baseline)).mean() < 3.0
+    assert _refused(pre, progressive) == (
+        "progressive JPEG image is 1200x1000 = 1200000 pixels, more than the limit of 1000000 for images "
+        "decoded at full size (max_decoded_pixels); only baseline JPEGs, decoded downscaled, may have up to "
+        "40000000 (max_image_pixels)"
+    )
+    small = Preprocessor(META, max_pixels=40_000_000)
+    assert pixel_levels(small(progressive), reference(progressive)).mean() < 3.0
+
+
+def test_progressive_jpeg_with_too_many_scans_is_refused(pre, small_jpeg):
+    progressive = encode(Image.open(io.BytesIO(small_jpeg)), "JPEG", progressive=True)
+    assert pre(progressive).shape == (3, 224, 224)  # libjpeg's default script: 10 scans
+    assert _refused(pre, costly.progressive_jpeg_with_scans(progressive, 200)) == (
+        "progressive JPEG image has 210 scans; at most 100 are accepted (encoders write about 10)"
+    )
+
+
+@pytest.mark.slow
+def test_photo_sized_baseline_jpeg_above_the_full_size_limit_still_decodes(pre):
+    # 24 Mpx: above max_decoded_pixels (16.8 Mpx), fine for a baseline JPEG (decoded at 1/8 scale here).
+    photo = Image.fromarray(skdata.astronaut()).resize((6000, 4000), Image.Resampling.BILINEAR)
+    data = encode(photo, "JPEG", quality=90)
+    assert pixel_levels(pre(data), reference(data)).mean() < 3.0
+
+
+@pytest.mark.parametrize("where", ["before", "idat", "after"])
+def test_png_with_tens_of_thousands_of_chunks_is_refused(pre, small_png, where):
+    data = costly.png_with_chunks(small_png, 30_000, where)
+    limit = 1024 + len(data) // 4096
+    assert _refused(pre, data) == (
+        f"PNG image has more than {limit} chunks; at most {limit} are accepted for a file of {len(data)} bytes "
+        "(1024 plus one per 4096 bytes; encoders write 8-64 KiB chunks)"
+    )
+
+
+def test_png_chunks_within_the_cap_decode_as_before(pre, small_png):
+    plain = pre(small_png)
+    for where in ("before", "idat", "after"):
+        np.testing.assert_array_equal(pre(costly.png_with_chunks(small_png, 1000, where)), plain)
+
+
+def test_animated_png_with_many_frames_decodes_its_first(pre):
+    # 1500 frames: 3000 chunks in 175 KB, above the chunk cap for the whole file; Pillow reads only
+    # up to the second frame for the first one, and so does the scan.
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)) for _ in range(1500)]
+    data = encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    assert data.count(b"fcTL") == 1500
+    np.testing.assert_array_equal(pre(data), pre(encode(frames[0], "PNG")))
+
+
+def test_webp_with_hundreds_of_thousands_of_chunks_is_refused(pre):
+    webp = encode(Image.new("RGB", (64, 48), (10, 20, 30)), "WEBP", lossless=True)
+    np.testing.assert_array_equal(pre(costly.webp_with_chunks(webp, 1000)), pre(webp))
+    spam = costly.webp_with_chunks(webp, 300_000)
+    limit = 4096 + len(spam) // 1024
+    assert _refused(pre, spam) == (
+        f"WebP image has more than {limit} chunks; at most {limit} are accepted for a file of {len(spam)} bytes "
+        "(4096 plus one per 1024 bytes)"
+    )
+
+
+def test_multi_megapixel_png_within_the_limit_decodes(pre):
+    photo = Image.fromarray(skdata.astronaut()).resize((2400, 1800), Image.Resampling.BILINEAR)
+    data = encode(photo, "PNG", compress_level=1)
+    libpng_like = costly.png_split_idat(data, 8192)  # what libpng writes: 8 KiB IDAT chunks
+    assert libpng_like.count(b"IDAT") > 400
+    out = pre(data)
+    np.testing.assert_allclose(out, reference(data), atol=ONE_LEVEL, rtol=0)
+    np.testing.assert_array_equal(pre(libpng_like), out)
+
+
+@pytest.mark.parametrize(
+    "build,what",
+    [
+        (lambda: costly.png_solid(6300, 6300), "PNG image"),
+        (lambda: costly.webp_solid(6300, 6300), "WebP image"),
+        (lambda: costly.webp_claiming(encode(Image.new("RGB", (64, 48)), "WEBP"), 6300, 6300), "WebP image"),
+        (lambda: hostile_gif_of(6300, 6300), "GIF image"),
+    ],
+)
+def test_full_size_formats_above_the_decoded_limit_are_refused(pre, build, what):
+    assert _refused(pre, build()) == (
+        f"{what} is 6300x6300 = 39690000 pixels, more than the limit of 16777216 for images decoded at full "
+        "size (max_decoded_pixels); only baseline JPEGs, decoded downscaled, may have up to 40000000 "
+        "(max_image_pixels)"
+    )
+
+
+def hostile_gif_of(width: int, height: int) -> bytes:
+    """A small GIF whose logical screen and frame claim ``width`` x ``height``."""
+    data = bytearray(encode(Image.new("P", (8, 8)), "GIF"))
+    struct.pack_into("<HH", data, 6, width, height)
+    at = data.index(b"\x2c")
+    struct.pack_into("<HH", data, at + 5, width, height)
+    return bytes(data)
+
+
+def test_decoded_pixel_limit_comes_from_settings(coffee):
+    data = encode(coffee, "PNG")
+    assert _refused(Preprocessor(META, max_pixels=10**8, max_decoded_pixels=239_999), data).startswith(
+        "PNG image is 600x400 = 240000 pixels, more than the limit of 239999 for images decoded at full size"
+    )
+    assert Preprocessor(META, max_pixels=10**8, max_decoded_pixels=240_000)(data).shape == (3, 224, 224)
+    # Above max_image_pixels the general limit's message applies, as before.
+    assert "more than the limit of 239999 (max_image_pixels)" in _refused(
+        Preprocessor(META, max_pixels=239_999, max_decoded_pixels=1000), data
+    )
+
+
+def test_gif_with_many_extension_blocks_is_refused(pre):
+    gif = encode(Image.new("P", (64, 48), 3), "GIF")
+    expected = (
+        "GIF image has more than 4096 extension blocks before its first frame; at most 4096 are accepted"
+    )
+    assert _refused(pre, costly.gif_with_extension_blocks(gif, 100_000)) == expected
+    assert _refused(pre, costly.gif_with_extension_blocks(gif, 1, 100_000)) == expected
+    np.testing.assert_array_equal(pre(costly.gif_with_extension_blocks(gif, 1000)), pre(gif))
+
+
+@pytest.mark.parametrize("fmt,name", [("PNG", "PNG"), ("WEBP", "WebP")])
+def test_exif_with_a_huge_directory_is_refused(pre, coffee, fmt, name):
+    image = coffee.resize((160, 120))
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    huge = encode(image, fmt, exif=b"Exif\x00\x00" + costly.tiff_directory(65535), **kwargs)
+    assert _refused(pre, huge) == (
+        f"{name} image's EXIF block has 65535 entries in its first directory; at most 1024 are accepted"
+    )
+    fine = encode(image, fmt, exif=b"Exif\x00\x00" + costly.tiff_directory(100), **kwargs)
+    np.testing.assert_array_equal(pre(fine), pre(encode(image, fmt, **kwargs)))

@@ -55,11 +55,38 @@ def test_an_existing_version_is_not_replaced_without_overwrite(tmp_path):
     assert _litter(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "../up", "x" * 200])
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "../up", "x" * 200, "a..b", "abc\n", "-x"])
 def test_bad_model_names(tmp_path, name):
     with pytest.raises(ExportError, match="not a valid model name"):
         repository.publish(tmp_path, name, PAYLOAD)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_exporter_and_the_server_share_one_layout(tmp_path):
+    """Whatever the exporter accepts the server serves, and the other way round (service.layout)."""
+    from service import layout, models
+
+    for name in ("digits", "a.b-c_1", "x" * 128, "a..b", ".x", "x" * 129, "a/b", "é"):
+        exporter_ok = True
+        try:
+            repository.check_name(name)
+        except ExportError:
+            exporter_ok = False
+        try:
+            models.check_name(name)
+            server_ok = True
+        except Exception:
+            server_ok = False
+        assert exporter_ok == server_ok == layout.is_valid_name(name), name
+    for version in ("1", "9223372036854775807", "99999999999999999999999", "\u00b2", "01", "0"):
+        (tmp_path / "m" / version).mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(PAYLOAD)
+    assert repository.versions(tmp_path / "m") == [1, 2**63 - 1]  # empty version directories count here
+    assert models.repository_versions(tmp_path / "m") == [1]  # the server needs a model file
+    with pytest.raises(ExportError, match="--version: expected a decimal integer from 1 to"):
+        repository.publish(tmp_path, "m", PAYLOAD, version=2**63)
+    with pytest.raises(ExportError, match="no version left"):
+        repository.publish(tmp_path, "m", PAYLOAD)
 
 
 @pytest.mark.parametrize("version", [None, 4])

@@ -48,12 +48,13 @@ def _access(**kw):
 
 def test_json_access_line_has_request_id_model_status_and_ms(capture) -> None:
     buf = capture("json", "info", access=True)
-    _access(images=3)
+    _access(images=3, sha256="0123456789ab")
     (line,) = buf.getvalue().splitlines()
     rec = json.loads(line)
     assert rec["logger"] == "svertka.access" and rec["level"] == "info"
     assert rec["request_id"] == "abc123"
     assert (rec["model"], rec["version"], rec["code"], rec["images"]) == ("digits", "1", "OK", 3)
+    assert rec["sha256"] == "0123456789ab"  # which weights answered under that version
     assert rec["duration_ms"] == 4.25
     assert rec["ts"].endswith("+00:00")
 

@@ -184,17 +184,33 @@ def test_queue_depth_and_in_flight_gauges(metrics: Metrics) -> None:
 
 
 def test_model_info_readiness_and_relabel_on_provider_change(metrics: Metrics) -> None:
-    metrics.set_model_info("tiny", 1, provider="CUDAExecutionProvider", precision="fp16", arch="resnet20")
-    metrics.set_model_info("tiny", 1, provider="CPUExecutionProvider", precision="fp32", arch="resnet20")
-    info = dict(M, arch="resnet20")
-    assert (
-        value(metrics, "svertka_model_info", **info, provider="CPUExecutionProvider", precision="fp32") == 1
+    metrics.set_model_info(
+        "tiny", 1, provider="CUDAExecutionProvider", precision="fp16", arch="resnet20", sha256="aaaaaaaaaaaa"
     )
+    metrics.set_model_info(
+        "tiny", 1, provider="CPUExecutionProvider", precision="fp32", arch="resnet20", sha256="aaaaaaaaaaaa"
+    )
+    info = dict(M, arch="resnet20")
+    cpu = dict(info, provider="CPUExecutionProvider", precision="fp32")
+    assert value(metrics, "svertka_model_info", **cpu, sha256="aaaaaaaaaaaa") == 1
     # the old combination is gone, so count(svertka_model_info) is the number of loaded versions
     assert (
-        value(metrics, "svertka_model_info", **info, provider="CUDAExecutionProvider", precision="fp16")
+        value(
+            metrics,
+            "svertka_model_info",
+            **info,
+            provider="CUDAExecutionProvider",
+            precision="fp16",
+            sha256="aaaaaaaaaaaa",
+        )
         is None
     )
+    # new weights under the same version (a file replaced in place): the series follows them
+    metrics.set_model_info(
+        "tiny", 1, provider="CPUExecutionProvider", precision="fp32", arch="resnet20", sha256="bbbbbbbbbbbb"
+    )
+    assert value(metrics, "svertka_model_info", **cpu, sha256="bbbbbbbbbbbb") == 1
+    assert value(metrics, "svertka_model_info", **cpu, sha256="aaaaaaaaaaaa") is None
     metrics.set_model_ready("tiny", 1, False)
     assert value(metrics, "svertka_model_ready", **M) == 0
     metrics.set_model_ready("tiny", 1, True)

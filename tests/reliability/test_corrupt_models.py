@@ -49,7 +49,7 @@ def test_broken_models_are_unavailable_with_a_reason_and_the_rest_serve(tmp_path
         index = {m.name: m for m in stub.RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=10).models}
         log = server.log()
         names = [kind.replace("_", "-") for kind in BROKEN] + ["badconfig"]
-        reasons = [*BROKEN.values(), "max_batch_size: expected >= 1, got 0"]
+        reasons = [*BROKEN.values(), "max_batch_size: expected an integer from 1 to 2147483647, got 0"]
         for name, reason in zip(names, reasons, strict=True):
             assert server.health(name) == H.NOT_SERVING, name
             assert index[name].state == "UNAVAILABLE" and reason in index[name].reason, index[name]
