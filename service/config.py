@@ -31,8 +31,22 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 #: Images decoded at full size (PNG, WebP, GIF, BMP, progressive JPEG) allocate 4-20 bytes per pixel
-#: while decoding (docs/engine.md, "Costly images"): 4096 x 4096.
+#: while decoding (docs/engine.md, "Costly images"). ``max_decoded_pixels: auto`` gives a model
+#: AUTO_DECODED_PIXELS_PER_INPUT_PIXEL times its resize target squared (16x its side), within
+#: [AUTO_DECODED_PIXELS_FLOOR, DEFAULT_MAX_DECODED_PIXELS]: a 32 px model takes 1024 x 1024,
+#: a 224 px model (resize 256) 4096 x 4096. Pixels beyond what the model looks at are paid for in
+#: decode time and memory and then thrown away by the resize.
 DEFAULT_MAX_DECODED_PIXELS = 4096 * 4096
+AUTO_DECODED_PIXELS_PER_INPUT_PIXEL = 256
+AUTO_DECODED_PIXELS_FLOOR = 1024 * 1024
+
+
+def auto_decoded_pixels(resize: int) -> int:
+    """``max_decoded_pixels`` for ``auto``, from the model's resize target (shorter side, pixels)."""
+    wanted = AUTO_DECODED_PIXELS_PER_INPUT_PIXEL * resize * resize
+    return max(AUTO_DECODED_PIXELS_FLOOR, min(DEFAULT_MAX_DECODED_PIXELS, wanted))
+
+
 DEFAULT_MAX_ROWS_PER_REQUEST = 64
 #: The latency SLO that the histogram buckets and alert rules are built around.
 DEFAULT_LATENCY_SLO_S = 0.1
@@ -136,7 +150,8 @@ class ModelSettings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     #: The pixel limit for images decoded at full size: all but single-scan sequential JPEGs, which are
     #: decoded downscaled and get max_image_pixels (service.preprocess, service.imagescan).
-    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS
+    #: "auto": from the model's input size (auto_decoded_pixels); or an integer.
+    max_decoded_pixels: int | str = "auto"
     max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
     version: int | None = None  # serve this version instead of the newest
     #: Refuse FP32 tensor requests holding NaN or +-Inf (INVALID_ARGUMENT). Off by default, as in
@@ -173,7 +188,16 @@ class ModelSettings:
                 f"intra_op_spinning: expected true, false or auto, got {_given(self.intra_op_spinning)}"
             )
         _check_int(self, "max_image_pixels", 1, MAX_IMAGE_PIXELS_SETTING)
-        _check_int(self, "max_decoded_pixels", 1, MAX_IMAGE_PIXELS_SETTING)
+        if self.max_decoded_pixels != "auto":
+            if (
+                not _is_int(self.max_decoded_pixels)
+                or not 1 <= self.max_decoded_pixels <= MAX_IMAGE_PIXELS_SETTING
+            ):
+                raise ConfigError(
+                    f"max_decoded_pixels: expected auto or an integer from 1 to {MAX_IMAGE_PIXELS_SETTING}, "
+                    f"got {_given(self.max_decoded_pixels)}"
+                )
+            object.__setattr__(self, "max_decoded_pixels", int(self.max_decoded_pixels))
         _check_int(self, "max_rows_per_request", 1, MAX_INT_SETTING)
         if self.version is not None:
             _check_int(self, "version", 1, layout.MAX_VERSION)
@@ -181,6 +205,12 @@ class ModelSettings:
             raise ConfigError(
                 f"reject_non_finite_inputs: expected true or false, got {_given(self.reject_non_finite_inputs)}"
             )
+
+    def decoded_pixels(self, resize: int) -> int:
+        """The pixel limit for images decoded at full size, for a model with this resize target."""
+        if self.max_decoded_pixels == "auto":
+            return auto_decoded_pixels(resize)
+        return int(self.max_decoded_pixels)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "config") -> ModelSettings:

@@ -209,12 +209,13 @@ class CallGate(grpc.aio.ServerInterceptor):
         async def held_call(request_or_iterator: Any, context: Any) -> Any:
             entered()
             await released.wait()
-            await status.abort(context, errors.Draining(HELD_MESSAGE))
+            status.fail(context, errors.Draining(HELD_MESSAGE))
 
         async def held_stream(request_or_iterator: Any, context: Any):
             entered()
             await released.wait()
-            await status.abort(context, errors.Draining(HELD_MESSAGE))
+            status.fail(context, errors.Draining(HELD_MESSAGE))
+            return
             yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
         _, factory = _behavior(handler)

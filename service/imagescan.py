@@ -58,6 +58,11 @@ IFD_MAX_ENTRIES = 1024
 #: each chunk (a 64 MB file at the cap: about 150 ms, in 5 ms slices of the GIL).
 PNG_BASE_CHUNKS = 1024
 PNG_CHUNK_BYTES = 4096
+#: PNG chunks that Pillow inflates while reading the header (zTXt, iTXt, iCCP), each up to 1 MiB
+#: (its MAX_TEXT_CHUNK): a 65 KB file with 64 zTXt chunks made it inflate 64 MB. Real files carry
+#: a colour profile and a few text chunks.
+PNG_MAX_COMPRESSED_CHUNKS = 8
+_PNG_COMPRESSED = (b"zTXt", b"iTXt", b"iCCP")
 #: WebP: the same rule, looser (an animated WebP has one chunk per frame; libwebp parses one in
 #: about 0.17 us, in C but holding the GIL: a 64 MB file at the cap, about 12 ms).
 WEBP_BASE_CHUNKS = 4096
@@ -313,6 +318,7 @@ def _scan_png(data: bytes) -> Layout | None:
     at, chunks = 8, 0
     layout = None
     animated = seen_data = False
+    compressed = 0
     while at + 8 <= n:
         length, kind = struct.unpack_from(">I4s", data, at)
         if not PngImagePlugin.is_cid(kind):
@@ -336,6 +342,13 @@ def _scan_png(data: bytes) -> Layout | None:
             animated = True
         elif kind in (b"IDAT", b"fdAT"):
             seen_data = True
+        elif kind in _PNG_COMPRESSED:
+            compressed += 1
+            if compressed > PNG_MAX_COMPRESSED_CHUNKS:
+                raise errors.InvalidInput(
+                    f"PNG image has more than {PNG_MAX_COMPRESSED_CHUNKS} compressed text or profile chunks "
+                    "(zTXt, iTXt, iCCP); each is inflated while reading the header"
+                )
         at += 12 + length
     return layout
 

@@ -183,7 +183,9 @@ class ServedModel:
         self._sessions = sessions
         self._decode_executor = decode_executor
         self.preprocessor = Preprocessor(
-            meta, max_pixels=settings.max_image_pixels, max_decoded_pixels=settings.max_decoded_pixels
+            meta,
+            max_pixels=settings.max_image_pixels,
+            max_decoded_pixels=settings.decoded_pixels(meta.resize),
         )
         self.label = f"model '{name}' version {self.version}"
         self.batcher = Batcher(

@@ -69,11 +69,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _deny_call(request_or_iterator, context):
-    await status.abort(context, errors.Unauthenticated(_MESSAGE))
+    status.fail(context, errors.Unauthenticated(_MESSAGE))
 
 
 async def _deny_stream(request_or_iterator, context):
-    await status.abort(context, errors.Unauthenticated(_MESSAGE))
+    status.fail(context, errors.Unauthenticated(_MESSAGE))
+    return
     yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
 

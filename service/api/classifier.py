@@ -98,7 +98,7 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         try:
             return await self._classify(request, context)
         except Exception as exc:  # every failure leaves through the one mapping table
-            await status.abort(context, exc)
+            status.fail(context, exc)
 
     async def ClassifyStream(self, request_iterator, context):
         # context.peer() reads the C call: once the client is gone, a request of this stream still
@@ -119,4 +119,4 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             async for response in common.run_stream(request_iterator, handle, stop=self._state.drain_event):
                 yield response
         except Exception as exc:
-            await status.abort(context, exc)
+            status.fail(context, exc)

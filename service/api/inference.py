@@ -43,7 +43,7 @@ def rpc(method):
         try:
             return await method(self, request, context)
         except Exception as exc:
-            await status.abort(context, exc)
+            status.fail(context, exc)
 
     return wrapper
 
@@ -202,7 +202,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async for response in common.run_stream(request_iterator, handle, stop=self._state.drain_event):
                 yield response
         except Exception as exc:
-            await status.abort(context, exc)
+            status.fail(context, exc)
 
     # -- statistics ------------------------------------------------------------
     @rpc
@@ -384,7 +384,7 @@ def model_config(model) -> mc.ModelConfig:
         ("num_classes", str(meta.num_classes)),
         ("max_rows_per_request", str(settings.max_rows_per_request)),
         ("max_image_pixels", str(settings.max_image_pixels)),
-        ("max_decoded_pixels", str(settings.max_decoded_pixels)),
+        ("max_decoded_pixels", str(model.preprocessor.max_decoded_pixels)),
         ("reject_non_finite_inputs", "true" if settings.reject_non_finite_inputs else "false"),
         ("sha256", model.sha256),
     ):

@@ -12,7 +12,6 @@ opposite: reporting a server-side failure as ``INVALID_ARGUMENT``.
 from __future__ import annotations
 
 import logging
-from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -89,10 +88,17 @@ def code_name(exc: BaseException | None) -> str:
     return (code or grpc.StatusCode.INTERNAL).name
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    """End the RPC with the status that ``exc`` maps to."""
-    if isinstance(exc, grpc.aio.AbortError):  # already aborted further in: keep that status
+def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Set the status that ``exc`` maps to on the call; the handler then returns (or stops yielding).
+
+    Not ``context.abort``: that raises an AbortError while ``exc`` is being handled, and grpc.aio
+    keeps the pair in a reference cycle with the frames that handled the call, so the request
+    (up to the message-size limit) stayed in memory until the cycle collector next ran: six
+    refused 48 MB requests in a row held 630 MB. A status set on the context leaves no exception
+    behind. An AbortError raised further in (by grpc itself) keeps its own status.
+    """
+    if isinstance(exc, grpc.aio.AbortError):
         raise exc
     code, message = status_for(exc)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+    context.set_code(code)
+    context.set_details(message)

@@ -22,11 +22,14 @@ request whose shape lists 30 million one-byte dimensions parses into 240 MB
 on the event loop, before any servicer code could look at it. So ModelInfer
 requests (and every other request of the two public services; a map of
 millions of entries grows the same way) are first walked on the wire with
-their schema (:func:`check_request`): at most ``MAX_FIELDS`` fields in the
-whole message, a shape of at most ``MAX_RANK`` dimensions, and no packed
-integers beyond ``MAX_PACKED_VARINT_BYTES``; only then are they parsed. The
-walk reads field headers only, so its cost is bounded by the field limit,
-not by the message size.
+their schema (:func:`check_request`) when they are ``WALK_FROM_BYTES`` or
+larger: at most ``MAX_FIELDS`` fields in the whole message, a shape of at
+most ``MAX_RANK`` dimensions, at most ``MAX_PACKED_VARINT_BYTES`` of packed
+integers and ``MAX_UNKNOWN_BYTES`` in unknown fields; only then are they
+parsed. The walk reads field headers only, so its cost is bounded by the
+field limit, not by the message size. Methods outside the two APIs (health
+checks, reflection: open even when a token is required) take messages of at
+most ``MAX_OTHER_MESSAGE_BYTES``.
 """
 
 from __future__ import annotations
@@ -68,9 +71,18 @@ class Undecodable:
 #: covers a BYTES input of 4,000 images in typed ``bytes_contents`` (each element is a field).
 #: Walking 4,096 fields takes about 2 ms: the walk's cost is bounded by this, not by the size.
 MAX_FIELDS = 4096
-#: Bytes of one packed repeated integer field (each element parses into up to 8 bytes from 1):
-#: the default, and the fields with a tighter rule of their own.
+#: Bytes of packed repeated integers in one request, all fields together (each element parses
+#: into up to 8 bytes from 1), and the fields with a tighter rule of their own (per message).
 MAX_PACKED_VARINT_BYTES = 64 * 1024
+#: Bytes in fields the schema does not know (kept by protobuf as they came, for the request's life).
+MAX_UNKNOWN_BYTES = 64 * 1024
+#: Messages smaller than this are parsed without a walk: nothing in them can grow past a few MB
+#: when parsed (packed integers grow 8x, map entries about 50x), and a walk of thousands of tiny
+#: fields would cost more event-loop time than it saves.
+WALK_FROM_BYTES = 64 * 1024
+#: The largest message taken by a method outside the two APIs (health checks, reflection): open
+#: to everyone even with a token configured, and holding nothing bigger than a service name.
+MAX_OTHER_MESSAGE_BYTES = 8 * 1024
 _PACKED_LIMITS = {
     # Each dimension takes 1 to 10 bytes packed: more than MAX_RANK * 10 bytes, more dimensions.
     "inference.ModelInferRequest.InferInputTensor.shape": (
@@ -113,14 +125,27 @@ def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _walk(descriptor: Descriptor, data: bytes, pos: int, end: int, budget: list[int], path: str) -> None:
+@dataclasses.dataclass
+class _Budget:
+    """What the rest of one message's walk may still accept, shared by all its nested messages."""
+
+    fields: int = MAX_FIELDS
+    #: Packed integer bytes in the whole message: protobuf merges repeated occurrences of a
+    #: packed field (and of a singular message field), so a limit per occurrence would not hold.
+    packed_bytes: int = MAX_PACKED_VARINT_BYTES
+    unknown_bytes: int = MAX_UNKNOWN_BYTES
+
+
+def _walk(descriptor: Descriptor, data: bytes, pos: int, end: int, budget: _Budget, path: str) -> None:
     """Walk the fields of one message in data[pos:end], descending into message fields.
 
-    Reads field headers only; ``budget`` (one shared counter) bounds the fields of the whole tree.
+    Reads field headers only; ``budget`` bounds the fields, packed integers and unknown bytes of
+    the whole tree.
     """
+    packed_here: dict[int, int] = {}  # packed bytes per field number in this message instance
     while pos < end:
-        budget[0] -= 1
-        if budget[0] < 0:
+        budget.fields -= 1
+        if budget.fields < 0:
             raise _Refused(
                 f"the request has more than {MAX_FIELDS} fields (nested fields and elements included)"
             )
@@ -137,15 +162,25 @@ def _walk(descriptor: Descriptor, data: bytes, pos: int, end: int, budget: list[
                 raise _Malformed
             field = descriptor.fields_by_number.get(number)
             if field is None:
-                continue  # unknown to this schema: protobuf keeps its bytes as they are
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                # Unknown to this schema: protobuf keeps its bytes, for as long as the request lives.
+                budget.unknown_bytes -= length
+                if budget.unknown_bytes < 0:
+                    raise _Refused(
+                        f"the request carries more than {MAX_UNKNOWN_BYTES} bytes in fields this server "
+                        "does not know"
+                    )
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 _walk(field.message_type, data, start, pos, budget, f"{path}.{field.name}")
             elif field.type in _VARINT_TYPES and length:
-                limit, expected = _PACKED_LIMITS.get(field.full_name, (MAX_PACKED_VARINT_BYTES, ""))
-                if length > limit:
+                packed_here[number] = total = packed_here.get(number, 0) + length
+                budget.packed_bytes -= length
+                rule = _PACKED_LIMITS.get(field.full_name)
+                if rule is not None and total > rule[0]:
+                    raise _Refused(f"{path}.{field.name} is {total} bytes packed or more; {rule[1]}")
+                if budget.packed_bytes < 0:
                     raise _Refused(
-                        f"{path}.{field.name} is {length} bytes packed; "
-                        + (expected or f"at most {limit} bytes of packed integers are parsed")
+                        f"the request has more than {MAX_PACKED_VARINT_BYTES} bytes of packed integers "
+                        f"(at {path}.{field.name}); they grow up to 8 times when parsed"
                     )
         else:  # groups: no message here uses them
             raise _Malformed
@@ -159,7 +194,7 @@ def check_request(descriptor: Descriptor, data: bytes) -> str:
     Raises ValueError when the bytes are not a protobuf message at all.
     """
     try:
-        _walk(descriptor, data, 0, len(data), [MAX_FIELDS], _PATHS.get(descriptor.full_name, "the request"))
+        _walk(descriptor, data, 0, len(data), _Budget(), _PATHS.get(descriptor.full_name, "the request"))
     except _Refused as exc:
         return str(exc)
     except _Malformed:
@@ -265,7 +300,12 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
         def deserialize(data: bytes) -> Any:
             try:
-                if walked is not None:
+                if walked is None:
+                    if len(data) > MAX_OTHER_MESSAGE_BYTES:
+                        return Undecodable(
+                            len(data), f"a request of this method has at most {MAX_OTHER_MESSAGE_BYTES} bytes"
+                        )
+                elif len(data) >= WALK_FROM_BYTES:
                     reason = check_request(walked, data)
                     if reason:
                         return Undecodable(len(data), reason)
@@ -304,8 +344,8 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
-        async def refuse(item: Undecodable, context: Any) -> None:
-            await status.abort(context, self._refusal(method, item, context))
+        def refuse(item: Undecodable, context: Any) -> None:
+            status.fail(context, self._refusal(method, item, context))
 
         if handler.response_streaming:
             behavior = handler.unary_stream
@@ -314,7 +354,8 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
                 async def unary_stream(request, context):
                     if isinstance(request, Undecodable):
-                        await refuse(request, context)
+                        refuse(request, context)
+                        return
                     async for response in behavior(request, context):
                         yield response
 
@@ -322,7 +363,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
                 async def unary_stream(request, context):
                     if isinstance(request, Undecodable):
-                        await refuse(request, context)
+                        return refuse(request, context)
                     return await behavior(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
@@ -330,7 +371,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
         async def unary_unary(request, context):
             if isinstance(request, Undecodable):
-                await refuse(request, context)
+                return refuse(request, context)
             return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)

@@ -46,7 +46,7 @@ def test_real_requests_are_not_refused():
     [
         (
             lambda r: r.inputs.add(name="input", shape=[1] * 100),
-            "request.inputs.shape is 100 bytes packed; expected at most 8 dimensions",
+            "request.inputs.shape is 100 bytes packed or more; expected at most 8 dimensions",
         ),
         (
             lambda r: r.inputs.add(name="input").contents.bytes_contents.extend([b""] * 5000),
@@ -54,7 +54,7 @@ def test_real_requests_are_not_refused():
         ),
         (
             lambda r: r.inputs.add(name="input").contents.int64_contents.extend([1] * 70_000),
-            "request.inputs.contents.int64_contents is 70000 bytes packed",
+            "the request has more than 65536 bytes of packed integers (at request.inputs.contents.int64_contents)",
         ),
         (lambda r: r.raw_input_contents.extend([b""] * 5000), "the request has more than 4096 fields"),
         (
@@ -103,3 +103,45 @@ def test_the_walk_never_calls_malformed_what_the_parser_accepts():
         except ValueError:
             with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError has no stable import path
                 pb.ModelInferRequest.FromString(bytes(data))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _repeated_field(number: int, payload: bytes, times: int) -> bytes:
+    """``times`` occurrences of one length-delimited field: protobuf merges them into one value."""
+    return (_varint(number << 3 | 2) + _varint(len(payload)) + payload) * times
+
+
+def test_a_packed_field_repeated_is_counted_as_one():
+    """1,000 occurrences of a 64 KiB packed int64 field each pass a per-occurrence limit; merged, 65 M values."""
+    contents = _repeated_field(3, b"\x01" * 65536, 1000)  # InferTensorContents.int64_contents
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="input", datatype="INT64", shape=[1]
+    ).SerializeToString()
+    tensor += _repeated_field(5, contents, 1)  # InferInputTensor.contents
+    data = pb.ModelInferRequest(model_name="tiny").SerializeToString() + _repeated_field(5, tensor, 1)
+    assert wire.check_infer_request(data).startswith(
+        "the request has more than 65536 bytes of packed integers (at request.inputs.contents.int64_contents)"
+    )
+    # The same with the contents message repeated instead (protobuf merges those too).
+    contents = _repeated_field(3, b"\x01" * 40_000, 1)
+    tensor = _repeated_field(5, contents, 3)
+    data = _repeated_field(5, tensor, 1)
+    assert "more than 65536 bytes of packed integers" in wire.check_infer_request(data)
+    shape = _repeated_field(3, b"\x01" * 80, 2)  # two occurrences of a full 8-dimension shape
+    assert wire.check_infer_request(_repeated_field(5, shape, 1)).startswith(
+        "request.inputs.shape is 160 bytes packed or more; expected at most 8 dimensions"
+    )
+
+
+def test_unknown_fields_are_held_to_a_small_budget():
+    data = pb.ModelInferRequest(model_name="tiny").SerializeToString() + _repeated_field(99, b"x" * 70_000, 1)
+    assert wire.check_infer_request(data).startswith("the request carries more than 65536 bytes in fields")
+    assert pb.ModelInferRequest.FromString(data).model_name == "tiny"  # protobuf itself would keep them

@@ -81,7 +81,8 @@ def test_intra_op_spinning_refuses_anything_else_and_says_what_it_takes(value):
     "data, message",
     [
         ({"max_image_pixels": float("inf")}, "max_image_pixels: expected an integer from 1 to 9223372036854775807, got inf (number)"),
-        ({"max_decoded_pixels": 0}, "max_decoded_pixels: expected an integer from 1 to 9223372036854775807, got 0 (integer)"),
+        ({"max_decoded_pixels": 0}, "max_decoded_pixels: expected auto or an integer from 1 to 9223372036854775807, got 0 (integer)"),
+        ({"max_decoded_pixels": "big"}, "max_decoded_pixels: expected auto or an integer from 1 to 9223372036854775807, got 'big' (string)"),
         ({"max_queue_size": float("nan")}, "max_queue_size: expected an integer from 1 to 2147483647, got nan (number)"),
         ({"max_batch_size": 4.0}, "max_batch_size: expected an integer from 1 to 2147483647, got 4.0 (number)"),
         ({"max_batch_size": True}, "max_batch_size: expected an integer from 1 to 2147483647, got True (boolean)"),
@@ -130,3 +131,13 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path):
     (tmp_path / "config.yaml").write_bytes(b"\xff\xfe max_batch_size: 4")
     with pytest.raises(ConfigError, match="config.yaml: cannot"):
         ModelSettings.load(tmp_path)
+
+
+def test_max_decoded_pixels_auto_follows_the_model_input():
+    settings = ModelSettings()
+    assert settings.max_decoded_pixels == "auto"
+    assert settings.decoded_pixels(32) == 1024 * 1024  # the floor: 256 * 32**2 is 262,144
+    assert settings.decoded_pixels(128) == 256 * 128 * 128
+    assert settings.decoded_pixels(256) == 4096 * 4096  # the cap
+    assert settings.decoded_pixels(512) == 4096 * 4096
+    assert ModelSettings(max_decoded_pixels=5).decoded_pixels(256) == 5

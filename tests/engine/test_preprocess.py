@@ -533,3 +533,16 @@ def test_exif_with_a_huge_directory_is_refused(pre, coffee, fmt, name):
     )
     fine = encode(image, fmt, exif=b"Exif\x00\x00" + costly.tiff_directory(100), **kwargs)
     np.testing.assert_array_equal(pre(fine), pre(encode(image, fmt, **kwargs)))
+
+
+def test_png_with_many_compressed_text_chunks_is_refused(pre):
+    """64 zTXt chunks of 65 KB that each inflate to 1 MB: Pillow would inflate 64 MB reading the header."""
+    png = encode(Image.new("RGB", (40, 30), (10, 20, 30)), "PNG")
+    ztxt = costly.png_chunk(b"zTXt", b"comment\0\0" + zlib.compress(b" " * (1 << 20), 9))
+    parts = png.index(b"IDAT") - 4
+    bomb = png[:parts] + ztxt * 64 + png[parts:]
+    assert _refused(pre, bomb) == (
+        "PNG image has more than 8 compressed text or profile chunks (zTXt, iTXt, iCCP); each is inflated "
+        "while reading the header"
+    )
+    np.testing.assert_array_equal(pre(png[:parts] + ztxt * 2 + png[parts:]), pre(png))
