@@ -7,42 +7,32 @@ correct checksums, so the lie is the only thing wrong with them.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
 from PIL import Image
 
-
-def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
+from tests.helpers.costly_images import noise, save
 
 
 def png(width: int = 40, height: int = 40, mode: str = "RGB", seed: int = 0) -> bytes:
-    return _save(noise(width, height, seed).convert(mode), "PNG")
+    return save(noise(width, height, seed).convert(mode), "PNG")
 
 
 def jpeg(width: int = 48, height: int = 48, mode: str = "RGB", seed: int = 0, **kwargs) -> bytes:
-    return _save(noise(width, height, seed).convert(mode), "JPEG", quality=90, **kwargs)
+    return save(noise(width, height, seed).convert(mode), "JPEG", quality=90, **kwargs)
 
 
 def png16() -> bytes:
     """A 16-bit greyscale PNG using the whole 0..65535 range."""
     ramp = (np.arange(40 * 40, dtype=np.uint32).reshape(40, 40) * 40).astype(np.uint16)
-    return _save(Image.fromarray(ramp), "PNG")
+    return save(Image.fromarray(ramp), "PNG")
 
 
 def palette_png(transparency: bool = False) -> bytes:
     image = noise(40, 40).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    return _save(image, "PNG", **({"transparency": 0} if transparency else {}))
+    return save(image, "PNG", **({"transparency": 0} if transparency else {}))
 
 
 def palette_png_without_plte() -> bytes:
@@ -55,13 +45,13 @@ def palette_png_without_plte() -> bytes:
 
 def gif(frames: int) -> bytes:
     images = [noise(40, 40, seed).convert("P", palette=Image.Palette.ADAPTIVE) for seed in range(frames)]
-    return _save(images[0], "GIF", save_all=frames > 1, append_images=images[1:], duration=100, loop=0)
+    return save(images[0], "GIF", save_all=frames > 1, append_images=images[1:], duration=100, loop=0)
 
 
 def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    return _save(noise(60, 40), "JPEG", quality=90, exif=exif.tobytes())
+    return save(noise(60, 40), "JPEG", quality=90, exif=exif.tobytes())
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -84,7 +74,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def real_png_bomb() -> bytes:
     """A genuine, fully decodable 7000 x 7000 one-bit PNG: 49 M pixels in a few kilobytes."""
-    return _save(Image.new("1", (7000, 7000), 0), "PNG")
+    return save(Image.new("1", (7000, 7000), 0), "PNG")
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
@@ -104,7 +94,7 @@ def gif_claiming(width: int, height: int) -> bytes:
 
 
 def bmp_claiming(width: int, height: int) -> bytes:
-    data = bytearray(_save(noise(8, 8), "BMP"))
+    data = bytearray(save(noise(8, 8), "BMP"))
     struct.pack_into("<ii", data, 18, width, height)
     return bytes(data)
 
@@ -131,16 +121,16 @@ def jpeg_corrupt_scan() -> bytes:
 
 
 def cmyk_jpeg() -> bytes:
-    return _save(noise(48, 48).convert("CMYK"), "JPEG", quality=90)
+    return save(noise(48, 48).convert("CMYK"), "JPEG", quality=90)
 
 
 def webp() -> bytes:
-    return _save(noise(40, 40), "WEBP", quality=90)
+    return save(noise(40, 40), "WEBP", quality=90)
 
 
 def bmp() -> bytes:
-    return _save(noise(40, 40), "BMP")
+    return save(noise(40, 40), "BMP")
 
 
 def tiff() -> bytes:
-    return _save(noise(16, 16), "TIFF")
+    return save(noise(16, 16), "TIFF")

@@ -98,20 +98,25 @@ def _wait_answers(callers: ClosedLoop, count: int) -> None:
         assert callers.ok.acquire(timeout=60), "callers are not getting answers"
 
 
+def _sigterm_under_closed_loop(server: ServerProcess, model: str, *, answers_first: int):
+    """Start ``server``, load it with closed-loop callers, SIGTERM it: (exit code, callers, log)."""
+    try:
+        server.start().wait_serving()
+        callers = ClosedLoop(server, model).start()
+        _wait_answers(callers, answers_first)
+        server.signal(signal.SIGTERM)
+        exit_code = server.wait(timeout_s=60)
+        callers.join(timeout_s=60)
+        return exit_code, callers, server.log()
+    finally:
+        server.kill()
+
+
 @pytest.mark.slow
 def test_sigterm_under_closed_loop_load_ends_every_call_ok_or_unavailable(tmp_path):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     server = ServerProcess(repo, tmp_path / "server.log", "--grace-period-s", "30")
-    try:
-        server.start().wait_serving()
-        callers = ClosedLoop(server, "tiny").start()
-        _wait_answers(callers, 200)
-        server.signal(signal.SIGTERM)
-        exit_code = server.wait(timeout_s=60)
-        callers.join(timeout_s=60)
-        log = server.log()
-    finally:
-        server.kill()
+    exit_code, callers, log = _sigterm_under_closed_loop(server, "tiny", answers_first=200)
 
     assert exit_code == 0, log
     assert callers.all_codes() <= {"OK", "UNAVAILABLE"}, (callers.details, log)
@@ -134,16 +139,7 @@ def _slow_repository(repo):
 def test_a_call_that_cannot_finish_in_the_grace_period_makes_the_exit_status_non_zero(tmp_path):
     repo = _slow_repository(tmp_path / "repo")
     server = ServerProcess(repo, tmp_path / "server.log", "--grace-period-s", "0.2")
-    try:
-        server.start().wait_serving()
-        callers = ClosedLoop(server, "slow").start()
-        _wait_answers(callers, 1)
-        server.signal(signal.SIGTERM)
-        exit_code = server.wait(timeout_s=60)
-        callers.join(timeout_s=60)
-        log = server.log()
-    finally:
-        server.kill()
+    exit_code, callers, log = _sigterm_under_closed_loop(server, "slow", answers_first=1)
 
     assert exit_code == EXIT_ABANDONED, log
     abandoned = re.search(r"stopped: (\d+) accepted calls abandoned", log)
