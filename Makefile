@@ -7,7 +7,7 @@ SVERTKA := $(VENV)/bin/svertka
 MODELS ?= models
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-serve system-deps model serve test test-fast lint proto bench fuzz clean
+.PHONY: setup setup-serve system-deps model serve test test-fast test-unit lint proto bench fuzz clean
 
 ## setup: a .venv in the repo with serving, training and test dependencies
 setup: $(VENV)/.installed
@@ -39,9 +39,15 @@ test: setup system-deps model
 	$(PY) -m pytest tests --ignore=tests/triton $(PYTEST_ARGS)
 	$(PY) -m pytest tests/triton $(PYTEST_ARGS)
 
-## test-fast: skip tests marked slow
+## test-fast: both tiers, without the tests marked slow
 test-fast: setup
 	$(PY) -m pytest tests --ignore=tests/triton -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/triton -m "not slow" $(PYTEST_ARGS)
+
+## test-unit: the unit tier alone (fakes, the tiny model in process, no server started), without slow tests
+test-unit: setup
+	$(PY) -m pytest tests --ignore=tests/triton -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/triton -m "not integration and not slow" $(PYTEST_ARGS)
 
 ## bench: the serving benchmark -> docs/benchmarks.md + docs/img/benchmarks/ (about 30 min; installs the
 ## Triton peer into .bench/pytriton-venv). BENCH_QUICK=1: about a minute, digits models, no peer, report

@@ -1,7 +1,7 @@
 """The hardware limit: onnxruntime alone, as the server configures it, at every batch size.
 
 No server, no gRPC, no copies: the server's own onnxruntime session
-(``service.runtime.Session``: the same execution providers, intra-op threads
+(``service.engine.runtime.Session``: the same execution providers, intra-op threads
 and session options as ``svertka serve``), fed a ready float32 batch in a loop. The best images/s over batch sizes 1, 2, 4, ...,
 ``max_batch_size`` is the ceiling a server on this machine can at most reach;
 the batch-1 latency is the floor of its latency at concurrency 1.
@@ -117,12 +117,13 @@ def measure(
 ) -> Ceiling:
     """Time the server's own session at each batch size for about ``seconds_per_batch`` after a warm-up.
 
-    The session is ``service.runtime.Session``, built from the model's
+    The session is ``service.engine.runtime.Session``, built from the model's
     ``ModelSettings`` exactly as ``svertka serve`` builds it (providers,
     intra-op threads, spinning, graph optimizations): only the server around
     it is missing.
     """
-    from service import config, runtime
+    from service import config
+    from service.engine import runtime
 
     settings = settings or config.ModelSettings.load(Path(path).parent.parent)
     session = runtime.Session(path, settings)

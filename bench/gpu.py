@@ -3,7 +3,7 @@
 One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
 --weights random --fp16``; speed does not depend on the weights):
 
-1. the ceiling: the server's own session (``service.runtime.Session``: CUDA,
+1. the ceiling: the server's own session (``service.engine.runtime.Session``: CUDA,
    IO binding, one copy in and one out per batch) at batch 1, 2, 4, ...,
    ``max_batch_size``; and the same graph with input and output left on the
    device (no host copies), which is what the GPU alone does;
@@ -129,7 +129,7 @@ def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dic
     """
     import onnxruntime as ort
 
-    from service import runtime
+    from service.engine import runtime
     from service.modelmeta import read_model_file
 
     meta = read_model_file(str(path))

@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from bench import ceiling, images, perf, target
-    from service import config, runtime
+    from service import config
+    from service.engine import runtime
 
     settings = config.ModelSettings.load(args.model_path.parent.parent)
     session = runtime.Session(args.model_path, settings)

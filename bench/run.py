@@ -195,7 +195,7 @@ def _paired(m: models.BenchModel, settings, url: str, levels: list[tuple[int, fl
     by the served rate at the best concurrency of ``levels`` ((concurrency, images/s) measured before), while
     the server is idle between them (``bench.paired``): perf_analyzer, or with ``jpegs`` the image API's
     closed loop."""
-    from service import runtime
+    from service.engine import runtime
 
     stable = [(c, rate) for c, rate in levels if rate]
     if not stable:
@@ -229,7 +229,7 @@ def _paired(m: models.BenchModel, settings, url: str, levels: list[tuple[int, fl
 def _paired_c1(m: models.BenchModel, settings, url: str, plan: Plan, workdir: Path) -> dict:
     """Rounds of onnxruntime alone at batch 1 followed within seconds by perf_analyzer at concurrency 1
     (each of ``plan.paired_c1_modes``): the concurrency-1 overhead, one per round (``bench.paired``)."""
-    from service import runtime
+    from service.engine import runtime
 
     log(f"  paired concurrency-1 rounds: onnxruntime alone at batch 1, then perf_analyzer at concurrency 1 "
         f"({', '.join(plan.paired_c1_modes)}); {plan.paired_rounds} rounds")  # fmt: skip
@@ -273,7 +273,8 @@ def _servers(m: models.BenchModel, repo: Path, settings, threads: int, with_peer
 def bench_model(
     m: models.BenchModel, plan: Plan, jpegs: list[bytes], *, with_peer: bool, profile: bool, workdir: Path
 ) -> dict:
-    from service import config, runtime
+    from service import config
+    from service.engine import runtime
 
     settings = config.ModelSettings.load(m.path.parent.parent)
     threads = runtime.intra_op_threads(settings)  # what svertka serve gives each instance by default
@@ -343,7 +344,8 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     the real models; the best rate is the most requests per second the frontend
     can answer on this machine, the ceiling for small models.
     """
-    from service import config, runtime
+    from service import config
+    from service.engine import runtime
 
     m = models.null_model(WORK / "models")
     settings = config.ModelSettings.load(m.path.parent.parent)

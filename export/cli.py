@@ -6,7 +6,7 @@ onnxruntime at import time. Handlers import what they need; a missing torch
 becomes a one-line error saying which extra to install.
 
 User-fixable failures (bad paths, names, files, a failed verification or
-accuracy gate) become :class:`service.cli.CommandError`: one line, exit
+accuracy gate) become :class:`service.clierrors.CommandError`: one line, exit
 status 2, no traceback, nothing written.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from service.cli import CommandError
+from service.clierrors import CommandError
 
 TRAIN_EXTRA_HINT = "install the training extra: pip install 'svertka[train]' (or make setup)"
 ARCH_CHOICES = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110") + (
@@ -275,7 +275,7 @@ def _quiet_openmp() -> None:
 
     On a shared machine spinning threads fight over the cores: 10 resnet20 training
     steps (batch 32) took 49.4 s of wall time with the default policy and 4.5 s with
-    PASSIVE at a load average of ~8 on 2 cores (tests/export/omp_wait_policy.py, docs/training.md).
+    PASSIVE at a load average of ~8 on 2 cores (bench/research/omp_wait_policy.py, docs/training.md).
     A user's own OMP_WAIT_POLICY wins.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -2,7 +2,7 @@
 
 We use ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript),
 the default exporter since torch 2.9. Measured on resnet20 with torch 2.14.1
-(`python -m tests.export.exporter_comparison`, opset 18, see docs/training.md):
+(`python -m bench.research.exporter_comparison`, opset 18, see docs/training.md):
 both exporters fold eval-mode BatchNorm into the convolutions and give a
 checker-valid graph with a dynamic batch axis and parity within 4e-8; the
 dynamo graph has no stray ``Identity`` nodes and the TorchScript exporter is

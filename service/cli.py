@@ -10,10 +10,7 @@ import argparse
 import sys
 
 from service import __version__
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 2, no traceback."""
+from service.clierrors import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
 """Server and per-model settings: frozen dataclasses, validated on construction.
 
 Defaults are defined here once; the CLI, the Kubernetes manifests' consistency
-test and the docs read them from here. Every server flag ``--foo-bar`` can also
-be set as the environment variable ``SVERTKA_FOO_BAR``.
+test and the docs read them from here. Every ServerConfig field ``foo_bar`` is
+the server flag ``--foo-bar`` and the environment variable ``SVERTKA_FOO_BAR``;
+its help text, parser kind and argument name are the field's metadata
+(``setting``), from which service.server_cli builds both.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ class ModelSettings:
     max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
     preferred_batch_sizes: tuple[int, ...] = ()
     #: Batches are padded up to the next of these sizes, each of which gets its own onnxruntime
-    #: session, so that no session ever sees a new input shape (service.runtime.padded_sizes).
+    #: session, so that no session ever sees a new input shape (service.engine.runtime.padded_sizes).
     #: "auto": powers of two up to max_batch_size, with the CUDA provider only; [] : never.
     padded_batch_sizes: tuple[int, ...] | str = "auto"
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
@@ -145,7 +147,7 @@ class ModelSettings:
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     intra_op_threads: int = 0  # 0: the server's CPU budget divided among instances
     #: Whether idle onnxruntime worker threads spin-wait (true), sleep (false), or "auto":
-    #: decided from the model's input size (service.runtime.spinning).
+    #: decided from the model's input size (service.engine.runtime.spinning).
     intra_op_spinning: bool | str = "auto"
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     #: The pixel limit for images decoded at full size: all but single-scan sequential JPEGs, which are
@@ -252,34 +254,126 @@ class ModelSettings:
         return cls()
 
 
+#: How a server setting's text (a flag's argument, an ``SVERTKA_*`` value) becomes its value.
+SETTING_KINDS = ("str", "int", "float", "bool", "path")
+
+
+def setting(kind: str, help: str, *, default: Any = dataclasses.MISSING, metavar: str | None = None) -> Any:
+    """A ServerConfig field that is also the flag ``--foo-bar`` and the variable ``SVERTKA_FOO_BAR``.
+
+    ``kind`` (one of SETTING_KINDS) parses its text, ``help`` is the flag's help,
+    ``metavar`` names the flag's argument (none for a "bool": it is ``--foo``/``--no-foo``).
+    """
+    if kind not in SETTING_KINDS or (metavar is None) != (kind == "bool"):
+        raise TypeError(f"setting: kind {kind!r} with metavar {metavar!r}")
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "metavar": metavar})
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """Process-wide settings, built in ``main`` from flags and ``SVERTKA_*`` variables."""
+    """Process-wide settings, built in ``main`` from flags and ``SVERTKA_*`` variables.
 
-    model_repository: Path
-    host: str = DEFAULT_HOST
-    grpc_port: int = DEFAULT_GRPC_PORT
-    metrics_port: int = DEFAULT_METRICS_PORT
+    Each field is one flag and one variable (``setting``); their order is the order of ``--help``.
+    """
+
+    model_repository: Path = setting(
+        "path", "model repository: <dir>/<model>/<version>/model.onnx", metavar="PATH"
+    )
+    host: str = setting(
+        "str", f"address to listen on (default {DEFAULT_HOST})", default=DEFAULT_HOST, metavar="HOST"
+    )
+    grpc_port: int = setting(
+        "int",
+        f"gRPC port; 0 picks a free one (default {DEFAULT_GRPC_PORT})",
+        default=DEFAULT_GRPC_PORT,
+        metavar="PORT",
+    )
+    metrics_port: int = setting(
+        "int",
+        f"Prometheus /metrics port; 0 picks a free one (default {DEFAULT_METRICS_PORT})",
+        default=DEFAULT_METRICS_PORT,
+        metavar="PORT",
+    )
     #: Address the metrics port listens on; "" (the default): the same as ``host``.
-    metrics_host: str = ""
-    grace_period_s: float = DEFAULT_GRACE_PERIOD_S
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_connection_age_s: float = DEFAULT_MAX_CONNECTION_AGE_S
-    max_connection_age_grace_s: float = DEFAULT_MAX_CONNECTION_AGE_GRACE_S
-    repository_poll_s: float = 0.0  # 0: no polling
-    enable_model_control: bool = False
+    metrics_host: str = setting(
+        "str",
+        "address the metrics port listens on, e.g. 127.0.0.1 to keep it off other interfaces "
+        "(default: the same as --host)",
+        default="",
+        metavar="HOST",
+    )
+    grace_period_s: float = setting(
+        "float",
+        "on SIGTERM/SIGINT, seconds to finish accepted requests before exiting "
+        f"(default {DEFAULT_GRACE_PERIOD_S:g})",
+        default=DEFAULT_GRACE_PERIOD_S,
+        metavar="SECONDS",
+    )
+    max_message_bytes: int = setting(
+        "int",
+        f"largest request/response message in bytes (default {DEFAULT_MAX_MESSAGE_BYTES})",
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metavar="BYTES",
+    )
+    max_connection_age_s: float = setting(
+        "float",
+        "close client connections after this many seconds so clients rebalance across replicas; "
+        f"0 disables (default {DEFAULT_MAX_CONNECTION_AGE_S:g})",
+        default=DEFAULT_MAX_CONNECTION_AGE_S,
+        metavar="SECONDS",
+    )
+    max_connection_age_grace_s: float = setting(
+        "float",
+        f"time an aged connection gets to finish its calls (default {DEFAULT_MAX_CONNECTION_AGE_GRACE_S:g})",
+        default=DEFAULT_MAX_CONNECTION_AGE_GRACE_S,
+        metavar="SECONDS",
+    )
+    repository_poll_s: float = setting(  # 0: no polling
+        "float",
+        "poll the repository for new/removed versions every N seconds; 0 disables",
+        default=0.0,
+        metavar="SECONDS",
+    )
+    enable_model_control: bool = setting(
+        "bool", "allow RepositoryModelLoad/Unload (off by default)", default=False
+    )
     #: Triton's system shared memory extension for same-host clients (service/shm.py).
-    allow_shared_memory: bool = False
-    log_format: str = "text"
-    log_level: str = "info"
-    access_log: bool = False
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
+    allow_shared_memory: bool = setting(
+        "bool",
+        "let same-host clients pass tensors in system shared memory regions (/dev/shm; off by default: "
+        "any process that can write the client's regions can feed this server)",
+        default=False,
+    )
+    log_format: str = setting("str", "text or json (default text)", default="text", metavar="{text,json}")
+    log_level: str = setting(
+        "str", "debug, info, warning, error (default info)", default="info", metavar="LEVEL"
+    )
+    access_log: bool = setting("bool", "log one line per request at INFO", default=False)
+    tls_cert: Path | None = setting(
+        "path", "PEM certificate chain: serve gRPC over TLS (with --tls-key)", default=None, metavar="PATH"
+    )
+    tls_key: Path | None = setting("path", "PEM private key for --tls-cert", default=None, metavar="PATH")
+    tls_client_ca: Path | None = setting(
+        "path",
+        "PEM CA bundle: require client certificates signed by it (mutual TLS)",
+        default=None,
+        metavar="PATH",
+    )
     #: CPU threads for onnxruntime and decoding; 0: the CPUs this process may run on.
     #: In a container set it to the CPU limit (the affinity mask shows the whole node).
-    intra_op_threads: int = 0
+    intra_op_threads: int = setting(
+        "int",
+        "CPU threads for onnxruntime and image decoding; 0: the CPUs this process may use "
+        "(in a container, set it to the CPU limit)",
+        default=0,
+        metavar="N",
+    )
+    auth_token_file: Path | None = setting(
+        "path",
+        "file holding a bearer token that both APIs require (health and reflection stay open)",
+        default=None,
+        metavar="PATH",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

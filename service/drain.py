@@ -35,45 +35,27 @@ and its handler in one task.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import grpc.aio
 
 from service import errors
-from service.api import status
+from service.api.interception import MAX_KEPT_HANDLERS, PerMethodInterceptor, around_each_call, refusing
 
 #: Methods whose calls are inference work: accepted calls of these are what a drain finishes.
 WORK_PREFIXES = ("/svertka.v1.ImageClassifier/", "/inference.GRPCInferenceService/")
 
 HELD_MESSAGE = "server is shutting down and accepts no new requests; retry on another replica"
 
-#: Wrapped method handlers kept: far above the number of RPC methods served.
-_MAX_WRAPPED = 256
 #: Calls waiting for their request message before finished ones are dropped from the count.
 _PRUNE_AT = 1024
 
 
-def _behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """The handler's behaviour and the grpc factory that makes a handler of the same kind."""
-    if handler.request_streaming and handler.response_streaming:
-        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    if handler.response_streaming:
-        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    if handler.request_streaming:
-        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
-
-
-def _unread(data: bytes) -> None:
-    """A held call's message is never parsed."""
-    return None
-
-
-class CallGate(grpc.aio.ServerInterceptor):
+class CallGate(PerMethodInterceptor):
     """Tracks calls by stage and, once :meth:`hold` is called, holds every new call until :meth:`release`.
 
     Place it after the metrics interceptor (so held calls are counted) and
@@ -81,6 +63,7 @@ class CallGate(grpc.aio.ServerInterceptor):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         #: Calls whose handler has not started: grpc.aio is still receiving their request message.
         #: A call that ends without starting its handler stays here until the next pruning.
         self._waiting: set[asyncio.Task] = set()
@@ -93,7 +76,6 @@ class CallGate(grpc.aio.ServerInterceptor):
         self.last_arrival = 0.0
         #: Calls held by :meth:`hold` so far.
         self.held = 0
-        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler] = {}
         self._held_handlers: dict[tuple[bool, bool, Any], grpc.RpcMethodHandler] = {}
 
     def work_in_progress(self) -> frozenset[asyncio.Task]:
@@ -138,13 +120,7 @@ class CallGate(grpc.aio.ServerInterceptor):
             self.held += 1
             wrapped = self._held_handler(handler)
         else:
-            method = handler_call_details.method or ""
-            key = (method, handler)
-            wrapped = self._wrapped.get(key)
-            if wrapped is None:
-                wrapped = self._wrap(method, handler)
-                if len(self._wrapped) < _MAX_WRAPPED:
-                    self._wrapped[key] = wrapped
+            wrapped = self.wrapped(handler_call_details.method or "", handler)
         if wrapped is not handler:  # an async behaviour: it will tell when it starts
             task = asyncio.current_task()
             if task is not None:
@@ -158,45 +134,23 @@ class CallGate(grpc.aio.ServerInterceptor):
         self._waiting.discard(task)
         return task
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        behavior, factory = _behavior(handler)
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         work = self._work if method.startswith(WORK_PREFIXES) else None
         entered = self._entered
 
-        if inspect.isasyncgenfunction(behavior):
-
-            async def wrapped_agen(request_or_iterator: Any, context: Any):
-                task = entered()
+        @contextlib.contextmanager
+        def tracked(context: Any) -> Iterator[None]:
+            task = entered()
+            if work is not None:
+                work.add(task)
+            try:
+                yield
+            finally:
                 if work is not None:
-                    work.add(task)
-                try:
-                    async for response in behavior(request_or_iterator, context):
-                        yield response
-                finally:
-                    if work is not None:
-                        work.discard(task)
+                    work.discard(task)
 
-            wrapped: Callable[..., Any] = wrapped_agen
-        elif inspect.iscoroutinefunction(behavior):
-
-            async def wrapped_coro(request_or_iterator: Any, context: Any) -> Any:
-                task = entered()
-                if work is not None:
-                    work.add(task)
-                try:
-                    return await behavior(request_or_iterator, context)
-                finally:
-                    if work is not None:
-                        work.discard(task)
-
-            wrapped = wrapped_coro
-        else:  # a synchronous behaviour runs in grpc's thread pool, outside the call's task
-            return handler
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        # A synchronous behaviour runs in grpc's thread pool, outside the call's task: left as it is.
+        return around_each_call(handler, tracked, synchronous=False)
 
     def _held_handler(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         key = (bool(handler.request_streaming), bool(handler.response_streaming), handler.response_serializer)
@@ -206,24 +160,11 @@ class CallGate(grpc.aio.ServerInterceptor):
         released = self._released
         entered = self._entered
 
-        async def held_call(request_or_iterator: Any, context: Any) -> Any:
+        async def wait_for_release() -> None:
             entered()
             await released.wait()
-            status.fail(context, errors.Draining(HELD_MESSAGE))
 
-        async def held_stream(request_or_iterator: Any, context: Any):
-            entered()
-            await released.wait()
-            status.fail(context, errors.Draining(HELD_MESSAGE))
-            return
-            yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-        _, factory = _behavior(handler)
-        held = factory(
-            held_stream if handler.response_streaming else held_call,
-            request_deserializer=_unread,
-            response_serializer=handler.response_serializer,
-        )
-        if len(self._held_handlers) < _MAX_WRAPPED:
+        held = refusing(handler, errors.Draining(HELD_MESSAGE), before=wait_for_release)
+        if len(self._held_handlers) < MAX_KEPT_HANDLERS:
             self._held_handlers[key] = held
         return held

@@ -1,7 +1,7 @@
 """Domain errors of the serving path.
 
 These do not import grpc: the one mapping to status codes lives in
-``service.api.status``. Messages are shown to clients verbatim, so each says
+``service.api.error_codes``. Messages are shown to clients verbatim, so each says
 what was wrong and what was expected.
 """
 

@@ -147,6 +147,12 @@ def ifd_entries(blob: bytes) -> int | None:
     return None
 
 
+def _cap(count: int, cap: int, image: str, things: str, note: str = "") -> None:
+    """Refuse once ``count`` passes ``cap``: "<image> has more than <cap> <things>; at most <cap> ..."."""
+    if count > cap:
+        raise errors.InvalidInput(f"{image} has more than {cap} {things}; at most {cap} are accepted{note}")
+
+
 def check_exif(blob: bytes | None, what: str) -> None:
     """Refuse an EXIF block whose first directory has more entries than Pillow should parse."""
     if not blob:
@@ -171,6 +177,7 @@ def _scan_jpeg(data: bytes, view: memoryview) -> Layout | None:
     at = 2  # after SOI; Pillow then reads marker by marker
     segments = stray = exif_segments = quant_bytes = photoshop = 0
     frames: list[tuple[int, int, int, int]] = []  # (marker, width, height, components)
+    note = " (photos have a few dozen)"  # for the refusal of too many segments
     while True:
         if at >= n:
             return None
@@ -195,11 +202,7 @@ def _scan_jpeg(data: bytes, view: memoryview) -> Layout | None:
                 if entry is None:
                     return None  # Pillow: "no marker found"
                 segments += 1
-                if segments > JPEG_MAX_SEGMENTS:
-                    raise errors.InvalidInput(
-                        f"JPEG image has more than {JPEG_MAX_SEGMENTS} marker segments before its image "
-                        f"data; at most {JPEG_MAX_SEGMENTS} are accepted (photos have a few dozen)"
-                    )
+                _cap(segments, JPEG_MAX_SEGMENTS, "JPEG image", "marker segments before its image data", note)
                 if entry[2] is None:  # SOI, EOI, RSTn, JPGn: no payload
                     at += 2
                 else:
@@ -224,34 +227,18 @@ def _scan_jpeg(data: bytes, view: memoryview) -> Layout | None:
                             )
                     elif code == 0xDB:
                         quant_bytes += length
-                        if quant_bytes > JPEG_MAX_QUANT_BYTES:
-                            raise errors.InvalidInput(
-                                f"JPEG image has more than {JPEG_MAX_QUANT_BYTES} bytes of quantization "
-                                f"tables; at most {JPEG_MAX_QUANT_BYTES} are accepted"
-                            )
+                        _cap(quant_bytes, JPEG_MAX_QUANT_BYTES, "JPEG image", "bytes of quantization tables")
                     elif code == 0xE1 and payload[:6] == b"Exif\x00\x00":
                         exif_segments += 1
-                        if exif_segments > JPEG_MAX_EXIF_SEGMENTS:
-                            raise errors.InvalidInput(
-                                f"JPEG image has more than {JPEG_MAX_EXIF_SEGMENTS} EXIF segments; "
-                                f"at most {JPEG_MAX_EXIF_SEGMENTS} are accepted"
-                            )
+                        _cap(exif_segments, JPEG_MAX_EXIF_SEGMENTS, "JPEG image", "EXIF segments")
                         if exif_segments == 1:
                             check_exif(payload, "JPEG image")
                     elif code == 0xE2 and payload[:4] == b"MPF\x00":
                         _check_mpf(payload[4:])
                     elif code == 0xED and payload[:14] == b"Photoshop 3.0\x00":
                         photoshop += bytes(payload).count(b"8BIM")
-                        if photoshop > JPEG_MAX_PHOTOSHOP_RESOURCES:
-                            raise errors.InvalidInput(
-                                f"JPEG image has more than {JPEG_MAX_PHOTOSHOP_RESOURCES} Photoshop resources; "
-                                f"at most {JPEG_MAX_PHOTOSHOP_RESOURCES} are accepted"
-                            )
-        if stray > JPEG_MAX_STRAY_BYTES:
-            raise errors.InvalidInput(
-                f"JPEG image has more than {JPEG_MAX_STRAY_BYTES} padding or stray bytes between its "
-                f"header segments; at most {JPEG_MAX_STRAY_BYTES} are accepted"
-            )
+                        _cap(photoshop, JPEG_MAX_PHOTOSHOP_RESOURCES, "JPEG image", "Photoshop resources")
+        _cap(stray, JPEG_MAX_STRAY_BYTES, "JPEG image", "padding or stray bytes between its header segments")
 
 
 def _check_mpf(blob: memoryview) -> None:
@@ -391,13 +378,6 @@ def _scan_webp(data: bytes) -> Layout | None:
 # -- GIF --------------------------------------------------------------------------------------
 
 
-def _gif_too_many() -> errors.InvalidInput:
-    return errors.InvalidInput(
-        f"GIF image has more than {GIF_MAX_BLOCKS} extension blocks before its first frame; "
-        f"at most {GIF_MAX_BLOCKS} are accepted"
-    )
-
-
 def _scan_gif(data: bytes) -> Layout | None:
     """Walk the blocks before the first image descriptor exactly as ``GifImagePlugin`` does."""
     n = len(data)
@@ -407,6 +387,7 @@ def _scan_gif(data: bytes) -> Layout | None:
     flags = data[10]
     at = 13 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0)
     blocks = 0
+    things = "extension blocks before its first frame"
     while at < n:
         kind = data[at]
         if kind == 0x3B:  # trailer: no frame at all (Pillow refuses)
@@ -421,16 +402,14 @@ def _scan_gif(data: bytes) -> Layout | None:
             at += 2
             while True:
                 blocks += 1
-                if blocks > GIF_MAX_BLOCKS:
-                    raise _gif_too_many()
+                _cap(blocks, GIF_MAX_BLOCKS, "GIF image", things)
                 size = data[at]  # IndexError when truncated
                 at += 1 + size
                 if size == 0:
                     break
         else:  # Pillow skips anything else one byte at a time
             blocks += 1
-            if blocks > GIF_MAX_BLOCKS:
-                raise _gif_too_many()
+            _cap(blocks, GIF_MAX_BLOCKS, "GIF image", things)
             at += 1
     return None
 

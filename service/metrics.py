@@ -1,31 +1,27 @@
 """Prometheus metrics and Triton-style statistics, recorded at one point.
 
 Everything here hangs off a ``Metrics`` object that takes its registry as a
-parameter (STYLE.md §7): importing this module registers nothing, and two
-servers can live in one test process. Per model version a ``ModelRecorder``
-is the single recording point: each call updates the Prometheus series and
-the counters behind ``ModelStatistics`` together, so the two never disagree.
+parameter: importing this module registers nothing (prometheus_client raises
+on a time series registered twice), so two servers can live in one test
+process. Per model version a ``ModelRecorder`` is the single recording point:
+each call updates the Prometheus series and the counters behind
+``ModelStatistics`` together, so the two never disagree.
 
-Naming follows PROTOCOL.md: one ``svertka_`` prefix, seconds, ``_total``
-counters, ``_info`` metadata, histograms with a bucket exactly at the latency
-SLO; gRPC server metrics use the grpc-ecosystem names operators already have
-dashboards for. No label carries a per-request value.
+Naming follows Prometheus' conventions (https://prometheus.io/docs/practices/naming/):
+one ``svertka_`` prefix, base units (seconds), ``_total`` counters, ``_info``
+metadata, histograms with a bucket exactly at the latency SLO. The gRPC
+server metrics (recorded by ``service.api.grpc_metrics``) use the
+grpc-ecosystem names operators already have dashboards for. No label carries
+a per-request value.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import importlib.metadata
-import inspect
 import platform
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import grpc
-import grpc.aio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -38,6 +34,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
 from service import __version__, config
+from service.model_recorder import ModelRecorder
 
 #: Request-scale buckets: sub-millisecond (tiny models, cache-warm CPU) to tens
 #: of seconds (a queue backed up behind a slow GPU warm-up). The SLO is added
@@ -68,27 +65,6 @@ BASE_LATENCY_BUCKETS_S = (
 #: largest max_batch_size anyone runs on one onnxruntime session.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input")
-#: gRPC codes a request on a loaded model ends with (NOT_FOUND and the auth codes end before a
-#: model is resolved, so they are only in grpc_server_handled_total).
-PRECREATED_CODES = (
-    "OK",
-    "INVALID_ARGUMENT",
-    "RESOURCE_EXHAUSTED",
-    "DEADLINE_EXCEEDED",
-    "CANCELLED",
-    "UNAVAILABLE",
-    "INTERNAL",
-)
-APIS = ("image", "tensor")
-
-_GRPC_TYPES = {
-    (False, False): "unary",
-    (False, True): "server_stream",
-    (True, False): "client_stream",
-    (True, True): "bidi_stream",
-}
-
 
 def latency_buckets(slo_s: float) -> tuple[float, ...]:
     """The latency buckets with ``slo_s`` guaranteed to be an exact bucket bound."""
@@ -102,191 +78,6 @@ def _package_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Duration:
-    """A Triton ``StatisticDuration``: how many, and their total nanoseconds."""
-
-    count: int = 0
-    ns: int = 0
-
-    def plus(self, seconds: float, count: int = 1) -> Duration:
-        return Duration(self.count + count, self.ns + max(0, round(seconds * 1e9)))
-
-
-@dataclasses.dataclass(frozen=True)
-class StatsSnapshot:
-    """A consistent copy of one model version's Triton-style statistics."""
-
-    last_inference_ms: int
-    inference_count: int
-    execution_count: int
-    success: Duration
-    fail: Duration
-    queue: Duration
-    compute_input: Duration
-    compute_infer: Duration
-    compute_output: Duration
-    batch_stats: dict[int, tuple[Duration, Duration, Duration]]
-
-
-class ModelRecorder:
-    """The one recording point for one (model, version).
-
-    Called from the event loop and possibly from executor threads; the
-    Triton counters are guarded by a lock so a snapshot is never torn
-    (prometheus_client's own children are already thread-safe).
-
-    Who calls what: ``request`` once per finished request (success or not,
-    both APIs); ``rejected`` additionally when the reason is one of
-    ``REJECTION_REASONS``; ``preprocess`` per decoded image; ``queued`` per
-    request when its batch starts; ``batch`` per executed batch;
-    ``postprocess`` per request.
-    """
-
-    def __init__(self, metrics: Metrics, name: str, version: int) -> None:
-        self.name = name
-        self.version = int(version)
-        labels = (name, str(self.version))
-        self._labels = labels
-        m = metrics
-        self._requests: dict[tuple[str, str], Counter] = {}
-        self._m = m
-        self._duration = {api: m.request_duration.labels(*labels, api) for api in APIS}
-        self._queue_hist = m.queue_wait.labels(*labels)
-        self._preprocess_hist = m.preprocess.labels(*labels)
-        self._compute_hist = m.batch_compute.labels(*labels)
-        self._postprocess_hist = m.postprocess.labels(*labels)
-        self._batch_size_hist = m.batch_size.labels(*labels)
-        self._inferences = m.inferences_total.labels(*labels)
-        self._batches = m.batches_total.labels(*labels)
-        self._rejections = {r: m.rejections_total.labels(*labels, r) for r in REJECTION_REASONS}
-        self.queue_depth = m.queue_depth.labels(*labels)
-        self.in_flight = m.in_flight.labels(*labels)
-        self._queue_capacity = m.queue_capacity
-        # Series for the codes a resolved request can end with exist from load, at 0: Prometheus'
-        # rate() needs a sample before the first increment, or the first error of a kind is
-        # invisible to the error-ratio rules (a counter born at 1 has no increase).
-        for api in APIS:
-            for code in PRECREATED_CODES:
-                self._requests[(api, code)] = m.requests_total.labels(*labels, api, code)
-
-        self._lock = threading.Lock()
-        self._last_inference_ms = 0
-        self._inference_count = 0
-        self._execution_count = 0
-        self._success = Duration()
-        self._fail = Duration()
-        self._queue = Duration()
-        self._compute_input = Duration()
-        self._compute_infer = Duration()
-        self._compute_output = Duration()
-        self._batch_stats: dict[int, tuple[Duration, Duration, Duration]] = {}
-
-    def _request_counter(self, api: str, code: str) -> Counter:
-        key = (api, code)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._m.requests_total.labels(*self._labels, api, code)
-            self._requests[key] = child
-        return child
-
-    def request(
-        self,
-        *,
-        api: str,
-        code: str,
-        duration_s: float,
-        queue_s: float = 0.0,
-        compute_s: float = 0.0,
-        compute_input_s: float | None = None,
-        compute_output_s: float | None = None,
-    ) -> None:
-        """One finished request. ``code`` is the gRPC status name ("OK", ...).
-
-        ``compute_s`` is the total compute time of the batch(es) the request
-        rode in. Triton splits it into input/infer/output; pass
-        ``compute_input_s``/``compute_output_s`` when known and the rest is
-        counted as infer (without them all of it is infer, which on the CPU
-        provider is nearly exact: inputs are not copied).
-        """
-        if api not in APIS:
-            raise ValueError(f"api: expected one of {APIS}, got {api!r}")
-        code = str(code)
-        self._request_counter(api, code).inc()
-        self._duration[api].observe(duration_s)
-        with self._lock:
-            if code == "OK":
-                self._success = self._success.plus(duration_s)
-                # Triton counts queue/compute for successful requests only.
-                self._queue = self._queue.plus(queue_s)
-                c_in = compute_input_s or 0.0
-                c_out = compute_output_s or 0.0
-                self._compute_input = self._compute_input.plus(c_in)
-                self._compute_infer = self._compute_infer.plus(max(0.0, compute_s - c_in - c_out))
-                self._compute_output = self._compute_output.plus(c_out)
-            else:
-                self._fail = self._fail.plus(duration_s)
-
-    def set_queue_capacity(self, rows: int) -> None:
-        """The queue bound (``max_queue_size`` rows), so alerts can say "80 % full".
-
-        Created only when called: an absent capacity leaves the saturation
-        ratio absent instead of dividing by zero.
-        """
-        self._queue_capacity.labels(*self._labels).set(rows)
-
-    def rejected(self, reason: str) -> None:
-        """A request refused or dropped before compute, for one of ``REJECTION_REASONS``."""
-        child = self._rejections.get(reason)
-        if child is None:
-            raise ValueError(f"reason: expected one of {REJECTION_REASONS}, got {reason!r}")
-        child.inc()
-
-    def preprocess(self, seconds: float) -> None:
-        """Decode + resize + normalize of one image."""
-        self._preprocess_hist.observe(seconds)
-
-    def queued(self, seconds: float) -> None:
-        """One request's wait from enqueue to the start of its batch."""
-        self._queue_hist.observe(seconds)
-
-    def batch(self, size: int, *, input_s: float, infer_s: float, output_s: float) -> None:
-        """One executed batch of ``size`` rows and its three compute stages."""
-        if size < 1:
-            raise ValueError(f"size: expected >= 1, got {size}")
-        self._inferences.inc(size)
-        self._batches.inc()
-        self._batch_size_hist.observe(size)
-        self._compute_hist.observe(input_s + infer_s + output_s)
-        now_ms = int(time.time() * 1000)
-        with self._lock:
-            self._inference_count += size
-            self._execution_count += 1
-            self._last_inference_ms = now_ms
-            b_in, b_inf, b_out = self._batch_stats.get(size, (Duration(), Duration(), Duration()))
-            self._batch_stats[size] = (b_in.plus(input_s), b_inf.plus(infer_s), b_out.plus(output_s))
-
-    def postprocess(self, seconds: float) -> None:
-        """Top-k / response building for one request."""
-        self._postprocess_hist.observe(seconds)
-
-    def snapshot(self) -> StatsSnapshot:
-        """A consistent copy of the statistics, for ``ModelStatistics``."""
-        with self._lock:
-            return StatsSnapshot(
-                last_inference_ms=self._last_inference_ms,
-                inference_count=self._inference_count,
-                execution_count=self._execution_count,
-                success=self._success,
-                fail=self._fail,
-                queue=self._queue,
-                compute_input=self._compute_input,
-                compute_infer=self._compute_infer,
-                compute_output=self._compute_output,
-                batch_stats=dict(self._batch_stats),
-            )
 
 
 class Metrics:
@@ -389,7 +180,7 @@ class Metrics:
             registry=r,
         )
         ort = _package_version("onnxruntime") or _package_version("onnxruntime-gpu")
-        self.build_info.labels(__version__, platform.python_version(), ort, grpc.__version__).set(1)
+        self.build_info.labels(__version__, platform.python_version(), ort, _package_version("grpcio")).set(1)
 
         self.grpc_started = Counter(
             "grpc_server_started",
@@ -479,10 +270,6 @@ class Metrics:
         ):
             metric.remove_by_labels(labels)
 
-    # -- gRPC ------------------------------------------------------------
-    def grpc_interceptor(self) -> grpc.aio.ServerInterceptor:
-        return _GrpcMetricsInterceptor(self)
-
     # -- HTTP --------------------------------------------------------------
     def start_http(self, host: str, port: int) -> int:
         """Serve the registry at ``/metrics`` on its own port (service/metrics_http.py); returns the bound port."""
@@ -500,161 +287,3 @@ class Metrics:
             return
         httpd, self._http = self._http, None
         httpd.stop()
-
-
-def _code_name(code: Any) -> str | None:
-    if code is None:
-        return None
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(code, int):
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return status.name
-    return str(code)
-
-
-#: Wrapped method handlers kept by the interceptor: far above the number of RPC methods served.
-_MAX_WRAPPED_HANDLERS = 256
-
-
-class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """grpc-ecosystem server metrics for grpc.aio, all four RPC types.
-
-    The handler's behaviour is wrapped so the status is read where it is
-    decided: a normal return is OK unless the servicer ``set_code`` something
-    else; ``context.abort`` leaves its code on the context; a cancelled task
-    is CANCELLED (DEADLINE_EXCEEDED when the deadline is what ran out); any
-    other exception is UNKNOWN, which is what grpc sends for it.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._m = metrics
-        # The wrapped handler of each method, made on its first call: the servicer's handler
-        # object is the same for every call of a method, so the wrapping (and the label
-        # lookups) is paid once per method, not once per request.
-        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        key = (handler_call_details.method or "", handler)
-        wrapped = self._wrapped.get(key)
-        if wrapped is None:
-            wrapped = self._wrap(key[0], handler)
-            if len(self._wrapped) < _MAX_WRAPPED_HANDLERS:  # a handler made per call is not kept
-                self._wrapped[key] = wrapped
-        return wrapped
-
-    def _wrap(self, full: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        service, _, method = full.lstrip("/").partition("/")
-        rtype = _GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        labels = (service, method, rtype)
-        m = self._m
-        started = m.grpc_started.labels(*labels)
-        handling = m.grpc_handling.labels(*labels)
-        handled: dict[str, Any] = {}
-
-        def finish(start: float, code: str) -> None:
-            counter = handled.get(code)
-            if counter is None:
-                counter = handled[code] = m.grpc_handled.labels(*labels, code)
-            counter.inc()
-            handling.observe(time.perf_counter() - start)
-
-        def outcome(context: Any, exc: BaseException | None) -> str:
-            set_code = None
-            try:
-                set_code = _code_name(context.code())
-            except Exception:  # pragma: no cover - contexts without code()
-                set_code = None
-            if exc is None:
-                return set_code or "OK"
-            if isinstance(exc, asyncio.CancelledError):
-                try:
-                    remaining = context.time_remaining()
-                except Exception:  # pragma: no cover
-                    remaining = None
-                if remaining is not None and remaining <= 0:
-                    return "DEADLINE_EXCEEDED"
-                return "CANCELLED"
-            if set_code and set_code != "OK":
-                return set_code
-            return "UNKNOWN"
-
-        if handler.response_streaming and handler.request_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-
-        if inspect.isasyncgenfunction(behavior):
-
-            async def wrapped_agen(request_or_iterator: Any, context: Any) -> AsyncIterator[Any]:
-                started.inc()
-                start = time.perf_counter()
-                try:
-                    async for response in behavior(request_or_iterator, context):
-                        yield response
-                except BaseException as exc:
-                    finish(start, outcome(context, exc))
-                    raise
-                finish(start, outcome(context, None))
-
-            wrapped: Callable[..., Any] = wrapped_agen
-        elif inspect.iscoroutinefunction(behavior):
-
-            async def wrapped_coro(request_or_iterator: Any, context: Any) -> Any:
-                started.inc()
-                start = time.perf_counter()
-                try:
-                    result = await behavior(request_or_iterator, context)
-                except BaseException as exc:
-                    finish(start, outcome(context, exc))
-                    raise
-                finish(start, outcome(context, None))
-                return result
-
-            wrapped = wrapped_coro
-        elif inspect.isgeneratorfunction(behavior):
-            # grpc.aio runs synchronous handlers in its migration thread pool; keep them synchronous.
-
-            def wrapped_gen(request_or_iterator: Any, context: Any) -> Iterator[Any]:
-                started.inc()
-                start = time.perf_counter()
-                try:
-                    yield from behavior(request_or_iterator, context)
-                except BaseException as exc:
-                    finish(start, outcome(context, exc))
-                    raise
-                finish(start, outcome(context, None))
-
-            wrapped = wrapped_gen
-        else:
-
-            def wrapped_sync(request_or_iterator: Any, context: Any) -> Any:
-                started.inc()
-                start = time.perf_counter()
-                try:
-                    result = behavior(request_or_iterator, context)
-                except BaseException as exc:
-                    finish(start, outcome(context, exc))
-                    raise
-                finish(start, outcome(context, None))
-                return result
-
-            wrapped = wrapped_sync
-
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )

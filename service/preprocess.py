@@ -23,7 +23,7 @@ without changing its geometry:
 * uint8 HWC -> normalised float32 CHW is one fused OpenCV pass
   (``cv2.dnn.blobFromImageWithParams``) instead of three numpy passes.
 
-Measured choices (``tests/engine/bench_preprocess.py``, numbers in
+Measured choices (``python -m bench.research.preprocess``, numbers in
 docs/engine.md): simplejpeg beat Pillow ``draft()``; Pillow's antialiased
 bilinear resize was kept over OpenCV's faster but non-antialiased
 ``INTER_LINEAR`` because it matches the training pipeline.
@@ -210,7 +210,7 @@ class Preprocessor:
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) RGB -> float32 (3, H, W), colour order, mean and std applied.
 
-        Measured by ``python -m bench.normalize_variants``: half the time of the three numpy
+        Measured by ``python -m bench.research.normalize_variants``: half the time of the three numpy
         passes it replaced, with results within 2.4e-7 of them.
         """
         return cv2.dnn.blobFromImageWithParams(np.ascontiguousarray(rgb), self._blob_params)[0]

@@ -1,10 +1,10 @@
-"""The gRPC server: assembly (``build_server``), lifecycle and graceful drain.
+"""The gRPC server: assembly (``assemble``), lifecycle and graceful drain.
 
 Lifecycle, as Kubernetes sees it:
 
 1. ``start()``: the port is open, health is NOT_SERVING, inference calls get
    UNAVAILABLE ("models are still loading").
-2. ``load_models()``: the manager loads and warms every model; then health
+2. ``load_models()``: the engine loads and warms every model; then health
    turns SERVING.
 3. ``shutdown(grace_s)`` (SIGTERM/SIGINT in ``serve``): health turns
    NOT_SERVING at once, new inference calls get UNAVAILABLE, streams stop
@@ -16,7 +16,7 @@ Lifecycle, as Kubernetes sees it:
    ``grace_s`` runs out is abandoned: its callers get UNAVAILABLE, and
    ``abandoned`` counts it (``serve`` then exits ``EXIT_ABANDONED``).
 
-Importing this module starts nothing; ``build_server`` must run inside the
+Importing this module starts nothing; ``assemble`` must run inside the
 event loop that will serve (``grpc.aio`` binds to it).
 """
 
@@ -26,6 +26,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -34,12 +35,18 @@ from grpc_reflection.v1alpha import reflection
 
 from service import config as cfg
 from service import drain, limits, shm
-from service.api import auth, common, wire
+from service.api import auth, wire
 from service.api.classifier import ImageClassifierServicer
+from service.api.grpc_metrics import GrpcMetricsInterceptor
 from service.api.health import HealthReporter
 from service.api.inference import InferenceServicer
+from service.api.state import ServerState
+from service.engine.interface import Engine
 from service.gen.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service.gen.svertka.v1 import classifier_pb2, classifier_pb2_grpc
+
+if TYPE_CHECKING:  # imported where used: importing this module loads no onnxruntime
+    from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +107,26 @@ def _credentials(config: cfg.ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class Server:
-    """One svertka server: the grpc.aio server plus its health, state and model manager."""
+    """One svertka server: the grpc.aio server plus its health, state and engine."""
 
     def __init__(
         self,
         grpc_server: grpc.aio.Server,
         port: int,
-        manager,
+        engine: Engine,
         health: HealthReporter,
         gate: drain.CallGate | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.grpc_server = grpc_server
         self.port = port
-        self.manager = manager
+        self.engine = engine
         self.health = health
+        #: The registry the server records into (its /metrics port is ``serve``'s to open).
+        self.metrics = metrics
         #: The interceptor that knows which calls are in progress (build_server installs it).
         self.gate = gate if gate is not None else drain.CallGate()
-        self.state = common.ServerState()
+        self.state = ServerState()
         #: Registered system shared memory regions (None unless allow_shared_memory).
         self.shared_memory: shm.Registry | None = None
         #: Accepted inference calls still unanswered when the drain gave up (grace over, or forced).
@@ -131,7 +141,7 @@ class Server:
 
     async def load_models(self) -> None:
         """Load and warm up the repository, then report SERVING."""
-        await self.manager.start()
+        await self.engine.start()
         self.state.started = True
         await self.health.set_serving()
 
@@ -178,7 +188,7 @@ class Server:
         if self.gate.held:
             log.info("answered %d calls that arrived at the end of the drain (UNAVAILABLE)", self.gate.held)
         try:
-            await self.manager.close()
+            await self.engine.close()
         except Exception:
             log.exception("closing the models failed")
         if self.shared_memory is not None:
@@ -196,7 +206,7 @@ class Server:
     async def _finish_accepted(self, accepted: frozenset[asyncio.Task], deadline: float) -> bool:
         """Wait for the models' accepted work and the ``accepted`` calls; False if cut short first."""
         forced = asyncio.ensure_future(self._forced.wait())
-        model_drain = asyncio.ensure_future(self.manager.drain(max(0.0, deadline - time.monotonic())))
+        model_drain = asyncio.ensure_future(self.engine.drain(max(0.0, deadline - time.monotonic())))
         try:
             await asyncio.wait({model_drain, forced}, return_when=asyncio.FIRST_COMPLETED)
             if model_drain.done() and model_drain.exception() is not None:
@@ -225,32 +235,33 @@ class Server:
         await self.grpc_server.wait_for_termination()
 
 
-def build_server(config: cfg.ServerConfig, manager, metrics) -> tuple[Server, int]:
+def build_server(config: cfg.ServerConfig, engine: Engine, metrics: Metrics) -> tuple[Server, int]:
     """Assemble the server (not started): both APIs, health, reflection, interceptors, port.
 
     Returns the server and the bound gRPC port (useful with ``grpc_port=0``).
     """
     gate = drain.CallGate()
     # Metrics outermost (they count held calls too), then the gate, then authentication.
-    interceptors = [metrics.grpc_interceptor(), gate]
+    interceptors = [GrpcMetricsInterceptor(metrics), gate]
     if config.auth_token_file is not None:
         interceptors.append(auth.BearerTokenInterceptor(auth.read_token(config.auth_token_file)))
     # Innermost: only calls that passed auth have their message parsed, and one that does not
     # parse ends INVALID_ARGUMENT instead of grpc's UNKNOWN with a logged traceback.
     interceptors.append(wire.DecodeInterceptor())
     grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
-    health = HealthReporter(manager)
-    server = Server(grpc_server, 0, manager, health, gate)
+    health = HealthReporter(engine)
+    server = Server(grpc_server, 0, engine, health, gate, metrics)
     if config.allow_shared_memory:
         server.shared_memory = shm.Registry()
 
     classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
-        ImageClassifierServicer(manager, server.state), grpc_server
+        ImageClassifierServicer(engine, server.state, metrics), grpc_server
     )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(
-            manager,
+            engine,
             server.state,
+            metrics,
             enable_model_control=config.enable_model_control,
             shared_memory=server.shared_memory,
         ),
@@ -282,6 +293,34 @@ def build_server(config: cfg.ServerConfig, manager, metrics) -> tuple[Server, in
     return server, port
 
 
+def build_engine(config: cfg.ServerConfig, metrics: Metrics) -> Engine:
+    """The engine for ``config``: its repository, polled every ``repository_poll_s``
+    seconds, on a budget of ``intra_op_threads`` CPUs."""
+    from service.engine.repository import ModelRepository  # loads onnxruntime: only when serving
+
+    return ModelRepository(
+        config.model_repository,
+        metrics,
+        poll_interval_s=config.repository_poll_s,
+        cpu_budget=config.intra_op_threads,
+    )
+
+
+def assemble(config: cfg.ServerConfig, *, metrics: Metrics | None = None) -> Server:
+    """The server ``config`` describes, not started: metrics, engine, gRPC server.
+
+    The one place a server is put together (``serve``, in-process tests and
+    benchmarks). ``metrics``: the registry to record into, a fresh ``Metrics()``
+    by default. Must run inside the event loop that will serve; the gRPC port is
+    bound (``server.port``), the metrics port is not (``server.metrics.start_http``).
+    """
+    from service.metrics import Metrics
+
+    metrics = Metrics() if metrics is None else metrics
+    server, _ = build_server(config, build_engine(config, metrics), metrics)
+    return server
+
+
 async def serve(config: cfg.ServerConfig) -> int:
     """Run a server until SIGTERM/SIGINT, then drain; the process exit status.
 
@@ -289,9 +328,6 @@ async def serve(config: cfg.ServerConfig) -> int:
     ``EXIT_ABANDONED``: the grace period ran out (or a second signal came) with
     accepted calls unanswered, and the log says how many.
     """
-    from service.metrics import Metrics
-    from service.models import ModelManager
-
     # Before anything opens files: connections, shared memory regions and models each hold one.
     limits.raise_open_files_limit()
     loop = asyncio.get_running_loop()
@@ -307,14 +343,8 @@ async def serve(config: cfg.ServerConfig) -> int:
             log.warning("second signal: stopping without waiting for in-flight requests")
             server.force_stop()
 
-    metrics = Metrics()
-    manager = ModelManager(
-        config.model_repository,
-        metrics,
-        poll_interval_s=config.repository_poll_s,
-        cpu_budget=config.intra_op_threads,
-    )
-    server, port = build_server(config, manager, metrics)
+    server = assemble(config)
+    metrics, engine, port = server.metrics, server.engine, server.port
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
@@ -346,7 +376,7 @@ async def serve(config: cfg.ServerConfig) -> int:
         load.cancel()
         await asyncio.gather(load, return_exceptions=True)
     else:
-        log.info("serving %s", ", ".join(f"{s.name}:{s.version}:{s.state}" for s in manager.statuses()))
+        log.info("serving %s", ", ".join(f"{s.name}:{s.version}:{s.state}" for s in engine.statuses()))
     await stop_wait
     try:
         await server.shutdown(config.grace_period_s)

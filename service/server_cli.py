@@ -2,89 +2,33 @@
 
 Every ``serve`` flag ``--foo-bar`` can also be set as ``SVERTKA_FOO_BAR``
 (a flag wins over the environment, the environment over the default), which
-is how the Kubernetes manifests configure the server. The ServerConfig is
-built here, in ``main``, and validated on construction.
+is how the Kubernetes manifests configure the server. Both are made here from
+ServerConfig's fields (their help, kind and metavar are the fields' metadata,
+service.config.setting), so a new field is a new flag and variable. The
+ServerConfig is built here, in ``main``, and validated on construction.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from service import config as cfg
+from service.clierrors import CommandError
 
-#: ServerConfig field -> (value parser, help). The order is the order of --help.
-SERVE_FLAGS: dict[str, tuple[str, str]] = {
-    "model_repository": ("path", "model repository: <dir>/<model>/<version>/model.onnx"),
-    "host": ("str", f"address to listen on (default {cfg.DEFAULT_HOST})"),
-    "grpc_port": ("int", f"gRPC port; 0 picks a free one (default {cfg.DEFAULT_GRPC_PORT})"),
-    "metrics_port": (
-        "int",
-        f"Prometheus /metrics port; 0 picks a free one (default {cfg.DEFAULT_METRICS_PORT})",
-    ),
-    "metrics_host": (
-        "str",
-        "address the metrics port listens on, e.g. 127.0.0.1 to keep it off other interfaces "
-        "(default: the same as --host)",
-    ),
-    "grace_period_s": (
-        "float",
-        f"on SIGTERM/SIGINT, seconds to finish accepted requests before exiting (default {cfg.DEFAULT_GRACE_PERIOD_S:g})",
-    ),
-    "max_message_bytes": (
-        "int",
-        f"largest request/response message in bytes (default {cfg.DEFAULT_MAX_MESSAGE_BYTES})",
-    ),
-    "max_connection_age_s": (
-        "float",
-        "close client connections after this many seconds so clients rebalance across replicas; "
-        f"0 disables (default {cfg.DEFAULT_MAX_CONNECTION_AGE_S:g})",
-    ),
-    "max_connection_age_grace_s": (
-        "float",
-        f"time an aged connection gets to finish its calls (default {cfg.DEFAULT_MAX_CONNECTION_AGE_GRACE_S:g})",
-    ),
-    "repository_poll_s": (
-        "float",
-        "poll the repository for new/removed versions every N seconds; 0 disables",
-    ),
-    "enable_model_control": ("bool", "allow RepositoryModelLoad/Unload (off by default)"),
-    "allow_shared_memory": (
-        "bool",
-        "let same-host clients pass tensors in system shared memory regions (/dev/shm; off by default: "
-        "any process that can write the client's regions can feed this server)",
-    ),
-    "log_format": ("str", "text or json (default text)"),
-    "log_level": ("str", "debug, info, warning, error (default info)"),
-    "access_log": ("bool", "log one line per request at INFO"),
-    "tls_cert": ("path", "PEM certificate chain: serve gRPC over TLS (with --tls-key)"),
-    "tls_key": ("path", "PEM private key for --tls-cert"),
-    "tls_client_ca": ("path", "PEM CA bundle: require client certificates signed by it (mutual TLS)"),
-    "intra_op_threads": (
-        "int",
-        "CPU threads for onnxruntime and image decoding; 0: the CPUs this process may use "
-        "(in a container, set it to the CPU limit)",
-    ),
-    "auth_token_file": (
-        "path",
-        "file holding a bearer token that both APIs require (health and reflection stay open)",
-    ),
-}
 
-_METAVARS = {
-    "host": "HOST",
-    "grpc_port": "PORT",
-    "metrics_port": "PORT",
-    "metrics_host": "HOST",
-    "max_message_bytes": "BYTES",
-    "intra_op_threads": "N",
-    "log_format": "{text,json}",
-    "log_level": "LEVEL",
-}
-_METAVARS |= {f: "SECONDS" for f, (kind, _) in SERVE_FLAGS.items() if kind == "float"}
+def serve_settings() -> list[dataclasses.Field]:
+    """ServerConfig's fields, each a ``serve`` flag and an ``SVERTKA_*`` variable, in --help order."""
+    fields = dataclasses.fields(cfg.ServerConfig)
+    missing = [f.name for f in fields if "kind" not in f.metadata]
+    if missing:  # a field added without config.setting(...)
+        raise TypeError(f"ServerConfig fields without a setting(...): {missing}")
+    return list(fields)
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -114,29 +58,29 @@ def _parse(kind: str, text: str, source: str) -> Any:
         raise cfg.ConfigError(f"{source}: cannot parse {text!r} ({exc})") from None
 
 
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for field, (kind, help_text) in SERVE_FLAGS.items():
-        flag = "--" + field.replace("_", "-")
-        help_text = f"{help_text} [env {env_name(field)}]"
-        if kind == "bool":
-            parser.add_argument(
-                flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+    for field in serve_settings():
+        if field.metadata["kind"] == "bool":  # --foo and --no-foo
+            how: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         else:
-            parser.add_argument(
-                flag, dest=field, default=None, metavar=_METAVARS.get(field, kind.upper()), help=help_text
-            )
+            how = {"metavar": field.metadata["metavar"]}
+        help_text = f"{field.metadata['help']} [env {env_name(field.name)}]"
+        parser.add_argument(flag_name(field.name), dest=field.name, default=None, help=help_text, **how)
 
 
 def server_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> cfg.ServerConfig:
     """Flags, then SVERTKA_* variables, then the defaults in service.config."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for field, (kind, _) in SERVE_FLAGS.items():
+    for setting in serve_settings():
+        field, kind = setting.name, setting.metadata["kind"]
         given = getattr(args, field, None)
-        flag = "--" + field.replace("_", "-")
         if given is not None:
-            values[field] = given if kind == "bool" else _parse(kind, given, flag)
+            values[field] = given if kind == "bool" else _parse(kind, given, flag_name(field))
         elif env_name(field) in environ:
             values[field] = _parse(kind, environ[env_name(field)], env_name(field))
     if "model_repository" not in values:
@@ -150,15 +94,13 @@ def _check_files(config: cfg.ServerConfig) -> None:
     for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
         path = getattr(config, name)
         if path is not None and not Path(path).is_file():
-            raise cfg.ConfigError(f"--{name.replace('_', '-')}: {path} is not a readable file")
+            raise cfg.ConfigError(f"{flag_name(name)}: {path} is not a readable file")
     if config.auth_token_file is not None and not Path(config.auth_token_file).read_bytes().strip():
         raise cfg.ConfigError(f"--auth-token-file: {config.auth_token_file} is empty")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
-
-    from service.cli import CommandError
 
     try:
         config = server_config(args)
@@ -189,7 +131,6 @@ def _format_table(path: str, result) -> str:
 
 
 def run_classify(args: argparse.Namespace) -> int:
-    from service.cli import CommandError
     from service.client import ClassifyError, Client
 
     token = None

@@ -1,6 +1,7 @@
 """System shared memory regions: tensor data that a same-host client passes by reference.
 
-Triton's system-shared-memory extension (PROTOCOL.md, docs/api.md): a client
+Triton's system-shared-memory extension (Triton's docs/protocol/extension_shared_memory.md,
+and docs/api.md here): a client
 creates a POSIX shared memory object (``shm_open``; on Linux a file in
 ``/dev/shm``), registers a byte range of it under a region name, and then
 names that region in an input's or output's parameters instead of sending the
@@ -16,7 +17,7 @@ that can write to ``/dev/shm`` as the client's user: off unless the server is
 started with ``--allow-shared-memory``, like Triton's ``--allow-client-shm``.
 
 Knows nothing of gRPC: errors are :mod:`service.errors`, mapped to status
-codes in one place (``service.api.status``).
+codes in one place (``service.api.error_codes``).
 """
 
 from __future__ import annotations

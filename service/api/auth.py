@@ -16,7 +16,7 @@ import grpc
 import grpc.aio
 
 from service import errors
-from service.api import status
+from service.api.interception import refusing
 
 #: Method prefixes that never need a token.
 OPEN_PREFIXES = (
@@ -68,27 +68,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _deny(handler)
 
 
-async def _deny_call(request_or_iterator, context):
-    status.fail(context, errors.Unauthenticated(_MESSAGE))
-
-
-async def _deny_stream(request_or_iterator, context):
-    status.fail(context, errors.Unauthenticated(_MESSAGE))
-    return
-    yield  # pragma: no cover - makes this an async generator, as streaming handlers are
-
-
-def _unread(data: bytes) -> None:
-    """A refused call's message is never parsed: its cost to the server ends at receiving it."""
-    return None
-
-
 def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    kwargs = {"request_deserializer": _unread, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_deny_stream, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_deny_call, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_deny_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(_deny_call, **kwargs)
+    """UNAUTHENTICATED for the call; its message is never parsed: its cost ends at receiving it."""
+    return refusing(handler, errors.Unauthenticated(_MESSAGE))

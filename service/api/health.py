@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from service import config
+from service.engine.interface import Engine
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ API_SERVICES = ("svertka.v1.ImageClassifier", "inference.GRPCInferenceService")
 class HealthReporter:
     """Owns the health servicer and keeps it in step with the server state and the models."""
 
-    def __init__(self, manager) -> None:
+    def __init__(self, manager: Engine) -> None:
         self.servicer = health_aio.HealthServicer()
-        self._manager = manager
+        self._engine = manager
         self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models: set[str] = set()
@@ -42,7 +43,7 @@ class HealthReporter:
         self._loop = asyncio.get_running_loop()
         for name in (config.SERVER_HEALTH_SERVICE, *API_SERVICES):
             await self.servicer.set(name, NOT_SERVING)
-        self._manager.add_listener(self._on_change)
+        self._engine.add_listener(self._on_change)
         await self.refresh()
 
     def _on_change(self, _status) -> None:
@@ -62,7 +63,7 @@ class HealthReporter:
     async def refresh(self) -> None:
         """Recompute every service's status from the manager (idempotent)."""
         ready: dict[str, bool] = {}
-        for s in self._manager.statuses():
+        for s in self._engine.statuses():
             ready[s.name] = ready.get(s.name, False) or s.state == "READY"
         # A model that disappeared from the repository stops serving rather than vanishing,
         # so a probe watching it sees the change instead of SERVICE_UNKNOWN.

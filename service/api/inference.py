@@ -1,8 +1,9 @@
 """``inference.GRPCInferenceService``: the KServe v2 / Triton tensor API.
 
 Wire-compatible with Triton so that tritonclient, perf_analyzer and KServe
-clients work unchanged (PROTOCOL.md). Input validation and tensor encoding
-live in :mod:`service.api.tensors`; batching and inference in the model.
+clients work unchanged (the Open Inference Protocol, https://github.com/kserve/open-inference-protocol,
+as Triton extends it). Input validation lives in :mod:`service.api.tensors`, output encoding in
+:mod:`service.api.tensor_outputs`; batching and inference in the engine.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service import __version__, errors, layout, shm
-from service.api import common, status, tensors
+from service.api import accounting, error_codes, request_fields, streams, tensor_outputs, tensors
+from service.api.state import ServerState
+from service.engine.interface import Engine, Model
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.inference import model_config_pb2 as mc
+
+if TYPE_CHECKING:
+    from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ def rpc(method):
         try:
             return await method(self, request, context)
         except Exception as exc:
-            status.fail(context, exc)
+            error_codes.fail(context, exc)
 
     return wrapper
 
@@ -62,18 +69,20 @@ def _duration(d) -> pb.StatisticDuration:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The tensor API over a ModelManager."""
+    """The tensor API over an engine."""
 
     def __init__(
         self,
-        manager,
-        state: common.ServerState,
+        engine: Engine,
+        state: ServerState,
+        metrics: Metrics,
         *,
         enable_model_control: bool = False,
         shared_memory: shm.Registry | None = None,
     ) -> None:
-        self._manager = manager
+        self._engine = engine
         self._state = state
+        self._metrics = metrics
         self._model_control = enable_model_control
         #: None: system shared memory is not allowed on this server (--allow-shared-memory).
         self._shm = shared_memory
@@ -82,8 +91,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str):
         if not name:
             raise errors.InvalidInput("model name: required (RepositoryIndex lists the models)")
-        common.validate_model_name(name)
-        return self._manager.get(name, common.parse_version(version))
+        request_fields.validate_model_name(name)
+        return self._engine.get(name, request_fields.parse_version(version))
 
     # -- server and model state --------------------------------------------
     @rpc
@@ -93,7 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ServerReady(self, request, context):
         ready = self._state.started and not self._state.draining
-        ready = ready and any(s.state == "READY" for s in self._manager.statuses())
+        ready = ready and any(s.state == "READY" for s in self._engine.statuses())
         return pb.ServerReadyResponse(ready=ready)
 
     @rpc
@@ -145,22 +154,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         self._state.check_accepting()
         model = self._model(request.model_name, request.model_version)
-        record = common.RequestRecord(
+        record = accounting.RequestRecord(
+            self._metrics,
             model,
             api="tensor",
             method=method,
-            rid=common.request_id(request.id, context),
+            rid=request_fields.request_id(request.id, context),
             peer=peer or context.peer(),
             start=start,
         )
-        with common.track(record):
-            outputs = tensors.requested_outputs(request, model.meta, self._shm)
+        with accounting.track(record):
+            outputs = tensor_outputs.requested_outputs(request, model.meta, self._shm)
             parsed = tensors.parse_input(
                 request, model.meta, self._shm, max_rows=model.settings.max_rows_per_request
             )
-            tensors.check_output_room(outputs, parsed.rows, model.meta)
+            tensor_outputs.check_output_room(outputs, parsed.rows, model.meta)
             record.images = parsed.rows
-            deadline = common.deadline_of(context)
+            deadline = request_fields.deadline_of(context)
             if parsed.tensor is not None:
                 logits = await model.infer_tensor(parsed.tensor, deadline=deadline, timings=record.timings)
             else:
@@ -170,8 +180,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
-            tensors.build_outputs(response, logits, outputs, model.meta, self._shm)
-            model.recorder.postprocess(time.perf_counter() - post_start)
+            tensor_outputs.build_outputs(response, logits, outputs, model.meta, self._shm)
+            record.postprocessed(time.perf_counter() - post_start)
         return response
 
     @rpc
@@ -188,31 +198,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=await self._infer(request, context, "ModelStreamInfer", peer)
                 )
             except Exception as exc:  # answered in-band, as Triton does: the stream stays open
-                _, message = status.status_for(exc)
+                _, message = error_codes.status_for(exc)
                 return pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name[: common.MAX_ECHOED_CHARS],
-                        model_version=request.model_version[: common.MAX_ECHOED_CHARS],
-                        id=request.id[: common.MAX_REQUEST_ID_CHARS],
+                        model_name=request.model_name[: request_fields.MAX_ECHOED_CHARS],
+                        model_version=request.model_version[: request_fields.MAX_ECHOED_CHARS],
+                        id=request.id[: request_fields.MAX_REQUEST_ID_CHARS],
                     ),
                 )
 
         try:
-            async for response in common.run_stream(request_iterator, handle, stop=self._state.drain_event):
+            async for response in streams.run_stream(request_iterator, handle, stop=self._state.drain_event):
                 yield response
         except Exception as exc:
-            status.fail(context, exc)
+            error_codes.fail(context, exc)
 
     # -- statistics ------------------------------------------------------------
     @rpc
     async def ModelStatistics(self, request, context):
         if request.name:
-            common.validate_model_name(request.name)
-        wanted_version = common.parse_version(request.version)
+            request_fields.validate_model_name(request.name)
+        wanted_version = request_fields.parse_version(request.version)
         models = [
             m
-            for m in self._manager.served()
+            for m in self._engine.served()
             if (not request.name or m.name == request.name)
             and (wanted_version is None or m.version == wanted_version)
         ]
@@ -221,7 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._model(request.name, request.version)
         response = pb.ModelStatisticsResponse()
         for model in sorted(models, key=lambda m: (m.name, m.version)):
-            snap = model.recorder.snapshot()
+            snap = model.statistics()
             stats = response.model_stats.add(
                 name=model.name,
                 version=str(model.version),
@@ -250,7 +260,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
-        for s in sorted(self._manager.statuses(), key=lambda s: (s.name, s.version or 0)):
+        for s in sorted(self._engine.statuses(), key=lambda s: (s.name, s.version or 0)):
             if request.ready and s.state != "READY":
                 continue
             response.models.add(
@@ -266,7 +276,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise errors.PermissionDenied(
                 f"{rpc_name} is disabled: start the server with --enable-model-control to load and unload models"
             )
-        name = common.validate_model_name(request.model_name)
+        name = request_fields.validate_model_name(request.model_name)
         for key in request.parameters:
             if key in _CONTENT_PARAMS or key.startswith(_CONTENT_PARAM_PREFIX):
                 raise errors.Unimplemented(
@@ -279,7 +289,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request, context):
         name = self._check_model_control("RepositoryModelLoad", request)
         self._state.check_accepting()
-        result = await self._manager.load(name)
+        result = await self._engine.load(name)
         if result.state != "READY":
             raise errors.ModelNotReady(f"model '{name}' failed to load: {result.reason or result.state}")
         return pb.RepositoryModelLoadResponse()
@@ -287,7 +297,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryModelUnload(self, request, context):
         name = self._check_model_control("RepositoryModelUnload", request)
-        await self._manager.unload(name)
+        await self._engine.unload(name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory (Triton's extension; service/shm.py) ------------------
@@ -350,7 +360,7 @@ def _kind(provider: str) -> int:
     return mc.ModelInstanceGroup.KIND_CPU
 
 
-def model_config(model) -> mc.ModelConfig:
+def model_config(model: Model) -> mc.ModelConfig:
     """Triton's view of a served model: what perf_analyzer and friends read before sending."""
     meta, settings = model.meta, model.settings
     config = mc.ModelConfig(
@@ -384,7 +394,7 @@ def model_config(model) -> mc.ModelConfig:
         ("num_classes", str(meta.num_classes)),
         ("max_rows_per_request", str(settings.max_rows_per_request)),
         ("max_image_pixels", str(settings.max_image_pixels)),
-        ("max_decoded_pixels", str(model.preprocessor.max_decoded_pixels)),
+        ("max_decoded_pixels", str(model.max_decoded_pixels)),
         ("reject_non_finite_inputs", "true" if settings.reject_non_finite_inputs else "false"),
         ("sha256", model.sha256),
     ):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service import config, errors, modelmeta, shm
+from service.engine import interface
 from service.gen.inference import grpc_service_pb2 as pb
 
 #: Datatypes whose typed contents live in which InferTensorContents field.
@@ -48,9 +49,6 @@ TYPED_FIELDS = {
 ALL_TYPED_FIELDS = tuple(sorted(set(TYPED_FIELDS.values())))
 KNOWN_DATATYPES = (*TYPED_FIELDS, "FP16", "BF16")
 
-#: The parameter of a requested output that turns it into a top-k classification (Triton extension).
-CLASSIFICATION_PARAM = "classification"
-
 #: Upper bound on any element count we are asked to allocate for, far above any real request
 #: (the message-size limit bounds real payloads); it stops int64 shapes from overflowing the math.
 _MAX_ELEMENTS = 1 << 40
@@ -69,13 +67,6 @@ class ParsedInput:
     tensor: np.ndarray | None
     images: list[bytes] | None
     rows: int
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    name: str
-    classification_k: int | None  # None: the raw tensor
-    shared_memory: shm.Slice | None = None  # where to write it instead of the response
 
 
 #: What a tensor that names a shared memory region gets when the server does not allow them.
@@ -187,7 +178,7 @@ def parse_input(
     typed = _typed_fields_set(tensor.contents)
     where = shared_memory_slice(f"input '{tensor.name}'", tensor.parameters, shm_registry)
     if where is not None:
-        return _parse_shared_memory(tensor, where, bool(raw) or bool(typed), chw, shm_registry, max_rows)
+        return _parse_shared_memory(tensor, where, bool(raw) or bool(typed), meta, shm_registry, max_rows)
     if len(raw) not in (0, len(request.inputs)):
         raise errors.InvalidInput(
             f"raw_input_contents: expected one entry per input ({len(request.inputs)}), got {len(raw)}"
@@ -199,7 +190,7 @@ def parse_input(
     datatype = tensor.datatype
     shape = _shape_of(tensor, f"input '{tensor.name}'")
     if datatype == "FP32":
-        count = _fp32_count(tensor.name, shape, chw, max_rows)
+        count = _fp32_count(meta, shape, max_rows)
         return _parse_fp32(tensor, raw[0] if raw else None, typed, shape, count)
     if datatype == "BYTES":
         count = _bytes_count(tensor.name, shape, max_rows)
@@ -217,22 +208,14 @@ def parse_input(
 
 
 def _check_rows(name: str, shape: list[int], max_rows: int) -> None:
-    if shape[0] < 1:
-        raise errors.InvalidInput(f"input '{name}': batch dimension must be >= 1, got {_shape_text(shape)}")
-    if shape[0] > max_rows:
-        raise errors.InvalidInput(
-            f"input '{name}': batch of {shape[0]} rows; expected 1 to {max_rows} rows per request "
-            "(max_rows_per_request)"
-        )
+    interface.check_rows(name, int(shape[0]), max_rows, _shape_text(shape))
 
 
-def _fp32_count(name: str, shape: list[int], chw, max_rows: int) -> int:
+def _fp32_count(meta: modelmeta.ModelMeta, shape: list[int], max_rows: int) -> int:
     """Elements of an FP32 ``[N, 3, H, W]`` input after checking its shape against the model."""
-    expected = f"[N,{chw[0]},{chw[1]},{chw[2]}]"
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(chw):
-        raise errors.InvalidInput(f"input '{name}': expected FP32 shape {expected}, got {_shape_text(shape)}")
-    count = _element_count(name, shape)  # rank <= MAX_RANK here: a few multiplications
-    _check_rows(name, shape, max_rows)
+    interface.check_input_shape(meta, shape, _shape_text(shape))
+    count = _element_count(meta.input_name, shape)  # rank <= MAX_RANK here: a few multiplications
+    _check_rows(meta.input_name, shape, max_rows)
     return count
 
 
@@ -263,9 +246,15 @@ def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], c
 
 
 def _parse_shared_memory(
-    tensor, where: shm.Slice, inline: bool, chw, shm_registry: shm.Registry, max_rows: int
+    tensor,
+    where: shm.Slice,
+    inline: bool,
+    meta: modelmeta.ModelMeta,
+    shm_registry: shm.Registry,
+    max_rows: int,
 ) -> ParsedInput:
     name = tensor.name
+    chw = meta.input_shape
     if inline:
         raise errors.InvalidInput(
             f"input '{name}': data given both in a shared memory region and in the request; send one"
@@ -277,7 +266,7 @@ def _parse_shared_memory(
         )
     shape = _shape_of(tensor, f"input '{name}'")
     # Rows and byte count first: nothing is allocated or read for a request that would be refused.
-    count = _fp32_count(name, shape, chw, max_rows)
+    count = _fp32_count(meta, shape, max_rows)
     if where.byte_size != count * 4:
         raise errors.InvalidInput(
             f"input '{name}': shared_memory_byte_size is {where.byte_size} but FP32 {_shape_text(shape)} "
@@ -351,122 +340,3 @@ def _parse_bytes(tensor, raw: bytes | None, typed: list[str], shape: list[int], 
             f"input '{name}': shape {_shape_text(shape)} needs {count} images, got {len(images)}"
         )
     return ParsedInput(tensor=None, images=images, rows=count)
-
-
-def _param_text(param: pb.InferParameter) -> str:
-    """An InferParameter as a message shows it: its kind and bounded value."""
-    which = param.WhichOneof("parameter_choice")
-    if which is None:
-        return "no value"
-    return f"{which} {errors.shown(getattr(param, which))}"
-
-
-def _int_param(param: pb.InferParameter) -> int | None:
-    which = param.WhichOneof("parameter_choice")
-    if which in ("int64_param", "uint64_param"):
-        return int(getattr(param, which))
-    if which == "string_param":
-        if len(param.string_param) > 20:  # int() of a long digit string is quadratic; no k is that long
-            return None
-        try:
-            return int(param.string_param)
-        except ValueError:
-            return None
-    return None
-
-
-def requested_outputs(
-    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.Registry | None = None
-) -> list[RequestedOutput]:
-    """The outputs to return: every output (raw) when none are named."""
-    if not request.outputs:
-        return [RequestedOutput(meta.output_name, None)]
-    result = []
-    seen = set()
-    for out in request.outputs:
-        if out.name != meta.output_name:
-            raise errors.InvalidInput(
-                f"unknown output {errors.shown(out.name)}: model '{request.model_name}' has one output, "
-                f"'{meta.output_name}'"
-            )
-        if out.name in seen:
-            raise errors.InvalidInput(f"output '{out.name}' requested twice")
-        seen.add(out.name)
-        k = None
-        if CLASSIFICATION_PARAM in out.parameters:
-            k = _int_param(out.parameters[CLASSIFICATION_PARAM])
-            if k is None or k < 1:
-                raise errors.InvalidInput(
-                    f"output '{out.name}': parameter 'classification' must be an integer >= 1 (top k), "
-                    f"got {_param_text(out.parameters[CLASSIFICATION_PARAM])}"
-                )
-        where = shared_memory_slice(f"output '{out.name}'", out.parameters, shm_registry)
-        if where is not None and k is not None:
-            raise errors.InvalidInput(
-                f"output '{out.name}': a classification output cannot go to shared memory "
-                "(its strings have no fixed size); request it inline"
-            )
-        result.append(RequestedOutput(out.name, k, where))
-    return result
-
-
-def encode_bytes(items: Sequence[bytes]) -> bytes:
-    """Serialize BYTES elements for raw_output_contents (4-byte LE length + bytes each)."""
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
-
-
-def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
-    """Triton's classification extension: per row the top k as ``b"score:index:label"``, best first.
-
-    ``score`` is the output tensor's own value (the logit), as Triton reports it;
-    ties keep the lower index first.
-    """
-    k = min(k, logits.shape[1])
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    out = []
-    for row, indices in zip(logits, order, strict=True):
-        for index in indices:
-            out.append(f"{float(row[index]):f}:{int(index)}:{labels[int(index)]}".encode())
-    return out
-
-
-def check_output_room(outputs: Sequence[RequestedOutput], rows: int, meta: modelmeta.ModelMeta) -> None:
-    """Refuse, before any compute, a shared memory output too small for ``rows`` rows of logits."""
-    need = rows * meta.num_classes * 4
-    for requested in outputs:
-        if requested.shared_memory is not None and requested.shared_memory.byte_size < need:
-            raise errors.InvalidInput(
-                f"output '{requested.name}': FP32 [{rows},{meta.num_classes}] needs {need} bytes "
-                f"but shared_memory_byte_size is {requested.shared_memory.byte_size}"
-            )
-
-
-def build_outputs(
-    response: pb.ModelInferResponse,
-    logits: np.ndarray,
-    outputs: Sequence[RequestedOutput],
-    meta: modelmeta.ModelMeta,
-    shm_registry: shm.Registry | None = None,
-) -> None:
-    """Fill ``response`` with the requested outputs: raw_output_contents (as Triton does),
-    or written to the shared memory region an output names (then the response holds its
-    name, datatype and shape, and an empty raw_output_contents entry)."""
-    rows = logits.shape[0]
-    for requested in outputs:
-        tensor = response.outputs.add(name=requested.name)
-        if requested.classification_k is None:
-            tensor.datatype = "FP32"
-            tensor.shape.extend(logits.shape)
-            data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-            if requested.shared_memory is not None:
-                shm_registry.write(requested.shared_memory, data, f"output '{requested.name}'")
-                # An empty entry keeps raw_output_contents aligned with outputs, as Triton does:
-                # clients (perf_analyzer's C++ one included) index one by the other.
-                response.raw_output_contents.append(b"")
-            else:
-                response.raw_output_contents.append(data)
-        else:
-            k = min(requested.classification_k, logits.shape[1])
-            tensor.datatype = "BYTES"
-            tensor.shape.extend((rows, k))
-            response.raw_output_contents.append(encode_bytes(classification_strings(logits, k, meta.labels)))

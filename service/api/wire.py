@@ -46,7 +46,8 @@ import grpc.aio
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from service import errors
-from service.api import status, tensors
+from service.api import error_codes, tensors
+from service.api.interception import PerMethodInterceptor, behavior_of, is_async, rebuilt
 from service.gen.inference import grpc_service_pb2 as infer_pb
 from service.gen.svertka.v1 import classifier_pb2 as classifier_pb
 
@@ -228,9 +229,8 @@ def _message_name(method: str) -> str:
     return method.rsplit("/", 1)[-1] or method
 
 
-def _is_async(handler: grpc.RpcMethodHandler) -> bool:
-    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
+#: What ``prepared`` returns for a call it has refused.
+_REFUSED = object()
 
 
 class _RateLimitedLog:
@@ -252,29 +252,13 @@ class _RateLimitedLog:
         log.warning("%s%s", text, suffix)
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(PerMethodInterceptor):
     """Turns request messages that fail to parse into INVALID_ARGUMENT (see the module docstring)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._log = _RateLimitedLog(LOG_EVERY_S)
         self._walked = _walked_methods()
-        # One wrapped handler per (method, handler): the servicer's handler object is the same for
-        # every call of a method, so the wrapping is paid once per method.
-        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None or not _is_async(handler):
-            return handler  # every servicer here is async; a sync one keeps grpc's own handling
-        key = (handler_call_details.method or "", handler)
-        wrapped = self._wrapped.get(key)
-        if wrapped is None:
-            wrapped = self._wrapped[key] = self._wrap(key[0], handler)
-        return wrapped
 
     def _refusal(self, method: str, item: Undecodable, context: Any) -> errors.InvalidInput:
         name = _message_name(method)
@@ -294,8 +278,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
             "corrupted bytes)"
         )
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        parse = handler.request_deserializer
+    def _deserializer(self, method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         walked = self._walked.get(method)
 
         def deserialize(data: bytes) -> Any:
@@ -313,65 +296,43 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
             except Exception:  # protobuf's DecodeError, or any parser failure on client bytes
                 return Undecodable(len(data))
 
-        kwargs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
-        if handler.request_streaming:
+        return deserialize
 
-            async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-                async for item in requests:
-                    if isinstance(item, Undecodable):
-                        raise self._refusal(method, item, context)
-                    yield item
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None or not is_async(handler):
+            return handler  # every servicer here is async; a sync one keeps grpc's own handling
+        behavior, _ = behavior_of(handler)
+        streaming = handler.request_streaming
 
-            if handler.response_streaming:
-                behavior = handler.stream_stream
+        async def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for item in requests:
+                if isinstance(item, Undecodable):
+                    raise self._refusal(method, item, context)  # the servicer ends the stream with it
+                yield item
 
-                if inspect.isasyncgenfunction(behavior):
+        def prepared(request: Any, context: Any) -> Any:
+            """What the behaviour gets, or _REFUSED once the call's status is set."""
+            if streaming:
+                return checked(request, context)
+            if isinstance(request, Undecodable):
+                error_codes.fail(context, self._refusal(method, request, context))
+                return _REFUSED
+            return request
 
-                    async def stream_stream(requests, context):
-                        async for response in behavior(checked(requests, context), context):
-                            yield response
+        if inspect.isasyncgenfunction(behavior):
 
-                else:  # a handler that writes with context.write() and returns
-
-                    async def stream_stream(requests, context):
-                        return await behavior(checked(requests, context), context)
-
-                return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
-            behavior = handler.stream_unary
-
-            async def stream_unary(requests, context):
-                return await behavior(checked(requests, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-
-        def refuse(item: Undecodable, context: Any) -> None:
-            status.fail(context, self._refusal(method, item, context))
-
-        if handler.response_streaming:
-            behavior = handler.unary_stream
-
-            if inspect.isasyncgenfunction(behavior):
-
-                async def unary_stream(request, context):
-                    if isinstance(request, Undecodable):
-                        refuse(request, context)
-                        return
+            async def run(request: Any, context: Any):
+                request = prepared(request, context)
+                if request is not _REFUSED:
                     async for response in behavior(request, context):
                         yield response
 
-            else:  # a handler that writes with context.write() (grpc's aio health Watch) and returns
+        else:  # a coroutine (one that answers, or one that writes with context.write and returns)
 
-                async def unary_stream(request, context):
-                    if isinstance(request, Undecodable):
-                        return refuse(request, context)
-                    return await behavior(request, context)
+            async def run(request: Any, context: Any) -> Any:
+                request = prepared(request, context)
+                return None if request is _REFUSED else await behavior(request, context)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-        behavior = handler.unary_unary
-
-        async def unary_unary(request, context):
-            if isinstance(request, Undecodable):
-                return refuse(request, context)
-            return await behavior(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        return rebuilt(
+            handler, run, request_deserializer=self._deserializer(method, handler.request_deserializer)
+        )

@@ -2,8 +2,8 @@
 
 Tests talk to it with ordinary synchronous gRPC stubs over a real channel,
 exactly like an external client; the server, the manager and the metrics are
-the real ones (STYLE.md §10, §12). A fresh Metrics registry per server keeps
-servers independent.
+the real ones, put together by ``service.server.assemble`` as ``svertka
+serve`` does. A fresh Metrics registry per server keeps servers independent.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from tests.helpers.tinymodel import make_repository
 
 
 class InProcessServer:
-    """build_server(...) running on a private loop; ``call`` runs a coroutine there."""
+    """assemble(config) running on a private loop; ``call`` runs a coroutine there."""
 
     def __init__(self, repository: Path, *, load: bool = True, **config_kwargs) -> None:
-        from service.metrics import Metrics
-        from service.models import ModelManager
-        from service.server import build_server
+        from service.server import assemble
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
@@ -36,13 +34,12 @@ class InProcessServer:
         )
 
         async def build():
-            metrics = Metrics()
-            manager = ModelManager(repository, metrics)
-            server, port = build_server(self.config, manager, metrics)
+            server = assemble(self.config)
             await server.start()
-            return metrics, manager, server, port
+            return server
 
-        self.metrics, self.manager, self.server, self.port = self.call(build())
+        self.server = self.call(build())
+        self.metrics, self.engine, self.port = self.server.metrics, self.server.engine, self.server.port
         if load:
             self.call(self.server.load_models())
 

@@ -44,6 +44,7 @@ def _reference_tensor(path: Path, meta) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_image_api_top1_equals_the_offline_model_on_digits_val(tmp_path_factory):
     model_file = REPOSITORY / MODEL / "1" / "model.onnx"
     if not model_file.is_file():

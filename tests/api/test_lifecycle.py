@@ -19,13 +19,15 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.target import ServerProcess
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
 from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.api import images
-from tests.api.serverproc import ServerProcess
 from tests.helpers.tinymodel import make_repository
+
+pytestmark = pytest.mark.integration
 
 CLIENTS = 8
 _ACCESS = re.compile(r"svertka\.access .* request_id=(\S+) .* code=(\w+)")

@@ -19,8 +19,28 @@ def _parse(argv):
 
 
 def test_every_server_setting_has_a_flag():
-    fields = {f.name for f in dataclasses.fields(cfg.ServerConfig)}
-    assert set(server_cli.SERVE_FLAGS) == fields
+    parser = argparse.ArgumentParser()
+    server_cli.add_serve_arguments(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    fields = dataclasses.fields(cfg.ServerConfig)
+    assert list(actions) == [f.name for f in fields]  # the order of --help is the order of the fields
+    for f in fields:
+        action = actions[f.name]
+        assert action.option_strings[0] == "--" + f.name.replace("_", "-")
+        assert f.metadata["help"] and action.help.endswith(f"[env SVERTKA_{f.name.upper()}]"), f.name
+        if f.metadata["kind"] == "bool":
+            assert action.option_strings[1:] == ["--no-" + f.name.replace("_", "-")]
+        else:
+            assert action.metavar == f.metadata["metavar"], f.name
+
+
+def test_a_setting_needs_a_kind_and_a_metavar_that_agree():
+    with pytest.raises(TypeError):
+        cfg.setting("bool", "a switch", default=False, metavar="X")
+    with pytest.raises(TypeError):
+        cfg.setting("int", "a number", default=0)
+    with pytest.raises(TypeError):
+        cfg.setting("list", "items", default=(), metavar="ITEMS")
 
 
 def test_flags_win_over_environment_which_wins_over_defaults(tmp_path):
@@ -60,3 +80,11 @@ def test_bad_settings_name_the_setting(argv, env, message):
     with pytest.raises(cfg.ConfigError) as info:
         server_cli.server_config(_parse(argv), env)
     assert message in str(info.value)
+
+
+def test_the_assembled_server_gets_every_engine_setting(make_server):
+    """``assemble`` (serve's and the in-process tests') passes the poll interval and the CPU budget on."""
+    srv = make_server(repository_poll_s=30.0, intra_op_threads=3, load=False)
+    assert srv.engine.poll_interval_s == 30.0
+    assert srv.engine.cpu_budget == 3
+    assert srv.server.metrics is srv.metrics and srv.engine.metrics is srv.metrics

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from service import errors
-from service.api import status
+from service.api import error_codes
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,11 @@ from service.api import status
 )
 def test_domain_errors_keep_their_message(error, code):
     exc = error("what was wrong and what was expected")
-    assert status.status_for(exc) == (getattr(grpc.StatusCode, code), "what was wrong and what was expected")
-    assert status.code_name(exc) == code
+    assert error_codes.status_for(exc) == (
+        getattr(grpc.StatusCode, code),
+        "what was wrong and what was expected",
+    )
+    assert error_codes.code_name(exc) == code
 
 
 def test_every_domain_error_is_in_the_table():
@@ -40,14 +43,14 @@ def test_every_domain_error_is_in_the_table():
             yield from subclasses(sub)
 
     unmapped = [c.__name__ for c in subclasses(errors.SvertkaError) if c.__module__ == "service.errors"]
-    unmapped = [name for name in unmapped if getattr(errors, name) not in status.STATUS_BY_ERROR]
+    unmapped = [name for name in unmapped if getattr(errors, name) not in error_codes.STATUS_BY_ERROR]
     assert not unmapped
 
 
 def test_unexpected_exceptions_are_internal_with_a_generic_message_and_a_logged_traceback(caplog):
-    with caplog.at_level(logging.ERROR, logger="service.api.status"):
-        code, message = status.status_for(KeyError("/secret/path/in/the/server"))
+    with caplog.at_level(logging.ERROR, logger="service.api.error_codes"):
+        code, message = error_codes.status_for(KeyError("/secret/path/in/the/server"))
     assert (code, message) == (grpc.StatusCode.INTERNAL, "internal error")
     assert "/secret/path" not in message
     assert caplog.records and caplog.records[0].exc_info is not None
-    assert status.code_name(ValueError()) == "INTERNAL"
+    assert error_codes.code_name(ValueError()) == "INTERNAL"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.api import common
+from service.api import streams
 
 
 def test_a_stream_whose_answers_are_not_taken_stops_reading_requests():
@@ -20,7 +20,7 @@ def test_a_stream_whose_answers_are_not_taken_stops_reading_requests():
         return item  # answered at once: only the unwritten answers can hold the slots
 
     async def scenario() -> tuple[int, list[int]]:
-        stream = common.run_stream(requests(), handle, max_in_flight=8)
+        stream = streams.run_stream(requests(), handle, max_in_flight=8)
         first = await anext(stream)  # the writer takes one answer, then stops taking them
         for _ in range(50):
             await asyncio.sleep(0)
@@ -48,7 +48,7 @@ def test_requests_read_before_a_broken_request_stream_are_answered():
     async def scenario():
         answers = []
         try:
-            async for answer in common.run_stream(requests(), handle):
+            async for answer in streams.run_stream(requests(), handle):
                 answers.append(answer)
         except ValueError as exc:
             return answers, str(exc)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from service import __version__
+from service.engine.loading import file_fingerprint
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.inference import model_config_pb2 as mc
-from service.models import file_fingerprint
 from tests.api import images
 
 
@@ -60,7 +60,7 @@ def test_server_and_model_metadata(stub):
 
 def test_model_config_is_what_perf_analyzer_reads(server, stub):
     config = stub.ModelConfig(pb.ModelConfigRequest(name="small")).config
-    settings = server.manager.get("small").settings
+    settings = server.engine.get("small").settings
     assert config.name == "small" and config.platform == "onnxruntime_onnx"
     assert config.max_batch_size == settings.max_batch_size
     assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
@@ -76,7 +76,7 @@ def test_model_config_is_what_perf_analyzer_reads(server, stub):
     assert config.model_transaction_policy.decoupled is False
     # Which weights answer: the model file's fingerprint at load (a file replaced in place shows).
     sha256 = config.parameters["sha256"].string_value
-    assert len(sha256) == 12 and sha256 == file_fingerprint(server.manager.get("small").path)
+    assert len(sha256) == 12 and sha256 == file_fingerprint(server.engine.get("small").path)
     assert config.parameters["reject_non_finite_inputs"].string_value == "false"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service import errors
-from service.api import tensors
+from service.api import tensor_outputs, tensors
 from service.gen.inference import grpc_service_pb2 as pb
 from tests.helpers.tinymodel import tiny_meta
 
@@ -126,28 +126,28 @@ def test_bytes_shape_must_be_a_list_of_images():
 
 def test_requested_outputs_and_classification_parameter():
     request = pb.ModelInferRequest(model_name="tiny")
-    assert tensors.requested_outputs(request, META) == [tensors.RequestedOutput("logits", None)]
+    assert tensor_outputs.requested_outputs(request, META) == [tensor_outputs.RequestedOutput("logits", None)]
     out = request.outputs.add(name="logits")
     out.parameters["classification"].int64_param = 2
-    assert tensors.requested_outputs(request, META) == [tensors.RequestedOutput("logits", 2)]
+    assert tensor_outputs.requested_outputs(request, META) == [tensor_outputs.RequestedOutput("logits", 2)]
     out.parameters["classification"].int64_param = 0
     with pytest.raises(errors.InvalidInput, match="'classification' must be an integer >= 1"):
-        tensors.requested_outputs(request, META)
+        tensor_outputs.requested_outputs(request, META)
     request = pb.ModelInferRequest(model_name="tiny")
     request.outputs.add(name="probs")
     with pytest.raises(
         errors.InvalidInput, match="unknown output 'probs': model 'tiny' has one output, 'logits'"
     ):
-        tensors.requested_outputs(request, META)
+        tensor_outputs.requested_outputs(request, META)
 
 
 def test_outputs_are_raw_and_classification_is_tritons_format():
     logits = np.array([[0.5, 2.0, -1.0, 2.0], [3.0, 0.0, 1.0, -2.0]], dtype=np.float32)
     response = pb.ModelInferResponse()
-    tensors.build_outputs(
+    tensor_outputs.build_outputs(
         response,
         logits,
-        [tensors.RequestedOutput("logits", None), tensors.RequestedOutput("logits", 9)],
+        [tensor_outputs.RequestedOutput("logits", None), tensor_outputs.RequestedOutput("logits", 9)],
         META,
     )
     raw_out, cls_out = response.outputs
@@ -176,7 +176,7 @@ def test_a_shape_is_refused_on_its_rank_before_its_dimensions_are_read():
 
 
 def test_rows_over_the_limit_are_refused_before_bytes_are_split():
-    raw = tensors.encode_bytes([b"x"] * 5)
+    raw = tensor_outputs.encode_bytes([b"x"] * 5)
     with pytest.raises(errors.InvalidInput) as info:
         tensors.parse_input(_request("BYTES", (5,), raw=raw), META, max_rows=4)
     assert "batch of 5 rows; expected 1 to 4 rows per request (max_rows_per_request)" in info.value.message
@@ -190,7 +190,7 @@ def test_raw_bytes_stop_splitting_at_the_declared_count():
     assert info.value.message == (
         "input 'input': shape needs 1 BYTES elements but raw_input_contents has 60 more bytes after element 0"
     )
-    assert tensors.split_raw_bytes("input", tensors.encode_bytes([b"a", b"bc"]), 2) == [b"a", b"bc"]
+    assert tensors.split_raw_bytes("input", tensor_outputs.encode_bytes([b"a", b"bc"]), 2) == [b"a", b"bc"]
 
 
 def test_typed_bytes_are_counted_before_they_are_copied():
@@ -229,7 +229,7 @@ def test_a_long_classification_parameter_is_refused_and_bounded():
     request = _request(raw=b"\0" * 768)
     request.outputs.add(name="logits").parameters["classification"].string_param = "9" * 100_000
     with pytest.raises(errors.InvalidInput) as info:
-        tensors.requested_outputs(request, META)
+        tensor_outputs.requested_outputs(request, META)
     assert (
         "parameter 'classification' must be an integer >= 1 (top k), got string_param '999"
         in info.value.message

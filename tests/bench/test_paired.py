@@ -60,6 +60,7 @@ def _tiny_model(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
     path = _tiny_model(tmp_path)
     args = ["--model-path", str(path), "--name", "tiny", "--rounds", "2", "--batches", "1", "4",
@@ -74,6 +75,7 @@ def test_a_round_runs_end_to_end_against_a_real_server(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_latency_rounds_run_end_to_end_against_a_real_server(tmp_path, capsys):
     path = _tiny_model(tmp_path)
     args = ["--model-path", str(path), "--name", "tiny", "--latency", "--rounds", "1", "--ceiling-s", "0.2",

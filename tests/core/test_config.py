@@ -56,7 +56,7 @@ def test_server_config_tls_needs_cert_and_key(tmp_path):
 
 
 def test_thread_budget_is_shared_among_instances_unless_a_model_sets_it():
-    from service.runtime import intra_op_threads
+    from service.engine.runtime import intra_op_threads
 
     assert intra_op_threads(ModelSettings(instances=2), cpu_budget=8) == 4
     assert intra_op_threads(ModelSettings(instances=3), cpu_budget=2) == 1

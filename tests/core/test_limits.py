@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from service import limits
-from tests.api.serverproc import ROOT
+from tests.helpers import ROOT
 
 _SCRIPT = """
 import json, logging, resource, sys
@@ -65,6 +65,7 @@ def test_the_cap_bounds_a_large_hard_limit_and_a_higher_soft_limit_is_kept():
 
 
 @pytest.mark.skipif(_finite(_hard()) <= 256, reason="the hard open-files limit leaves nothing to raise")
+@pytest.mark.integration
 def test_serve_raises_its_limit_at_start_up(tmp_path):
     """``svertka serve`` started with a soft limit of 128 runs with the raised one, and says so."""
     import signal

@@ -18,24 +18,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import free_port
+from bench.target import ServerProcess
 from service.client import Client
 from tests.deploy import dockerfile
 from tests.deploy import manifests as m
 from tests.helpers.tinymodel import make_repository
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 DEFAULT_MODELS = m.ROOT / "models"
 
@@ -75,22 +71,6 @@ def base_settings() -> dict[str, str]:
     return {k: v["value"] for k, v in env.items() if k.startswith("SVERTKA_") and "value" in v}
 
 
-def wait_serving(address: str, proc: subprocess.Popen, deadline_s: float) -> None:
-    deadline = time.monotonic() + deadline_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"svertka serve exited with {proc.returncode}"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError(f"not SERVING within {deadline_s} s")
-
-
 def test_serving_install_has_no_torch_and_serves(tmp_path):
     src = copy_build_context(tmp_path)
     venv = tmp_path / "venv"
@@ -113,24 +93,24 @@ def test_serving_install_has_no_torch_and_serves(tmp_path):
     assert probe.returncode != 0, "torch is importable in the serving environment"
 
     repository = served_repository(tmp_path)
-    grpc_port, metrics_port = free_port(), free_port()
     env = {
         "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
         "HOME": str(tmp_path),
         **base_settings(),
-        # Loopback and free ports instead of the pod's 0.0.0.0:8001/8002; the model from the repository.
+        # Loopback and free ports (0: the log says which) instead of the pod's 0.0.0.0:8001/8002;
+        # the model from the repository.
         "SVERTKA_HOST": "127.0.0.1",
-        "SVERTKA_GRPC_PORT": str(grpc_port),
-        "SVERTKA_METRICS_PORT": str(metrics_port),
+        "SVERTKA_GRPC_PORT": "0",
+        "SVERTKA_METRICS_PORT": "0",
         "SVERTKA_MODEL_REPOSITORY": str(repository),
     }
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [str(venv / "bin" / "svertka"), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    # No flags: configured by the environment alone, as the container is.
+    server = ServerProcess(
+        None, tmp_path / "serve.log", env=env, inherit_env=False, command=[str(venv / "bin" / "svertka")]
     )
     try:
-        address = f"127.0.0.1:{grpc_port}"
-        wait_serving(address, proc, deadline_s=120)
+        server.start(timeout_s=120).wait_serving(timeout_s=120)
+        address = server.address
 
         buf = io.BytesIO()
         Image.new("RGB", (48, 40), (200, 30, 90)).save(buf, format="PNG")
@@ -140,8 +120,7 @@ def test_serving_install_has_no_torch_and_serves(tmp_path):
             result = client.classify(buf.getvalue(), model=model, top_k=3)
         assert len(result.predictions) == 3 and result.model_version >= 1
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-            families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+        families = {f.name: f for f in text_string_to_metric_families(server.scrape())}
         hpa = m.find(m.rendered("base"), "HorizontalPodAutoscaler")
         adapter = yaml.safe_load((m.K8S / "prometheus-adapter" / "config.yaml").read_text())["rules"]
         for name in [x["pods"]["metric"]["name"] for x in hpa["spec"]["metrics"] if x["type"] == "Pods"]:
@@ -155,12 +134,9 @@ def test_serving_install_has_no_torch_and_serves(tmp_path):
             == 1
         )
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=float(base_settings()["SVERTKA_GRACE_PERIOD_S"]) + 30) == 0
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout_s=float(base_settings()["SVERTKA_GRACE_PERIOD_S"]) + 30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-        if proc.returncode not in (0, None):
-            print((tmp_path / "serve.log").read_text()[-4000:])
+        server.kill()
+        if server.proc is not None and server.proc.returncode != 0:
+            print(server.log()[-4000:])

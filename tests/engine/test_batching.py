@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from service import errors
-from service.batching import Batcher, Hooks
+from service.engine.batching import Batcher, Hooks
+from tests.helpers.polling import until
 
 
 class FakeModel:
@@ -79,13 +80,6 @@ def make(model: FakeModel, rec: Recorded | None = None, **kwargs) -> Batcher:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-async def until(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
 
 
 def test_requests_are_batched_and_each_caller_gets_its_own_rows():

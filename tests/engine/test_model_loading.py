@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import errors, layout, models, runtime
+from service import config, errors, layout
+from service.engine import interface, loading, runtime, served_model
+from service.engine.repository import ModelRepository
 from service.metrics import Metrics
-from service.models import ModelManager
+from tests.helpers.polling import until
 from tests.helpers.tinymodel import make_repository, make_tiny_model
 
 #: config.yaml text -> what the model's unavailability reason must say.
@@ -65,7 +67,7 @@ def test_bad_configs_make_only_their_model_unavailable(tmp_path):
         (repo / name / "config.yaml").write_text(text)
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         await manager.start()  # must not raise
         statuses = {s.name: s for s in manager.statuses()}
         out = await manager.get("good").infer_tensor(np.zeros((1, 3, 32, 32), np.float32))
@@ -73,10 +75,10 @@ def test_bad_configs_make_only_their_model_unavailable(tmp_path):
         return statuses, out
 
     statuses, out = run(main())
-    assert statuses["good"].state == models.READY and out.shape == (1, 10)
+    assert statuses["good"].state == interface.READY and out.shape == (1, 10)
     for name, (_, reason) in BAD_CONFIGS.items():
         status = statuses[name]
-        assert status.state == models.UNAVAILABLE, status
+        assert status.state == interface.UNAVAILABLE, status
         assert status.reason.startswith("bad config: ") and reason in status.reason, status
 
 
@@ -95,22 +97,22 @@ def test_a_failure_after_the_sessions_loaded_closes_them_and_keeps_no_thread(tmp
             raise RuntimeError("preprocessor construction failed")
 
     monkeypatch.setattr(runtime, "load_instances", recording_load)
-    monkeypatch.setattr(models, "Preprocessor", BrokenPreprocessor)
+    monkeypatch.setattr(served_model, "Preprocessor", BrokenPreprocessor)
 
     async def main():
-        manager = ModelManager(repo, new_metrics(), cpu_budget=2)
+        manager = ModelRepository(repo, new_metrics(), cpu_budget=2)
         await manager.start()
         first = manager.status("tiny")
         before = await settled_threads(threads())
         for _ in range(20):
             status = await manager.load("tiny")
-            assert status.state == models.UNAVAILABLE
+            assert status.state == interface.UNAVAILABLE
         after = await settled_threads(before)
         await manager.close()
         return first, before, after
 
     first, before, after = run(main())
-    assert first.state == models.UNAVAILABLE and "preprocessor construction failed" in first.reason
+    assert first.state == interface.UNAVAILABLE and "preprocessor construction failed" in first.reason
     assert len(loaded) == 21 and all(s._session is None and not s._by_size for s in loaded)
     assert after == before
 
@@ -128,7 +130,7 @@ def test_a_failed_second_instance_closes_the_first(tmp_path, monkeypatch):
         return real_warm_up(self, max_batch_size)
 
     monkeypatch.setattr(runtime.Session, "warm_up", warm_up)
-    settings = models.config.ModelSettings(instances=2, max_batch_size=2, providers=("cpu",))
+    settings = config.ModelSettings(instances=2, max_batch_size=2, providers=("cpu",))
     with pytest.raises(runtime.ModelLoadError, match="instance 1"):
         runtime.load_instances(path, settings, cpu_budget=2)
     assert [s.instance for s in opened] == [0, 1]
@@ -142,7 +144,7 @@ def test_version_directories_that_break_the_rule_are_skipped(tmp_path, bad):
     make_tiny_model(repo / "only" / bad / "model.onnx", seed=7)
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         await manager.start()
         tiny = manager.get("tiny")
         out = await tiny.infer_tensor(np.zeros((1, 3, 32, 32), np.float32))
@@ -152,7 +154,7 @@ def test_version_directories_that_break_the_rule_are_skipped(tmp_path, bad):
 
     version, out, only = run(main())
     assert version == 1 and out.shape == (1, 10)  # the misnamed directory is not a newer version
-    assert only.state == models.UNAVAILABLE and only.reason.startswith("no versions: expected ")
+    assert only.state == interface.UNAVAILABLE and only.reason.startswith("no versions: expected ")
     assert layout.VERSION_RULE in only.reason
     if bad.isdigit():  # "0" and "01" and the overflowing ones are named in the reason
         assert f"skipped {bad!r}" in only.reason, only.reason
@@ -163,7 +165,7 @@ def test_the_largest_version_is_served(tmp_path):
     make_tiny_model(repo / "tiny" / str(layout.MAX_VERSION) / "model.onnx", seed=3)
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         await manager.start()
         model = manager.get("tiny", str(layout.MAX_VERSION))
         out = await model.infer_tensor(np.zeros((1, 3, 32, 32), np.float32))
@@ -195,26 +197,26 @@ def _replace(path: Path, seed: int) -> None:
 def test_the_fingerprint_follows_a_file_replaced_in_place(tmp_path):
     repo = make_repository(tmp_path, {"tiny": [1]})
     path = repo / "tiny" / "1" / "model.onnx"
-    first = models.file_fingerprint(path)
+    first = loading.file_fingerprint(path)
     metrics = new_metrics()
 
     async def main():
-        manager = ModelManager(repo, metrics)
+        manager = ModelRepository(repo, metrics)
         await manager.start()
         seen = [(manager.get("tiny").sha256, _info(metrics, first))]
         _replace(path, seed=11)  # same version label, different weights
         await manager.load("tiny")  # what RepositoryModelLoad does
-        second = models.file_fingerprint(path)
+        second = loading.file_fingerprint(path)
         seen.append((manager.get("tiny").sha256, _info(metrics, second), _info(metrics, first)))
         _replace(path, seed=12)
         await manager.refresh()  # what repository polling does
-        third = models.file_fingerprint(path)
+        third = loading.file_fingerprint(path)
         seen.append((manager.get("tiny").sha256, _info(metrics, third), _info(metrics, second)))
         await manager.close()
         return seen, second, third
 
     seen, second, third = run(main())
-    assert len(first) == models.FINGERPRINT_CHARS and len({first, second, third}) == 3
+    assert len(first) == loading.FINGERPRINT_CHARS and len({first, second, third}) == 3
     assert seen[0] == (first, 1.0)
     assert seen[1] == (second, 1.0, None)  # one info series per version: the old fingerprint is gone
     assert seen[2] == (third, 1.0, None)
@@ -237,24 +239,25 @@ def test_a_cancelled_load_closes_what_the_loader_thread_finishes(tmp_path, monke
     monkeypatch.setattr(runtime, "load_instances", gated_load)
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         task = asyncio.ensure_future(manager.load("tiny"))
-        deadline = time.monotonic() + 30
-        loading = models.ModelStatus("tiny", 1, models.LOADING, "loading version 1")
-        while loading not in manager.statuses() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        loading = interface.ModelStatus("tiny", 1, interface.LOADING, "loading version 1")
+        await until(lambda: loading in manager.statuses(), "the load to start", timeout_s=30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         status = manager.status("tiny")
         release.set()
-        while not (loaded and all(s._session is None for s in loaded)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await until(
+            lambda: loaded and all(s._session is None for s in loaded),
+            "the sessions loaded after the cancel to be closed",
+            timeout_s=30,
+        )
         await manager.close()
         return status
 
     status = run(main())
-    assert status.state == models.UNAVAILABLE and status.reason == "loading was cancelled"
+    assert status.state == interface.UNAVAILABLE and status.reason == "loading was cancelled"
     assert loaded and all(s._session is None for s in loaded)
 
 
@@ -263,7 +266,7 @@ def test_reasons_clients_see_name_paths_inside_the_repository_only(tmp_path):
     (repo / "empty").mkdir()
 
     async def scenario():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         await manager.start()
         try:
             status = manager.status("empty")

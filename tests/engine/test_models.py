@@ -1,4 +1,4 @@
-"""ModelManager + ServedModel with the tiny real ONNX model and real onnxruntime.
+"""ModelRepository + ServedModel with the tiny real ONNX model and real onnxruntime.
 
 Metrics are the real ``service.metrics.Metrics`` on a private registry, so the
 assertions read what Prometheus would scrape.
@@ -18,9 +18,14 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service import errors, models
+from service import errors
+from service.engine import loading, served_model
+from service.engine.interface import ModelStatus, Timings
+from service.engine.loading import check_name
+from service.engine.repository import ModelRepository
+from service.engine.served_model import ServedModel
 from service.metrics import Metrics
-from service.models import ModelManager, ModelStatus, Timings, check_name, request_timings
+from tests.helpers.polling import until
 from tests.helpers.tinymodel import make_repository, make_tiny_model, write_corrupt_model
 
 
@@ -57,9 +62,9 @@ def write_config(repo: Path, name: str, text: str) -> None:
     (repo / name / "config.yaml").write_text(text)
 
 
-async def started(repo: Path, **kwargs) -> tuple[ModelManager, Metrics]:
+async def started(repo: Path, **kwargs) -> tuple[ModelRepository, Metrics]:
     metrics = new_metrics()
-    manager = ModelManager(repo, metrics, **kwargs)
+    manager = ModelRepository(repo, metrics, **kwargs)
     await manager.start()
     return manager, metrics
 
@@ -76,7 +81,7 @@ def test_one_image_alone_equals_inside_a_batch_of_8(tmp_path):
         whole = await model.infer_tensor(x)
         alone = [await model.infer_tensor(x[i : i + 1]) for i in range(8)]
         together = await asyncio.gather(*(model.infer_tensor(x[i : i + 1]) for i in range(8)))
-        stats = model.recorder.snapshot()
+        stats = model.statistics()
         await manager.close()
         return whole, alone, together, stats
 
@@ -118,19 +123,18 @@ def test_image_api_decodes_each_image_and_isolates_bad_ones(tmp_path):
     assert bad_count == 1
 
 
-def test_timings_are_visible_to_the_calling_task(tmp_path):
+def test_timings_travel_in_the_object_the_caller_passes(tmp_path):
     repo = make_repository(tmp_path, {"tiny": [1]})
 
     async def main():
         manager, _ = await started(repo)
-        assert request_timings() is None
-        await manager.get("tiny").infer_tensor(images(2))
-        seen = request_timings()
+        timings = Timings()
+        await manager.get("tiny").infer_tensor(images(2), timings=timings)
         await manager.close()
-        return seen
+        return timings
 
     seen = run(main())
-    assert seen is not None and seen.compute_infer_s > 0
+    assert seen.compute_infer_s > 0 and seen.queue_s >= 0 and seen.preprocess_s == 0
 
 
 def test_tensor_validation_messages(tmp_path):
@@ -142,10 +146,10 @@ def test_tensor_validation_messages(tmp_path):
         model = manager.get("tiny")
         cases = {
             "expected FP32 data, got float64": images(1).astype(np.float64),
-            r"expected shape \[n,3,32,32\], got \[1, 3, 32, 31\]": images(1)[..., :31],
-            r"expected shape \[n,3,32,32\], got \[3, 32, 32\]": images(1)[0],
+            r"expected FP32 shape \[N,3,32,32\], got \[1,3,32,31\]": images(1)[..., :31],
+            r"expected FP32 shape \[N,3,32,32\], got \[3,32,32\]": images(1)[0],
             "batch of 5 rows; expected 1 to 4 rows": images(5),
-            "batch of 0 rows": images(0),
+            r"batch dimension must be >= 1, got \[0,3,32,32\]": images(0),
         }
         for message, x in cases.items():
             with pytest.raises(errors.InvalidInput, match=message):
@@ -155,7 +159,7 @@ def test_tensor_validation_messages(tmp_path):
         bad[0, 1, 2, 3] = np.inf
         with pytest.raises(errors.InvalidInput, match="2 values are NaN or infinite"):
             await model.infer_tensor(bad)
-        with pytest.raises(errors.InvalidInput, match="5 images in one request; the limit is 4"):
+        with pytest.raises(errors.InvalidInput, match=r"batch of 5 rows; expected 1 to 4 rows per request"):
             await model.infer_images([png(0)] * 5)
         with pytest.raises(errors.InvalidInput, match="top_k must be >= 1, got 0"):
             model.top_k(np.zeros(10, np.float32), 0)
@@ -167,7 +171,7 @@ def test_tensor_validation_messages(tmp_path):
 
 
 def test_large_tensors_are_checked_off_the_loop(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "INLINE_CHECK_ELEMENTS", 0)
+    monkeypatch.setattr(served_model, "INLINE_CHECK_ELEMENTS", 0)
     repo = make_repository(tmp_path, {"tiny": [1]})
     write_config(repo, "tiny", "reject_non_finite_inputs: true\n")
     x = images(3)
@@ -193,12 +197,12 @@ def test_large_tensors_are_checked_off_the_loop(tmp_path, monkeypatch):
 def test_non_finite_inputs_are_computed_by_default_without_a_scan(tmp_path, monkeypatch, inline):
     """As Triton does: NaN/Inf rows are computed; the finite scan does not run at all (either path)."""
     if not inline:
-        monkeypatch.setattr(models, "INLINE_CHECK_ELEMENTS", 0)
+        monkeypatch.setattr(served_model, "INLINE_CHECK_ELEMENTS", 0)
 
     def no_scan(self, x):
         raise AssertionError("the finite check ran although reject_non_finite_inputs is off")
 
-    monkeypatch.setattr(models.ServedModel, "_check_finite", no_scan)
+    monkeypatch.setattr(ServedModel, "_check_finite", no_scan)
     repo = make_repository(tmp_path, {"tiny": [1]})
     x = images(2)
     x[0, 0, 0, 0] = np.nan
@@ -253,7 +257,7 @@ def test_corrupt_models_are_unavailable_with_a_reason_while_others_serve(tmp_pat
 
     async def main():
         metrics = new_metrics()
-        manager = ModelManager(repo, metrics)
+        manager = ModelRepository(repo, metrics)
         manager.add_listener(changes.append)
         await manager.start()
         statuses = {s.name: s for s in manager.statuses()}
@@ -316,7 +320,7 @@ def test_default_providers_fall_back_to_cpu_loudly(tmp_path, caplog):
             provider="CPUExecutionProvider",
             precision="fp32",
             arch="tinycnn",
-            sha256=models.file_fingerprint(repo / "tiny/1/model.onnx"),
+            sha256=loading.file_fingerprint(repo / "tiny/1/model.onnx"),
         )
         await manager.close()
         return provider, info
@@ -387,7 +391,7 @@ def test_runtime_failure_fails_only_its_batch(tmp_path):
         with pytest.raises(errors.InferenceFailed, match="inference failed on a batch of 1 rows: .*Reshape"):
             await model.infer_tensor(poisoned)
         after = await model.infer_tensor(images(3))
-        stats = model.recorder.snapshot()
+        stats = model.statistics()
         await manager.close()
         return after, stats
 
@@ -409,7 +413,7 @@ def test_deadline_and_overload_are_refused_before_compute(tmp_path):
             await model.infer_images([png(0)], deadline=time.monotonic() - 0.1)
         with pytest.raises(errors.Overloaded, match="can never fit the queue of 2 rows"):
             await model.infer_images([png(0)] * 3)
-        stats = model.recorder.snapshot()
+        stats = model.statistics()
         deadline = sample(metrics, "svertka_rejections_total", model="tiny", version="1", reason="deadline")
         await manager.close()
         return stats, deadline
@@ -447,14 +451,20 @@ def test_version_swap_loses_nothing_and_in_flight_requests_finish_on_their_versi
         make_tiny_model(repo / "tiny/2/model.onnx", seed=2)
         status = await manager.load("tiny")
         assert status == ModelStatus("tiny", 2, "READY", "")
-        while not any(v == 2 for v, _, _ in answers[-4:]):
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: any(v == 2 for v, _, _ in answers[-4:]), "the clients to get version 2", timeout_s=30
+        )
         stop.set()
         await asyncio.gather(*clients)
         v1_results = await asyncio.gather(*queued_on_v1)
         # The old version is unloaded once its work is done; its series are dropped.
-        while sample(metrics, "svertka_model_ready", model="tiny", version="1") or old.in_flight:
-            await asyncio.sleep(0.01)
+        await until(
+            lambda: (
+                not sample(metrics, "svertka_model_ready", model="tiny", version="1") and not old.in_flight
+            ),
+            "version 1 to finish its work and be unloaded",
+            timeout_s=30,
+        )
         with pytest.raises(errors.ModelNotReady, match="replaced or unloaded"):
             await old.infer_tensor(x[:1])
         with pytest.raises(errors.ModelNotReady, match="version 1 is not loaded"):
@@ -544,10 +554,7 @@ def test_polling_picks_up_a_new_version(tmp_path):
         make_tiny_model(tmp_path / "staging.onnx", seed=5)
         (repo / "tiny/5").mkdir()
         os.replace(tmp_path / "staging.onnx", repo / "tiny/5/model.onnx")
-        deadline = time.monotonic() + 30
-        while manager.get("tiny").version != 5:
-            assert time.monotonic() < deadline, "poll never loaded version 5"
-            await asyncio.sleep(0.02)
+        await until(lambda: manager.get("tiny").version == 5, "the poll to load version 5", timeout_s=30)
         await manager.close()
 
     run(main())
@@ -589,7 +596,7 @@ def test_drain_during_start_up_starts_nothing_more(tmp_path):
     changes: list[ModelStatus] = []
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         draining: list[asyncio.Task] = []
 
         def on_change(status: ModelStatus) -> None:
@@ -616,17 +623,17 @@ def test_drain_during_decode_warm_up_does_not_make_the_model_ready(tmp_path, mon
     repo = make_repository(tmp_path, {"a": [1]})
     warming = threading.Event()
     release = threading.Event()
-    real_warm_up = models.ServedModel.warm_up_decode
+    real_warm_up = ServedModel.warm_up_decode
 
     def slow_warm_up(self):
         warming.set()
         release.wait(30)
         real_warm_up(self)
 
-    monkeypatch.setattr(models.ServedModel, "warm_up_decode", slow_warm_up)
+    monkeypatch.setattr(ServedModel, "warm_up_decode", slow_warm_up)
 
     async def main():
-        manager = ModelManager(repo, new_metrics())
+        manager = ModelRepository(repo, new_metrics())
         starting = asyncio.create_task(manager.start())
         await asyncio.to_thread(warming.wait, 30)
         await manager.drain(5)  # the model is past loading, inside its warm-up
@@ -660,9 +667,9 @@ def test_instances_and_precisions_from_the_repository(tmp_path, precision):
             provider="CPUExecutionProvider",
             precision=precision,
             arch="tinycnn",
-            sha256=models.file_fingerprint(repo / "tiny/1/model.onnx"),
+            sha256=loading.file_fingerprint(repo / "tiny/1/model.onnx"),
         )
-        stats = model.recorder.snapshot()
+        stats = model.statistics()
         await manager.close()
         return model, outs, info, stats
 

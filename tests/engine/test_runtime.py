@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
-from service import config, modelmeta, runtime
+from service import config, modelmeta
+from service.engine import runtime
 from tests.helpers.tinymodel import build_tiny_model, make_tiny_model, tiny_meta
 
 CPU, CUDA, TRT = runtime.CPU, runtime.CUDA, runtime.TENSORRT

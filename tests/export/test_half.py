@@ -12,7 +12,8 @@ from torch import nn
 
 from export import half, onnx_export, pipeline
 from export.errors import ExportError, VerificationError
-from service import config, modelmeta, runtime
+from service import config, modelmeta
+from service.engine import runtime
 
 from .conftest import TINY_MAX_DROP, main_in_process
 

@@ -64,7 +64,8 @@ def test_bad_model_names(tmp_path, name):
 
 def test_the_exporter_and_the_server_share_one_layout(tmp_path):
     """Whatever the exporter accepts the server serves, and the other way round (service.layout)."""
-    from service import layout, models
+    from service import layout
+    from service.engine import loading
 
     for name in ("digits", "a.b-c_1", "x" * 128, "a..b", ".x", "x" * 129, "a/b", "é"):
         exporter_ok = True
@@ -73,7 +74,7 @@ def test_the_exporter_and_the_server_share_one_layout(tmp_path):
         except ExportError:
             exporter_ok = False
         try:
-            models.check_name(name)
+            loading.check_name(name)
             server_ok = True
         except Exception:
             server_ok = False
@@ -82,7 +83,7 @@ def test_the_exporter_and_the_server_share_one_layout(tmp_path):
         (tmp_path / "m" / version).mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(PAYLOAD)
     assert repository.versions(tmp_path / "m") == [1, 2**63 - 1]  # empty version directories count here
-    assert models.repository_versions(tmp_path / "m") == [1]  # the server needs a model file
+    assert loading.repository_versions(tmp_path / "m") == [1]  # the server needs a model file
     with pytest.raises(ExportError, match="--version: expected a decimal integer from 1 to"):
         repository.publish(tmp_path, "m", PAYLOAD, version=2**63)
     with pytest.raises(ExportError, match="no version left"):

@@ -6,7 +6,7 @@ block or pixel, or a large decoded size from a small file. Everything is
 otherwise well formed (correct lengths and checksums), so the cost is the
 only thing wrong with it. ``tests/engine/test_preprocess.py``,
 ``tests/reliability/test_costly_images.py`` and
-``tests/engine/bench_decode_gil.py`` share them.
+``bench/research/decode_gil.py`` share them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Real processes for the live observability tests: ``svertka serve`` and a Prometheus server.
+"""Real processes for the live observability tests: ``svertka serve`` (bench.target's
+``ServerProcess``) and a Prometheus server.
 
 Both run as subprocesses on loopback ports, with their output captured to
 files that a failing test prints. Readiness is polled with a deadline (gRPC
@@ -9,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -22,11 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from bench.procs import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench.target import ServerProcess
 
 
 def wait_until(
@@ -58,58 +54,19 @@ def http_get(url: str, timeout_s: float = 10.0) -> str:
         return resp.read().decode()
 
 
-@dataclass
-class Svertka:
-    grpc_target: str
-    metrics_url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def scrape(self) -> str:
-        return http_get(self.metrics_url)
-
-    def output(self) -> str:
-        return _tail(self.log, 20000)
-
-
-def _serving(target: str) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(target) as ch:
-        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
-
-
 @contextlib.contextmanager
 def svertka_server(
     repository: Path, workdir: Path, *extra: str, timeout_s: float = 90.0
-) -> Iterator[Svertka]:
-    """``svertka serve`` on loopback; yields once gRPC health says SERVING."""
-    grpc_port, metrics_port = free_port(), free_port()
-    log = workdir / "svertka.log"
-    env = dict(os.environ, SVERTKA_HOST="127.0.0.1", PYTHONUNBUFFERED="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--grpc-port",
-        str(grpc_port),
-        "--metrics-port",
-        str(metrics_port),
-        *extra,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Svertka(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", proc, log)
+) -> Iterator[ServerProcess]:
+    """``svertka serve`` on loopback; yields once gRPC health says SERVING and /metrics answers."""
+    server = ServerProcess(repository, workdir / "svertka.log", *extra, env={"PYTHONUNBUFFERED": "1"})
     try:
-        wait_until(lambda: _serving(server.grpc_target), timeout_s, "svertka SERVING", proc, log)
-        wait_until(server.scrape, 10, "svertka /metrics", proc, log)
+        deadline = time.monotonic() + timeout_s
+        server.start(timeout_s).wait_serving(max(0.0, deadline - time.monotonic()))
+        wait_until(server.scrape, 10, "svertka /metrics", server.proc, server.log_path)
         yield server
     finally:
-        _stop(proc)
+        server.stop()
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from service.api.grpc_metrics import GrpcMetricsInterceptor
 from service.metrics import Metrics
 
 SERVICE = "test.v1.Probe"
@@ -111,7 +112,7 @@ async def _wait_for(predicate, timeout_s: float = 10.0) -> None:
 
 async def _scenario(m: Metrics) -> None:
     pool = concurrent.futures.ThreadPoolExecutor(2)
-    server = grpc.aio.server(interceptors=[m.grpc_interceptor()], migration_thread_pool=pool)
+    server = grpc.aio.server(interceptors=[GrpcMetricsInterceptor(m)], migration_thread_pool=pool)
     server.add_generic_rpc_handlers((handlers(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

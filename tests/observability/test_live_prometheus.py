@@ -29,11 +29,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.target import ServerProcess
 from service.metrics import latency_buckets
 from tests.observability import artifacts, live
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.integration,
     pytest.mark.skipif(
         live.PROMETHEUS is None or live.PROMTOOL is None, reason="needs prometheus + promtool"
     ),
@@ -53,7 +55,7 @@ BROKEN = "broken"  # a corrupt model file: known to the server, never ready
 
 @dataclass
 class Traffic:
-    server: live.Svertka
+    server: ServerProcess
     prom: live.Prometheus
     baseline: dict[str, float]
     client_latency_s: list[float] = field(default_factory=list)
@@ -114,7 +116,7 @@ def traffic(tmp_path_factory) -> Traffic:
         }
         t = Traffic(server, prom, baseline)
 
-        with grpc.insecure_channel(server.grpc_target) as ch:
+        with grpc.insecure_channel(server.address) as ch:
             classify = cpb_grpc.ImageClassifierStub(ch).Classify
 
             def one(i: int) -> float:
@@ -328,7 +330,7 @@ def test_model_statistics_agree_with_prometheus_counters(traffic: Traffic) -> No
     from service.gen.inference import grpc_service_pb2 as pb
     from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(traffic.server.grpc_target) as ch:
+    with grpc.insecure_channel(traffic.server.address) as ch:
         stats = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
             pb.ModelStatisticsRequest(name=MODEL), timeout=10
         )
@@ -344,7 +346,7 @@ def test_model_statistics_agree_with_prometheus_counters(traffic: Traffic) -> No
 
 def test_access_log_has_one_line_per_request_with_its_id(traffic: Traffic) -> None:
     lines = []
-    for raw in traffic.server.output().splitlines():
+    for raw in traffic.server.log().splitlines():
         try:
             rec = json.loads(raw)
         except ValueError:
@@ -360,4 +362,4 @@ def test_access_log_has_one_line_per_request_with_its_id(traffic: Traffic) -> No
         assert by_id[rid][0]["code"] == "INVALID_ARGUMENT"
     ok = by_id["obs-ok-0"][0]
     assert ok["model"] == MODEL and ok["code"] == "OK" and ok["duration_ms"] > 0
-    assert "not an image" not in traffic.server.output()  # no payload bytes in the logs
+    assert "not an image" not in traffic.server.log()  # no payload bytes in the logs

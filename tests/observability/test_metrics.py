@@ -9,6 +9,7 @@ counters must agree.
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -16,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import config
-from service.metrics import BATCH_SIZE_BUCKETS, Duration, Metrics, latency_buckets
+from service.metrics import BATCH_SIZE_BUCKETS, Metrics, latency_buckets
+from service.model_recorder import Duration
 
 M = {"model": "tiny", "version": "1"}
 
@@ -251,7 +253,13 @@ def test_build_info_and_process_metrics_present(metrics: Metrics) -> None:
     assert sample.labels["onnxruntime"]  # the version actually installed, not a placeholder
     assert value(metrics, "process_resident_memory_bytes") > 0
     assert value(metrics, "process_open_fds") > 0
-    assert value(metrics, "process_cpu_seconds_total") >= 0
+    # The CPU counter is a counter and follows this process's work: burn 0.2 s of CPU, see it move.
+    assert fams["process_cpu_seconds"].type == "counter"
+    before = value(metrics, "process_cpu_seconds_total")
+    burn_until = time.process_time() + 0.2
+    while time.process_time() < burn_until:
+        sum(range(10_000))
+    assert value(metrics, "process_cpu_seconds_total") - before >= 0.1
 
 
 def test_thread_safe_counts(metrics: Metrics) -> None:

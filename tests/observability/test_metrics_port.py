@@ -20,9 +20,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.target import ServerProcess
 from service import metrics_http
 from service.metrics import Metrics
-from tests.api.serverproc import ServerProcess
 from tests.helpers.tinymodel import make_repository
 
 UNFINISHED = 500
@@ -112,6 +112,7 @@ def test_a_client_that_sends_half_a_request_is_disconnected(server):
         assert _closed_by_server(sock, timeout_s=metrics_http.REQUEST_TIMEOUT_S * 6)
 
 
+@pytest.mark.integration
 def test_metrics_host_binds_only_there(tmp_path):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     # gRPC on every interface, metrics on loopback only.

@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from service import config, errors
-from service.api import tensors
+from service.api import tensor_outputs, tensors
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.preprocess import Preprocessor
 from tests.helpers.tinymodel import tiny_meta
@@ -64,7 +64,7 @@ def check_parse(request: kpb.ModelInferRequest) -> tensors.ParsedInput | None:
     """Parse a ModelInfer request for the tiny model; None if refused with InvalidInput."""
     try:
         parsed = tensors.parse_input(request, META)
-        outputs = tensors.requested_outputs(request, META)
+        outputs = tensor_outputs.requested_outputs(request, META)
     except errors.InvalidInput as exc:
         assert exc.message
         return None
@@ -100,4 +100,4 @@ def check_split(raw: bytes) -> None:
         items = tensors.split_raw_bytes("input", raw)
     except errors.InvalidInput:
         return
-    assert tensors.encode_bytes(items) == raw
+    assert tensor_outputs.encode_bytes(items) == raw

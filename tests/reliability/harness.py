@@ -1,6 +1,6 @@
 """What the reliability tests share: servers in subprocesses, request builders, metrics and stats readers.
 
-Servers run as real ``svertka serve`` processes (tests/api/serverproc.py) so
+Servers run as real ``svertka serve`` processes (bench/target.py's ServerProcess) so
 that signals, resident memory and exit codes are the real ones, and clients
 are our own generated stubs over real loopback channels.
 """
@@ -19,9 +19,10 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.target import ServerProcess
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
-from tests.api.serverproc import ROOT, ServerProcess
+from tests.helpers import ROOT
 
 #: The bundled default model, built by ``make model`` (SVERTKA_RELIABILITY_MODELS: another repository
 #: holding a ``digits`` model, e.g. one built with ``svertka build-default --repository DIR``).

@@ -20,7 +20,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from service import layout, models
+from service import layout
+from service.engine import loading
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
@@ -28,6 +29,8 @@ from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.api import images
 from tests.helpers.tinymodel import make_repository, make_tiny_model
 from tests.reliability import harness
+
+pytestmark = pytest.mark.integration
 
 H = health_pb2.HealthCheckResponse
 #: Failed RepositoryModelLoad calls after the warm-up ones.
@@ -133,14 +136,14 @@ def _replace(path: Path, seed: int) -> str:
     staging = path.with_name(".staging.onnx")
     make_tiny_model(staging, seed=seed)
     os.replace(staging, path)
-    return models.file_fingerprint(path)
+    return loading.file_fingerprint(path)
 
 
 @pytest.mark.slow
 def test_a_model_file_replaced_in_place_shows_its_new_fingerprint(tmp_path):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     path = repo / "tiny" / "1" / layout.MODEL_FILE
-    first = models.file_fingerprint(path)
+    first = loading.file_fingerprint(path)
     args = ("--enable-model-control", "--repository-poll-s", "0.2", "--access-log", "--log-format", "json")
     with harness.running_server(repo, tmp_path / "server.log", *args) as server:
         channel = grpc.insecure_channel(server.address)

@@ -22,6 +22,8 @@ from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from tests.helpers.tinymodel import make_repository, write_corrupt_model
 from tests.reliability import harness
 
+pytestmark = pytest.mark.integration
+
 H = health_pb2.HealthCheckResponse
 #: Broken model -> what its unavailability reason must say.
 BROKEN = {

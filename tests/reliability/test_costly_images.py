@@ -30,10 +30,12 @@ from PIL import Image
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
 from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
-from tests.api.serverproc import ROOT
+from tests.helpers import ROOT
 from tests.helpers import costly_images as costly
 from tests.helpers.tinymodel import make_repository
 from tests.reliability import costly_client, harness
+
+pytestmark = pytest.mark.integration
 
 BASELINE_S = 2.0
 HOSTILE_CLIENTS = 4

@@ -21,16 +21,18 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.target import ServerProcess
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
 from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from service.server import EXIT_ABANDONED
 from tests.api import images
-from tests.api.serverproc import ServerProcess
 from tests.helpers.tinymodel import make_repository
 from tests.reliability import rawh2
 from tests.reliability.slowmodel import make_slow_model
+
+pytestmark = pytest.mark.integration
 
 CALLERS = 8
 

@@ -83,7 +83,7 @@ class _Counts:
 
 def _wait_running(srv: InProcessServer, name: str, queued: int = 0) -> None:
     """Until a batch of ``name`` is computing and ``queued`` rows wait behind it."""
-    batcher = srv.manager.get(name).batcher
+    batcher = srv.engine.get(name).batcher
     harness.wait_until(
         lambda: batcher.busy and batcher.queued_rows == queued,
         what=f"{name}: a batch running, {queued} queued",
@@ -91,12 +91,12 @@ def _wait_running(srv: InProcessServer, name: str, queued: int = 0) -> None:
 
 
 def _wait_queued(srv: InProcessServer, name: str, rows: int) -> None:
-    batcher = srv.manager.get(name).batcher
+    batcher = srv.engine.get(name).batcher
     harness.wait_until(lambda: batcher.queued_rows == rows, what=f"{name}: {rows} rows queued")
 
 
 def _wait_settled(srv: InProcessServer, name: str) -> None:
-    batcher = srv.manager.get(name).batcher
+    batcher = srv.engine.get(name).batcher
     harness.wait_until(lambda: not batcher.busy, what=f"{name}: queue empty and nothing running")
 
 
@@ -167,7 +167,7 @@ def test_deadline_expiring_in_the_queue_is_never_computed(srv, channel):
 
 def test_a_cancelled_stream_frees_its_queued_work(srv, channel):
     tensor_api = kgrpc.GRPCInferenceServiceStub(channel)
-    batcher = srv.manager.get("slow").batcher
+    batcher = srv.engine.get("slow").batcher
     before = _Counts(srv, channel, "slow")
     ahead = [tensor_api.ModelInfer.future(harness.tensor_request(model="slow"), timeout=60) for _ in range(4)]
 

@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from service.api import tensors
+from service.api import tensor_outputs, tensors
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
 from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.api.conftest import InProcessServer
-from tests.api.serverproc import ROOT
+from tests.helpers import ROOT
 from tests.helpers.tinymodel import make_repository
 from tests.reliability import fuzzing
 
@@ -175,7 +175,9 @@ def test_tensor_parsing_of_arbitrary_wire_bytes(data):
 
 @fuzz_settings()
 @given(
-    st.one_of(st.binary(max_size=64), st.lists(st.binary(max_size=12), max_size=5).map(tensors.encode_bytes))
+    st.one_of(
+        st.binary(max_size=64), st.lists(st.binary(max_size=12), max_size=5).map(tensor_outputs.encode_bytes)
+    )
 )
 def test_raw_bytes_splitting_round_trips_or_is_refused(raw):
     fuzzing.check_split(raw)
@@ -224,6 +226,7 @@ ALLOWED = {
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_the_server_never_answers_a_fuzzed_request_with_internal(stubs):
     image_api, tensor_api = stubs
 

@@ -27,6 +27,8 @@ from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.helpers.tinymodel import make_repository
 from tests.reliability import harness
 
+pytestmark = pytest.mark.integration
+
 MIB = 1 << 20
 TINY_SIZE = 32
 #: The largest message the server takes by default (64 MiB) less room for the envelope.

@@ -18,6 +18,8 @@ from tests.helpers.tinymodel import make_repository
 from tests.reliability import harness
 from tests.reliability.load import KINDS, Workload, run_load
 
+pytestmark = pytest.mark.integration
+
 WARMUP_REQUESTS = 2_000
 #: 20,000 in ``make test``; set SVERTKA_LOAD_REQUESTS for a longer soak (docs/reliability.md).
 REQUESTS = int(os.environ.get("SVERTKA_LOAD_REQUESTS", "20000"))

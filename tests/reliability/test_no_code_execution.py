@@ -18,7 +18,7 @@ import pytest
 from service.gen.svertka.v1 import classifier_pb2 as cpb
 from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.api.conftest import InProcessServer
-from tests.api.serverproc import ROOT
+from tests.helpers import ROOT
 from tests.helpers.tinymodel import make_tiny_model
 from tests.reliability import hostile
 
@@ -83,6 +83,7 @@ def sentinel(tmp_path) -> Path:
     return tmp_path / "PWNED"
 
 
+@pytest.mark.integration
 def test_hostile_metadata_is_served_as_text_and_never_run(tmp_path, sentinel):
     class Payload:
         def __reduce__(self):

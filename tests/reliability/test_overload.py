@@ -19,6 +19,8 @@ from tests.api import images
 from tests.reliability import harness
 from tests.reliability.slowmodel import make_slow_model
 
+pytestmark = pytest.mark.integration
+
 #: ~0.1 s of compute per batch of up to 4 rows, and 8 rows of queue: about 40 rows/s of capacity.
 MATMULS = 14
 CONFIG = "max_batch_size: 4\nmax_queue_size: 8\nintra_op_threads: 1\n"

@@ -26,6 +26,8 @@ from tests.api import images
 from tests.reliability import harness
 from tests.reliability.slowmodel import make_slow_model
 
+pytestmark = pytest.mark.integration
+
 GRACE_S = 15.0
 #: Requests a stream keeps outstanding (sent, not yet answered).
 STREAM_WINDOW = 4

@@ -24,6 +24,8 @@ from service.gen.svertka.v1 import classifier_pb2_grpc as cgrpc
 from tests.helpers.tinymodel import make_repository
 from tests.reliability import harness, hostile
 
+pytestmark = pytest.mark.integration
+
 AGE = ("--max-connection-age-s", "1", "--max-connection-age-grace-s", "1")
 
 

@@ -29,6 +29,8 @@ from tests.api import images
 from tests.reliability import harness
 from tests.reliability.slowmodel import make_slow_model
 
+pytestmark = pytest.mark.integration
+
 #: A little compute per batch (~15 ms) so that requests are in flight at the moment of a swap.
 MATMULS = 2
 TENSOR_CLIENTS = 5

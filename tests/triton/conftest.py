@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.serverproc import ServerProcess
+from bench.target import ServerProcess
 from tests.helpers.tinymodel import make_repository
 
 #: perf_analyzer needs libcudart.so.12 even for a CPU server (bundled by nvidia-cuda-runtime-cu12).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import os
 import queue
 import subprocess
@@ -43,7 +44,7 @@ def _input(x: np.ndarray) -> grpcclient.InferInput:
     return inp
 
 
-def test_metadata_config_and_readiness(client):
+def test_metadata_config_and_readiness(client, repository):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     meta = client.get_model_metadata(MODEL, as_json=True)
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}]
@@ -51,8 +52,8 @@ def test_metadata_config_and_readiness(client):
     config = client.get_model_config(MODEL, as_json=True)["config"]
     assert config["max_batch_size"] == 16
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "10000"
-    sha256 = config["parameters"]["sha256"]["string_value"]  # which weights answer
-    assert len(sha256) == 12 and int(sha256, 16) >= 0
+    sha256 = config["parameters"]["sha256"]["string_value"]  # which weights answer: the file's sha256
+    assert sha256 == hashlib.sha256((repository / MODEL / "1" / "model.onnx").read_bytes()).hexdigest()[:12]
     server_meta = client.get_server_metadata(as_json=True)
     assert {"statistics", "system_shared_memory"} <= set(server_meta["extensions"])
     index = client.get_model_repository_index(as_json=True)
@@ -217,7 +218,7 @@ def test_perf_analyzer_runs_against_the_server(server, tmp_path, mode):
 
 def test_default_model_infer_equals_onnxruntime_bit_for_bit(tmp_path):
     """The same parity on the real default model (ResNet-20 with BatchNorm), when `make model` built it."""
-    from tests.api.serverproc import ServerProcess
+    from bench.target import ServerProcess
 
     model_file = Path(__file__).resolve().parents[2] / "models" / "digits" / "1" / "model.onnx"
     if not model_file.is_file():

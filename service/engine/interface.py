@@ -1,0 +1,165 @@
+"""The line between frontend and engine: what a frontend may ask of the engine, in plain data.
+
+A frontend (the gRPC servicers: wire format, auth, decoding of the request,
+per-request accounting) talks to the engine (repository, versions, batching,
+onnxruntime) only through :class:`Engine` and the :class:`Model` it hands
+out. What crosses is plain data: numpy arrays, the dataclasses below,
+``service.modelmeta.ModelMeta`` and ``service.config.ModelSettings``, and
+``service.errors`` exceptions; nothing shaped like grpc, protobuf or a
+metrics recorder. ``service.engine.repository.ModelRepository`` is the engine
+(in the frontend's process for now).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from service import config, errors, modelmeta
+
+if TYPE_CHECKING:
+    from service.engine.batching import BatchInfo, Result
+    from service.model_recorder import StatsSnapshot
+
+#: A model's states, as RepositoryIndex and health checks show them.
+READY = "READY"
+LOADING = "LOADING"
+UNAVAILABLE = "UNAVAILABLE"
+UNLOADING = "UNLOADING"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """The state of one model as health checks and RepositoryIndex see it."""
+
+    name: str
+    version: int | None
+    state: str  # READY | LOADING | UNAVAILABLE | UNLOADING
+    reason: str  # "" when READY, else a human-readable cause
+
+
+@dataclasses.dataclass
+class Timings:
+    """Where one request's time went: a caller passes one to ``infer_*``, which fills it in.
+
+    For a request with several images, ``preprocess_s`` is the sum of the
+    decodes, ``queue_s`` the longest wait, and the compute times are summed
+    over the distinct batches its images rode in.
+    """
+
+    preprocess_s: float = 0.0
+    queue_s: float = 0.0
+    compute_input_s: float = 0.0
+    compute_infer_s: float = 0.0
+    compute_output_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return self.compute_input_s + self.compute_infer_s + self.compute_output_s
+
+    def add_results(self, results: list[Result]) -> None:
+        """Account for the batches these results rode in (each batch once)."""
+        seen: dict[int, BatchInfo] = {}
+        for res in results:
+            self.queue_s = max(self.queue_s, res.queue_s)
+            seen[id(res.batch)] = res.batch
+        for info in seen.values():
+            self.compute_input_s += info.input_s
+            self.compute_infer_s += info.infer_s
+            self.compute_output_s += info.output_s
+
+
+def check_input_shape(meta: modelmeta.ModelMeta, shape: Sequence[int], shown: str) -> None:
+    """The rule for an FP32 input's shape: ``[N, C, H, W]`` with the model's C, H and W.
+
+    ``shown`` is the shape as the message quotes it (the caller bounds a client's shape).
+    Frontends check it on the shape a request declares, before reading its data; the engine
+    on the array it is given.
+    """
+    c, h, w = meta.input_shape
+    if len(shape) != 4 or tuple(shape[1:]) != (c, h, w):
+        raise errors.InvalidInput(
+            f"input '{meta.input_name}': expected FP32 shape [N,{c},{h},{w}], got {shown}"
+        )
+
+
+def check_rows(input_name: str, rows: int, limit: int, shown: str = "") -> None:
+    """The rule for the rows (images) of one request: 1 to ``max_rows_per_request``."""
+    if rows < 1:
+        raise errors.InvalidInput(f"input '{input_name}': batch dimension must be >= 1, got {shown or rows}")
+    if rows > limit:
+        raise errors.InvalidInput(
+            f"input '{input_name}': batch of {rows} rows; expected 1 to {limit} rows per request "
+            "(max_rows_per_request)"
+        )
+
+
+class Model(Protocol):
+    """One served (name, version): what a frontend reads of it and asks of it."""
+
+    name: str
+    version: int
+    meta: modelmeta.ModelMeta
+    settings: config.ModelSettings
+    #: The onnxruntime execution provider in use, the instances, and the loaded file's sha256 prefix.
+    provider: str
+    instances: int
+    sha256: str
+
+    @property
+    def max_decoded_pixels(self) -> int:
+        """The pixel limit in force for images decoded at full size."""
+        ...
+
+    async def infer_tensor(
+        self, batch: np.ndarray, *, deadline: float | None = None, timings: Timings | None = None
+    ) -> np.ndarray:
+        """Logits (n, classes) for these n float32 rows; raises service.errors."""
+        ...
+
+    async def infer_images(
+        self, images: Sequence[bytes], *, deadline: float | None = None, timings: Timings | None = None
+    ) -> list[np.ndarray | errors.SvertkaError]:
+        """One logits row or the InvalidInput per encoded image, in order."""
+        ...
+
+    def top_k(self, logits_row: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+        """(index, label, probability), best first."""
+        ...
+
+    def statistics(self) -> StatsSnapshot:
+        """Triton-style statistics of this (name, version) so far."""
+        ...
+
+
+class Engine(Protocol):
+    """The models a frontend can reach, and the engine's lifecycle."""
+
+    def get(self, name: str, version: int | str | None = None) -> Model:
+        """The serving version (``None``), or that version; ModelNotFound / ModelNotReady otherwise."""
+        ...
+
+    def status(self, name: str) -> ModelStatus: ...
+
+    def statuses(self) -> list[ModelStatus]: ...
+
+    def served(self) -> list[Model]:
+        """The serving version of every ready model."""
+        ...
+
+    def add_listener(self, callback: Callable[[ModelStatus], None]) -> None:
+        """``callback(status)`` on every state change, on the event loop."""
+        ...
+
+    async def load(self, name: str) -> ModelStatus: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def drain(self, timeout_s: float) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,111 @@
+"""The files of a model repository, as loading reads them: names, versions, fingerprints, sessions.
+
+Blocking functions run in the repository's loader thread; none keeps state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from service import config, errors, layout
+from service.engine import runtime
+
+MODEL_FILE = layout.MODEL_FILE
+#: Hex digits of the model file's sha256 that identify the weights being served.
+FINGERPRINT_CHARS = 12
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name (service.layout), else raise ModelNotFound (it can't exist)."""
+    if not layout.is_valid_name(name):
+        raise errors.ModelNotFound(f"invalid model name {errors.shown(name)}: expected {layout.NAME_RULE}")
+    return name
+
+
+def repository_versions(model_dir: Path) -> list[int]:
+    """Versions present on disk: version directories (service.layout) holding a model.onnx."""
+    return layout.versions(model_dir)
+
+
+def relative_to(repository: Path, text: str) -> str:
+    """``text`` with the repository's own path taken out: clients see paths inside it only."""
+    for root in {str(repository), str(repository.resolve())}:
+        text = text.replace(root + "/", "").replace(root, "<repository>")
+    return text
+
+
+def file_fingerprint(path: Path) -> str:
+    """The first FINGERPRINT_CHARS hex digits of the file's sha256 (blocking: run it off the loop)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def load_sessions(
+    path: Path, settings: config.ModelSettings, cpu_budget: int
+) -> tuple[list[runtime.Session], str]:
+    """The loader thread's work: the file's fingerprint, then the warmed-up sessions."""
+    try:
+        sha256 = file_fingerprint(path)
+    except OSError as exc:
+        raise runtime.ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return runtime.load_instances(path, settings, cpu_budget), sha256
+
+
+def close_loaded(future: concurrent.futures.Future) -> None:
+    """Close the sessions of a load nobody waits for any more (runs in the loader thread)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    sessions, _ = future.result()
+    for session in sessions:
+        session.close()
+
+
+def parse_version(name: str, version: str | int) -> int:
+    if isinstance(version, np.integer):
+        version = int(version)
+    parsed = version if layout.is_version(version) else layout.parse_version(version)
+    if parsed is None:
+        raise errors.ModelNotFound(
+            f"model '{name}' has no version {errors.shown(version)} (a version is {layout.VERSION_RULE})"
+        )
+    return parsed
+
+
+def config_stamp(directory: Path) -> tuple:
+    stamps = []
+    for fname in layout.CONFIG_FILES:
+        try:
+            st = (directory / fname).stat()
+        except OSError:
+            continue
+        stamps.append((fname, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+def desired_fingerprint(directory: Path) -> tuple:
+    """What the repository currently asks to serve: (version, model file stamp, config stamp).
+
+    Polling reloads a model when this changes, and does not retry a failed
+    load until it changes (a half-copied file is retried once it is complete).
+    """
+    versions = repository_versions(directory)
+    try:
+        settings = config.ModelSettings.load(directory)
+        wanted: int | str | None = settings.version or (versions[-1] if versions else None)
+    except Exception:  # config.ConfigError, or anything else a broken file raises: same outcome
+        wanted = "bad config"
+    stamp = None
+    if isinstance(wanted, int):
+        try:
+            st = (directory / str(wanted) / MODEL_FILE).stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+    return (wanted, stamp, config_stamp(directory))
