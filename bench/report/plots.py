@@ -59,12 +59,9 @@ def plot_latency(model: dict, path: Path, bound_ms: float) -> None:
         xs = [p[key] for p in points]
         left.plot(xs, [p["latency_ms"]["p50"] for p in points], "o-", color=color, label=f"{name} p50")
         left.plot(xs, [p["latency_ms"]["p99"] for p in points], "x--", color=color, label=f"{name} p99")
-    left.set_xlabel("throughput, images / s (closed loop, concurrency 1..16)")
-    left.set_ylabel("latency, ms")
-    left.set_yscale("log")
-    left.set_title("closed loop")
-    left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=7)
+    _log_latency_axes(
+        left, "throughput, images / s (closed loop, concurrency 1..16)", "latency, ms", "closed loop"
+    )
 
     rates = [("svertka tensor", model["svertka"]["tensor_rate"], SVERTKA_COLOR),
              ("svertka image", model["svertka"]["image"]["rate"], IMAGE_COLOR)]  # fmt: skip
@@ -77,12 +74,12 @@ def plot_latency(model: dict, path: Path, bound_ms: float) -> None:
         right.plot([r["load"] for r in tried], [r["latency_ms"]["p50"] for r in tried], ".:", color=color,
                    label=f"{name} p50")  # fmt: skip
     right.axhline(bound_ms, color=CEILING_COLOR, linestyle=":", label=f"{bound_ms:g} ms bound")
-    right.set_xlabel("offered load, Poisson arrivals / s")
-    right.set_ylabel("latency from scheduled arrival, ms")
-    right.set_yscale("log")
-    right.set_title("open loop (Poisson)")
-    right.grid(alpha=0.3, which="both")
-    right.legend(fontsize=7)
+    _log_latency_axes(
+        right,
+        "offered load, Poisson arrivals / s",
+        "latency from scheduled arrival, ms",
+        "open loop (Poisson)",
+    )
     fig.suptitle(f"{model['label']}: latency percentiles vs load")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -126,3 +123,13 @@ def plot_batches(model: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _log_latency_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, a log latency scale, a light grid and a small legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)

@@ -220,14 +220,7 @@ class Batcher:
         """Stop: fail whatever is still queued with Draining, wait for running batches, free threads."""
         self._draining = True
         self._closed = True
-        while self._queue:
-            req = self._queue.popleft()
-            if req.state is _State.QUEUED:
-                self._drop(req)
-                if not req.future.done():
-                    req.future.set_exception(
-                        errors.Draining(f"{self.label} was unloaded before this request ran")
-                    )
+        self._fail_queued(lambda: errors.Draining(f"{self.label} was unloaded before this request ran"))
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         if self._task is not None:
@@ -348,14 +341,16 @@ class Batcher:
             # A bug here must not leave callers waiting forever: fail what is queued, restart on next submit.
             log.exception("%s: batching loop failed; failing the queued requests", self.label)
             self._task = None
-            while self._queue:
-                req = self._queue.popleft()
-                if req.state is _State.QUEUED:
-                    self._drop(req)
-                    if not req.future.done():
-                        req.future.set_exception(
-                            errors.InferenceFailed(f"{self.label}: internal batching error")
-                        )
+            self._fail_queued(lambda: errors.InferenceFailed(f"{self.label}: internal batching error"))
+
+    def _fail_queued(self, error: Callable[[], errors.SvertkaError]) -> None:
+        """Take every request out of the queue; those still waiting fail with a new ``error()`` each."""
+        while self._queue:
+            req = self._queue.popleft()
+            if req.state is _State.QUEUED:
+                self._drop(req)
+                if not req.future.done():
+                    req.future.set_exception(error())
 
     async def _form_batches(self) -> None:
         while True:

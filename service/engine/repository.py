@@ -268,8 +268,9 @@ class ModelRepository:
         recorder = self.metrics.model(name, version)
         try:
             served = await ServedModel.start(
-                name, version, meta, settings, sessions, recorder, self._decode_executor, path, sha256
-            )
+                name, version, meta, settings, sessions, recorder,
+                decode_executor=self._decode_executor, path=path, sha256=sha256,
+            )  # fmt: skip
         except Exception as exc:  # the sessions are closed: nothing outlives a failed load
             log.exception("model '%s' version %d: unexpected error while starting it", name, version)
             return self._failed(

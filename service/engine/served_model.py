@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,31 +61,37 @@ class ServedModel:
         # Exported so the queue-saturation alert and dashboard can compare depth with capacity.
         recorder.set_queue_capacity(settings.max_queue_size)
         self.path = path
-        self.provider = sessions[0].provider
-        self.instances = len(sessions)
-        self.threads_per_instance = sessions[0].threads
-        self._sessions = sessions
-        self._decode_executor = decode_executor
-        self.preprocessor = Preprocessor(
-            meta,
-            max_pixels=settings.max_image_pixels,
-            max_decoded_pixels=settings.decoded_pixels(meta.resize),
-        )
-        self.label = f"model '{name}' version {self.version}"
-        self.batcher = Batcher(
-            [s.run for s in sessions],
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-            max_queue_rows=settings.max_queue_size,
-            preferred_batch_sizes=settings.preferred_batch_sizes,
-            hooks=Hooks(
-                rejected=recorder.rejected,
-                queued=recorder.queued,
-                batch=self._record_batch,
-                queue_rows=self._record_depth,
-            ),
-            label=self.label,
-        )
+        try:
+            self.provider = sessions[0].provider
+            self.instances = len(sessions)
+            self.threads_per_instance = sessions[0].threads
+            self._sessions = sessions
+            self._decode_executor = decode_executor
+            self.preprocessor = Preprocessor(
+                meta,
+                max_pixels=settings.max_image_pixels,
+                max_decoded_pixels=settings.decoded_pixels(meta.resize),
+            )
+            self.label = f"model '{name}' version {self.version}"
+            self.batcher = Batcher(
+                [s.run for s in sessions],
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                max_queue_rows=settings.max_queue_size,
+                preferred_batch_sizes=settings.preferred_batch_sizes,
+                hooks=Hooks(
+                    rejected=recorder.rejected,
+                    queued=recorder.queued,
+                    batch=self._record_batch,
+                    queue_rows=self._record_depth,
+                ),
+                label=self.label,
+            )
+        except BaseException:
+            # Nothing may outlive a failed load: the sessions (and their onnxruntime threads) go now.
+            for session in sessions:
+                session.close()
+            raise
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,39 +100,20 @@ class ServedModel:
         self._closed = False
 
     @classmethod
-    async def start(
-        cls,
-        name: str,
-        version: int,
-        meta: modelmeta.ModelMeta,
-        settings: config.ModelSettings,
-        sessions: list[runtime.Session],
-        recorder: ModelRecorder,
-        decode_executor: concurrent.futures.Executor,
-        path: Path,
-        sha256: str,
-    ) -> ServedModel:
-        """A served model over freshly loaded sessions, its decoder warmed up.
+    async def start(cls, *args: Any, **kwargs: Any) -> ServedModel:
+        """A served model over freshly loaded sessions (the constructor's arguments), decoder warmed up.
 
         If it cannot be made, the sessions (and their onnxruntime threads) are closed before the
         error leaves: nothing outlives a failed load.
         """
+        served = cls(*args, **kwargs)  # a constructor that fails has closed the sessions
         try:
-            served = cls(
-                name, version, meta, settings, sessions, recorder,
-                decode_executor=decode_executor, path=path, sha256=sha256,
-            )  # fmt: skip
-        except BaseException:
-            for session in sessions:
-                session.close()
-            raise
-        try:
-            await asyncio.get_running_loop().run_in_executor(decode_executor, served.warm_up_decode)
+            await asyncio.get_running_loop().run_in_executor(served._decode_executor, served.warm_up_decode)
         except asyncio.CancelledError:
             await served.close()
             raise
         except Exception:  # a decode warm-up failure must not make a good model unavailable
-            log.warning("model '%s' version %d: decode warm-up failed", name, version, exc_info=True)
+            log.warning("%s: decode warm-up failed", served.label, exc_info=True)
         return served
 
     # -- accounting -------------------------------------------------------------

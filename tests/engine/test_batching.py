@@ -82,6 +82,16 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def one_running_and_queued(model: FakeModel, b: Batcher, queued: int) -> list[asyncio.Task]:
+    """One one-row request held inside the model, then ``queued`` more waiting in the queue behind it."""
+    model.gate.clear()
+    tasks = [asyncio.create_task(b.submit(rows(0)))]
+    await model.wait_entered()
+    tasks += [asyncio.create_task(b.submit(rows(i))) for i in range(1, queued + 1)]
+    await until(lambda: b.queued_rows == queued, f"{queued} queued rows")
+    return tasks
+
+
 def test_requests_are_batched_and_each_caller_gets_its_own_rows():
     async def main():
         model, rec = FakeModel(), Recorded()
@@ -138,11 +148,7 @@ def test_batch_closes_at_max_batch_size_in_arrival_order():
     async def main():
         model = FakeModel()
         b = make(model, max_batch_size=4)
-        model.gate.clear()
-        tasks = [asyncio.create_task(b.submit(rows(0)))]
-        await model.wait_entered()
-        tasks += [asyncio.create_task(b.submit(rows(i))) for i in range(1, 10)]
-        await until(lambda: b.queued_rows == 9, "9 queued rows")
+        tasks = await one_running_and_queued(model, b, 9)
         model.gate.set()
         results = await asyncio.gather(*tasks)
         assert [r.rows[0, 0] for r in results] == list(range(10))
@@ -180,11 +186,7 @@ def test_preferred_batch_sizes():
     async def main():
         model = FakeModel()
         b = make(model, max_batch_size=8, preferred_batch_sizes=(4,))
-        model.gate.clear()
-        tasks = [asyncio.create_task(b.submit(rows(0)))]
-        await model.wait_entered()
-        tasks += [asyncio.create_task(b.submit(rows(i))) for i in range(1, 8)]
-        await until(lambda: b.queued_rows == 7, "7 queued rows")
+        tasks = await one_running_and_queued(model, b, 7)
         model.gate.set()
         await asyncio.gather(*tasks)
         # 7 waiting: the preferred 4 first, then the rest once the instance is idle.
@@ -308,11 +310,7 @@ def test_drain_finishes_queued_work_and_refuses_new():
     async def main():
         model = FakeModel()
         b = make(model, max_batch_size=2)
-        model.gate.clear()
-        tasks = [asyncio.create_task(b.submit(rows(0)))]
-        await model.wait_entered()
-        tasks += [asyncio.create_task(b.submit(rows(i))) for i in range(1, 6)]
-        await until(lambda: b.queued_rows == 5, "5 queued rows")
+        tasks = await one_running_and_queued(model, b, 5)
         draining = asyncio.create_task(b.drain())
         await asyncio.sleep(0)
         with pytest.raises(errors.Draining, match="shutting down"):

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.target import ServerProcess
 from service.metrics import latency_buckets
 from tests.observability import artifacts, live
+from tests.reliability.harness import samples_of
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,17 +72,9 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def _sum(text: str, name: str, **labels: str) -> float:
     total = 0.0
-    for (n, lv), v in _samples(text).items():
+    for (n, lv), v in samples_of(text).items():
         if n == name and all(dict(lv).get(k) == want for k, want in labels.items()):
             total += v
     return total
@@ -187,7 +179,7 @@ def test_promtool_check_metrics_on_live_scrape_is_clean(traffic: Traffic) -> Non
 
 
 def test_every_metric_the_dashboard_and_rules_use_is_in_the_live_scrape(traffic: Traffic) -> None:
-    exported = {name for name, _ in _samples(traffic.server.scrape())}
+    exported = {name for name, _ in samples_of(traffic.server.scrape())}
     missing = artifacts.referenced_server_metrics() - exported - artifacts.GPU_ONLY
     assert not missing, f"referenced but not exported by a running svertka: {sorted(missing)}"
 

@@ -87,15 +87,19 @@ def model_stats(channel: grpc.Channel, name: str, version: str = "") -> kpb.Mode
     return stats
 
 
-def scrape(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample on a /metrics page, keyed by (sample name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
+def samples_of(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text page, keyed by (sample name, sorted labels)."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def scrape(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample on a server's /metrics page (see ``samples_of``)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        return samples_of(reply.read().decode())
 
 
 def sample(samples: dict, name: str, **labels: str) -> float:

@@ -52,6 +52,10 @@ def _good_png(size: int) -> bytes:
     return buf.getvalue()
 
 
+def _latencies(values) -> dict:
+    return {"n": len(values), "p50_ms": _ms(values, 50), "p99_ms": _ms(values, 99)}
+
+
 def _ms(values: list[float], q: float) -> float:
     return round(harness.percentile(values, q) * 1000, 1)
 
@@ -130,28 +134,10 @@ async def _scenario(address: str, pid: int, model: str, size: int) -> dict:
         "hostile_bytes_per_round": result["bytes_per_round"],
         "refusal_p50_ms": _ms(refusals, 50),
         "refusal_max_ms": _ms(refusals, 100),
-        "good_image_alone": {
-            "n": len(alone["image"]),
-            "p50_ms": _ms(alone["image"], 50),
-            "p99_ms": _ms(alone["image"], 99),
-        },
-        "good_tensor_alone": {
-            "n": len(alone["tensor"]),
-            "p50_ms": _ms(alone["tensor"], 50),
-            "p99_ms": _ms(alone["tensor"], 99),
-        },
-        "good_image_attacked": {
-            "n": len(attacked["image"]),
-            "p50_ms": _ms(attacked["image"], 50),
-            "p99_ms": _ms(attacked["image"], 99),
-            "max_ms": _ms(attacked["image"], 100),
-        },
-        "good_tensor_attacked": {
-            "n": len(attacked["tensor"]),
-            "p50_ms": _ms(attacked["tensor"], 50),
-            "p99_ms": _ms(attacked["tensor"], 99),
-            "max_ms": _ms(attacked["tensor"], 100),
-        },
+        "good_image_alone": _latencies(alone["image"]),
+        "good_tensor_alone": _latencies(alone["tensor"]),
+        "good_image_attacked": {**_latencies(attacked["image"]), "max_ms": _ms(attacked["image"], 100)},
+        "good_tensor_attacked": {**_latencies(attacked["tensor"]), "max_ms": _ms(attacked["tensor"], 100)},
         "rss_growth_peak_mb": round((max(rss) - rss_before) / 2**20, 1),
     }
 
