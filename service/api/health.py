@@ -1,4 +1,4 @@
-"""``grpc.health.v1.Health`` fed from the model manager's state.
+"""``grpc.health.v1.Health`` fed from the engine's state.
 
 Service names: ``""`` is the whole server (SERVING once every model has been
 loaded or has failed and at least one is READY, until draining starts); each model name is SERVING
@@ -31,15 +31,15 @@ API_SERVICES = ("svertka.v1.ImageClassifier", "inference.GRPCInferenceService")
 class HealthReporter:
     """Owns the health servicer and keeps it in step with the server state and the models."""
 
-    def __init__(self, manager: Engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.servicer = health_aio.HealthServicer()
-        self._engine = manager
+        self._engine = engine
         self._serving = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models: set[str] = set()
 
     async def start(self) -> None:
-        """Begin NOT_SERVING everywhere and follow the manager's state changes from now on."""
+        """Begin NOT_SERVING everywhere and follow the engine's state changes from now on."""
         self._loop = asyncio.get_running_loop()
         for name in (config.SERVER_HEALTH_SERVICE, *API_SERVICES):
             await self.servicer.set(name, NOT_SERVING)
@@ -47,7 +47,7 @@ class HealthReporter:
         await self.refresh()
 
     def _on_change(self, _status) -> None:
-        # The manager may call from an executor thread; the servicer lives on the loop.
+        # The engine may call from an executor thread; the servicer lives on the loop.
         loop = self._loop
         if loop is None or loop.is_closed():
             return
@@ -61,7 +61,7 @@ class HealthReporter:
             asyncio.run_coroutine_threadsafe(self.refresh(), loop)
 
     async def refresh(self) -> None:
-        """Recompute every service's status from the manager (idempotent)."""
+        """Recompute every service's status from the engine (idempotent)."""
         ready: dict[str, bool] = {}
         for s in self._engine.statuses():
             ready[s.name] = ready.get(s.name, False) or s.state == "READY"

@@ -227,7 +227,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             and (wanted_version is None or m.version == wanted_version)
         ]
         if request.name and not models:
-            # Let the manager say what exists (NOT_FOUND) or why it is not ready (UNAVAILABLE).
+            # Let the engine say what exists (NOT_FOUND) or why it is not ready (UNAVAILABLE).
             self._model(request.name, request.version)
         response = pb.ModelStatisticsResponse()
         for model in sorted(models, key=lambda m: (m.name, m.version)):

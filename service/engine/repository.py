@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Entry:
-    """Everything the manager knows about one model name."""
+    """Everything the repository knows about one model name."""
 
     name: str
     directory: Path
