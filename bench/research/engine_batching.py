@@ -75,9 +75,9 @@ async def bench_policy(args) -> None:
     for concurrency in args.concurrency:
         for idle_dispatch in (True, False):
             model.batcher.dispatch_when_idle = idle_dispatch
-            before = model.statistics()
+            before = await model.statistics()
             rps, p50, p99, _ = await closed_loop(lambda: model.infer_tensor(x), concurrency, args.seconds)
-            after = model.statistics()
+            after = await model.statistics()
             rows = after.inference_count - before.inference_count
             batches = after.execution_count - before.execution_count
             name = "dispatch when idle" if idle_dispatch else f"wait {model.settings.max_queue_delay_ms:g} ms"

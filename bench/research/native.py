@@ -199,14 +199,14 @@ async def _measure(
 ) -> tuple[int, int, float]:
     """Load with ``concurrency`` callers; after the warm-up, perf for ``seconds``.
 
-    ``count()`` gives the model's (images, batches) so far. -> (images, batches, wall seconds) in perf's window.
+    ``await count()`` gives the model's (images, batches) so far. -> (images, batches, wall seconds) in perf's window.
     """
     stop = asyncio.Event()
     load = asyncio.create_task(_closed_loop(call, concurrency, stop))
     await asyncio.sleep(WARMUP_S)
-    (images0, batches0), start = count(), time.perf_counter()
+    (images0, batches0), start = await count(), time.perf_counter()
     await record(pid, seconds, out)
-    (images1, batches1), wall = count(), time.perf_counter() - start
+    (images1, batches1), wall = await count(), time.perf_counter() - start
     stop.set()
     await load
     return images1 - images0, batches1 - batches0, wall
@@ -218,7 +218,7 @@ def served(args: argparse.Namespace, jpegs: list[bytes]) -> tuple[int, int, floa
     repo = target.single_model_repository(args.model_path, args.name, WORK / "repos")
     with target.serve(repo, log_path=WORK / f"svertka-{args.name}.log") as server:
 
-        def count() -> tuple[int, int]:
+        async def count() -> tuple[int, int]:
             counts = modelstats.batch_counts(server.grpc_url, args.name)
             return modelstats.images(counts), sum(counts.values())
 
@@ -266,8 +266,8 @@ def in_process(args: argparse.Namespace, jpegs: list[bytes]) -> tuple[int, int, 
                 async def call(i: int) -> None:
                     await model.infer_tensor(x)
 
-            def count() -> tuple[int, int]:
-                snapshot = model.statistics()
+            async def count() -> tuple[int, int]:
+                snapshot = await model.statistics()
                 return snapshot.inference_count, snapshot.execution_count
 
             return await _measure(

@@ -231,7 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._model(request.name, request.version)
         response = pb.ModelStatisticsResponse()
         for model in sorted(models, key=lambda m: (m.name, m.version)):
-            snap = model.statistics()
+            snap = await model.statistics()
             stats = response.model_stats.add(
                 name=model.name,
                 version=str(model.version),

@@ -13,8 +13,8 @@ metrics recorder. ``service.engine.repository.ModelRepository`` is the engine
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -97,6 +97,58 @@ def check_rows(input_name: str, rows: int, limit: int, shown: str = "") -> None:
         )
 
 
+def top_k(meta: modelmeta.ModelMeta, logits_row: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+    """(index, label, softmax probability), best first; ties keep class order. k > classes: all."""
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise errors.InvalidInput(f"top_k must be >= 1, got {k}")
+    k = min(int(k), meta.num_classes)
+    z = np.asarray(logits_row, np.float64).reshape(-1)
+    z = z - z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    return [(int(i), meta.labels[i], float(p[i])) for i in order]
+
+
+class _Entry(Protocol):
+    """What :func:`resolve` reads of a model name: its status, its versions on disk, what serves."""
+
+    status: ModelStatus
+    versions: list[int]
+    serving: Any
+
+
+def resolve(entries: Mapping[str, _Entry], name: str, version: int | None) -> Any:
+    """The serving model a request names (``version`` None: the newest), or the error that says why not.
+
+    The one rule, for the engine's repository and for a frontend's view of it in another
+    process. ``name`` and ``version`` have passed the layout rules already.
+    """
+    entry = entries.get(name)
+    if entry is None:
+        known = ", ".join(sorted(entries)) or "none"
+        raise errors.ModelNotFound(f"model '{name}' is not in the repository (models: {known})")
+    served = entry.serving
+    if version is None:
+        if served is None:
+            raise errors.ModelNotReady(_not_ready(name, entry.status))
+        return served
+    if served is not None and served.version == version:
+        return served
+    if version in entry.versions:
+        now = f"version {served.version} is serving" if served is not None else _not_ready(name, entry.status)
+        raise errors.ModelNotReady(f"model '{name}' version {version} is not loaded ({now})")
+    listed = ", ".join(map(str, entry.versions)) or "none"
+    raise errors.ModelNotFound(
+        f"model '{name}' has no version {version} (versions in the repository: {listed})"
+    )
+
+
+def _not_ready(name: str, status: ModelStatus) -> str:
+    reason = f": {status.reason}" if status.reason else ""
+    return f"model '{name}' is {status.state.lower()}{reason}"
+
+
 class Model(Protocol):
     """One served (name, version): what a frontend reads of it and asks of it."""
 
@@ -130,7 +182,7 @@ class Model(Protocol):
         """(index, label, probability), best first."""
         ...
 
-    def statistics(self) -> StatsSnapshot:
+    async def statistics(self) -> StatsSnapshot:
         """Triton-style statistics of this (name, version) so far."""
         ...
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from service import config, errors, layout
 from service.engine import runtime
-from service.engine.interface import LOADING, READY, UNAVAILABLE, UNLOADING, ModelStatus
+from service.engine.interface import LOADING, READY, UNAVAILABLE, UNLOADING, ModelStatus, resolve
 from service.engine.loading import (
     MODEL_FILE,
     check_name,
@@ -105,35 +105,8 @@ class ModelRepository:
     def get(self, name: str, version: str | int | None = None) -> ServedModel:
         """The ServedModel for a request. ``None``/``""`` means the serving (newest) version."""
         check_name(name)
-        entry = self._entries.get(name)
-        if entry is None:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise errors.ModelNotFound(f"model '{name}' is not in the repository (models: {known})")
-        served = entry.serving
-        if version is None or version == "":
-            if served is None:
-                raise errors.ModelNotReady(self._not_ready_message(entry))
-            return served
-        wanted = parse_version(name, version)
-        if served is not None and served.version == wanted:
-            return served
-        if wanted in entry.versions:
-            now = (
-                f"version {served.version} is serving"
-                if served is not None
-                else self._not_ready_message(entry)
-            )
-            raise errors.ModelNotReady(f"model '{name}' version {wanted} is not loaded ({now})")
-        listed = ", ".join(map(str, entry.versions)) or "none"
-        raise errors.ModelNotFound(
-            f"model '{name}' has no version {wanted} (versions in the repository: {listed})"
-        )
-
-    @staticmethod
-    def _not_ready_message(entry: _Entry) -> str:
-        status = entry.status
-        reason = f": {status.reason}" if status.reason else ""
-        return f"model '{entry.name}' is {status.state.lower()}{reason}"
+        wanted = None if version is None or version == "" else parse_version(name, version)
+        return resolve(self._entries, name, wanted)
 
     def statuses(self) -> list[ModelStatus]:
         return [self._entries[name].status for name in sorted(self._entries)]

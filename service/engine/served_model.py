@@ -312,21 +312,13 @@ class ServedModel:
         """The pixel limit in force for images decoded at full size (``auto`` resolved)."""
         return self.preprocessor.max_decoded_pixels
 
-    def statistics(self) -> StatsSnapshot:
+    async def statistics(self) -> StatsSnapshot:
         """Triton-style statistics of this (name, version) so far."""
         return self._recorder.snapshot()
 
     def top_k(self, logits_row: np.ndarray, k: int) -> list[tuple[int, str, float]]:
-        """(index, label, softmax probability), best first; ties keep class order. k > classes: all."""
-        if not isinstance(k, int | np.integer) or k < 1:
-            raise errors.InvalidInput(f"top_k must be >= 1, got {k}")
-        k = min(int(k), self.meta.num_classes)
-        z = np.asarray(logits_row, np.float64).reshape(-1)
-        z = z - z.max()
-        p = np.exp(z)
-        p /= p.sum()
-        order = np.argsort(-p, kind="stable")[:k]
-        return [(int(i), self.meta.labels[i], float(p[i])) for i in order]
+        """(index, label, softmax probability), best first (``interface.top_k``)."""
+        return interface.top_k(self.meta, logits_row, k)
 
     # -- lifecycle ------------------------------------------------------------------
     async def drain(self) -> None:

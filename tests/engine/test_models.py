@@ -81,7 +81,7 @@ def test_one_image_alone_equals_inside_a_batch_of_8(tmp_path):
         whole = await model.infer_tensor(x)
         alone = [await model.infer_tensor(x[i : i + 1]) for i in range(8)]
         together = await asyncio.gather(*(model.infer_tensor(x[i : i + 1]) for i in range(8)))
-        stats = model.statistics()
+        stats = await model.statistics()
         await manager.close()
         return whole, alone, together, stats
 
@@ -391,7 +391,7 @@ def test_runtime_failure_fails_only_its_batch(tmp_path):
         with pytest.raises(errors.InferenceFailed, match="inference failed on a batch of 1 rows: .*Reshape"):
             await model.infer_tensor(poisoned)
         after = await model.infer_tensor(images(3))
-        stats = model.statistics()
+        stats = await model.statistics()
         await manager.close()
         return after, stats
 
@@ -413,7 +413,7 @@ def test_deadline_and_overload_are_refused_before_compute(tmp_path):
             await model.infer_images([png(0)], deadline=time.monotonic() - 0.1)
         with pytest.raises(errors.Overloaded, match="can never fit the queue of 2 rows"):
             await model.infer_images([png(0)] * 3)
-        stats = model.statistics()
+        stats = await model.statistics()
         deadline = sample(metrics, "svertka_rejections_total", model="tiny", version="1", reason="deadline")
         await manager.close()
         return stats, deadline
@@ -669,7 +669,7 @@ def test_instances_and_precisions_from_the_repository(tmp_path, precision):
             arch="tinycnn",
             sha256=loading.file_fingerprint(repo / "tiny/1/model.onnx"),
         )
-        stats = model.statistics()
+        stats = await model.statistics()
         await manager.close()
         return model, outs, info, stats
 
