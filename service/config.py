@@ -50,6 +50,10 @@ def auto_decoded_pixels(resize: int) -> int:
 
 
 DEFAULT_MAX_ROWS_PER_REQUEST = 64
+#: Shared memory per frontend process (``--frontends`` > 1): 256 MiB holds 445 requests of one
+#: 224x224 image in flight, or 7 of 64 images.
+DEFAULT_FRONTEND_SHM_MIB = 256
+MAX_FRONTENDS = 64
 #: The latency SLO that the histogram buckets and alert rules are built around.
 DEFAULT_LATENCY_SLO_S = 0.1
 
@@ -374,6 +378,21 @@ class ServerConfig:
         default=None,
         metavar="PATH",
     )
+    #: int after validation, or "auto" (service.supervisor.frontend_count decides).
+    frontends: int | str = setting(
+        "str",
+        "gRPC frontend processes in front of one engine process (tensors pass through shared "
+        "memory); 1: one process, no IPC; auto: decided from the CPUs and the provider (default auto)",
+        default="auto",
+        metavar="N",
+    )
+    frontend_shm_mib: int = setting(
+        "int",
+        f"shared memory per frontend process for the rows of requests in flight, MiB "
+        f"(default {DEFAULT_FRONTEND_SHM_MIB}; /dev/shm must hold frontends x this)",
+        default=DEFAULT_FRONTEND_SHM_MIB,
+        metavar="MIB",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
@@ -393,3 +412,15 @@ class ServerConfig:
             raise ConfigError("tls_cert and tls_key: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
+        frontends = self.frontends
+        if isinstance(frontends, str) and frontends.strip().isdigit():
+            frontends = int(frontends)
+        if frontends != "auto" and not (_is_int(frontends) and 1 <= frontends <= MAX_FRONTENDS):
+            raise ConfigError(
+                f"frontends: expected auto or an integer from 1 to {MAX_FRONTENDS}, got {frontends!r}"
+            )
+        object.__setattr__(self, "frontends", frontends)
+        if not (_is_int(self.frontend_shm_mib) and 16 <= self.frontend_shm_mib <= 1 << 20):
+            raise ConfigError(
+                f"frontend_shm_mib: expected an integer from 16 to {1 << 20}, got {self.frontend_shm_mib!r}"
+            )

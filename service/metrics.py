@@ -7,6 +7,11 @@ process. Per model version a ``ModelRecorder`` is the single recording point:
 each call updates the Prometheus series and the counters behind
 ``ModelStatistics`` together, so the two never disagree.
 
+With several processes (``svertka serve --frontends N``) each engine and
+frontend process builds its ``Metrics`` with ``multiprocess=True`` and the
+supervisor serves the sum (``service.metrics_multiprocess``: the order of the
+calls, and what is summed how); everything else is as with one process.
+
 Naming follows Prometheus' conventions (https://prometheus.io/docs/practices/naming/):
 one ``svertka_`` prefix, base units (seconds), ``_total`` counters, ``_info``
 metadata, histograms with a bucket exactly at the latency SLO. The gRPC
@@ -18,8 +23,10 @@ a per-request value.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import platform
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -28,13 +35,31 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    make_wsgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
-from service import __version__, config
+from service import __version__, config, metrics_multiprocess
+from service.metrics_multiprocess import (
+    SupervisorMetrics,
+    mark_process_dead,
+    multiprocess_environment,
+    prepare_multiprocess,
+    serve_multiprocess,
+)
 from service.model_recorder import ModelRecorder
+
+__all__ = [
+    "BASE_LATENCY_BUCKETS_S",
+    "BATCH_SIZE_BUCKETS",
+    "Metrics",
+    "SupervisorMetrics",
+    "latency_buckets",
+    "mark_process_dead",
+    "multiprocess_environment",
+    "prepare_multiprocess",
+    "serve_multiprocess",
+]
 
 #: Request-scale buckets: sub-millisecond (tiny models, cache-warm CPU) to tens
 #: of seconds (a queue backed up behind a slow GPU warm-up). The SLO is added
@@ -81,7 +106,28 @@ def _package_version(name: str) -> str:
 
 
 class Metrics:
-    """All of svertka's metrics, on one registry that the caller owns (or a fresh one)."""
+    """All of svertka's metrics, on one registry that the caller owns (or a fresh one).
+
+    ``multiprocess=True``: this process is the engine or a frontend of a
+    server with several processes (``frontend``: the frontend's index, 0..N-1;
+    ``None`` in the engine). Its values go to the files the supervisor sums
+    (``PROMETHEUS_MULTIPROC_DIR``, which must have been set before
+    prometheus_client was imported here, else this raises), gauges carry
+    their ``multiprocess_mode``, the process, platform, GC and GPU collectors
+    are the supervisor's (so ``process_metrics``/``gpu_metrics`` are ignored),
+    and the port is the supervisor's (``start_http`` raises). A frontend also
+    has ``svertka_frontend_in_flight_requests{frontend}``.
+
+    ``statistics_sink``: in a frontend process, a callable given each
+    finished request's outcome (a dict: model, version, api, code,
+    duration_s, queue_s, compute_s, compute_input_s, compute_output_s) in
+    place of recording the ``ModelStatistics`` counters here; the engine
+    records them (``ModelRecorder.request(..., series=False)``). ``None``
+    (the default, and in the one process and the engine): recorded here.
+    """
+
+    #: Where ModelRecorder.request sends the statistics half of a request (see the class docstring).
+    statistics_sink: Callable[[dict[str, Any]], None] | None = None
 
     def __init__(
         self,
@@ -90,7 +136,20 @@ class Metrics:
         latency_slo_s: float = config.DEFAULT_LATENCY_SLO_S,
         process_metrics: bool = True,
         gpu_metrics: bool = True,
+        multiprocess: bool = False,
+        frontend: int | None = None,
     ) -> None:
+        if multiprocess:
+            metrics_multiprocess.check_child()
+        if frontend is not None and (not multiprocess or int(frontend) < 0):
+            raise ValueError(f"frontend: an index >= 0, with multiprocess=True; got {frontend!r}")
+        self.multiprocess = bool(multiprocess)
+        self.frontend = None if frontend is None else int(frontend)
+
+        def mode(multiprocess_mode: str) -> str:
+            # One process: prometheus_client's default, as before ("mostrecent" forbids inc/dec).
+            return multiprocess_mode if multiprocess else "all"
+
         self.registry = registry if registry is not None else CollectorRegistry()
         self.latency_slo_s = float(latency_slo_s)
         buckets = latency_buckets(self.latency_slo_s)
@@ -143,12 +202,29 @@ class Metrics:
         )
         self.inferences_total = Counter("svertka_inferences", "Rows (images) inferred.", mv, registry=r)
         self.batches_total = Counter("svertka_batches", "Batches executed.", mv, registry=r)
-        self.queue_depth = Gauge("svertka_queue_depth", "Rows waiting in the batching queue.", mv, registry=r)
+        # Gauge modes with several processes: "livesum" sums the live processes (the engine is the one
+        # that writes these); "livemostrecent" keeps the one value last set, without a pid label. A dead
+        # process's "live*" values are dropped (mark_process_dead).
+        self.queue_depth = Gauge(
+            "svertka_queue_depth",
+            "Rows waiting in the batching queue.",
+            mv,
+            registry=r,
+            multiprocess_mode=mode("livesum"),
+        )
         self.queue_capacity = Gauge(
-            "svertka_queue_capacity_rows", "Rows the batching queue holds before it rejects.", mv, registry=r
+            "svertka_queue_capacity_rows",
+            "Rows the batching queue holds before it rejects.",
+            mv,
+            registry=r,
+            multiprocess_mode=mode("livemostrecent"),
         )
         self.in_flight = Gauge(
-            "svertka_in_flight_requests", "Requests accepted and not yet answered.", mv, registry=r
+            "svertka_in_flight_requests",
+            "Requests accepted and not yet answered.",
+            mv,
+            registry=r,
+            multiprocess_mode=mode("livesum"),
         )
         self.rejections_total = Counter(
             "svertka_rejections",
@@ -163,14 +239,20 @@ class Metrics:
             "digits of model.onnx's sha256 (value 1).",
             (*mv, "provider", "precision", "arch", "sha256"),
             registry=r,
+            multiprocess_mode=mode("livemostrecent"),
         )
         self.model_ready = Gauge(
-            "svertka_model_ready", "1 when the model version is ready to serve, else 0.", mv, registry=r
+            "svertka_model_ready",
+            "1 when the model version is ready to serve, else 0.",
+            mv,
+            registry=r,
+            multiprocess_mode=mode("livemostrecent"),
         )
         self.latency_slo = Gauge(
             "svertka_latency_slo_seconds",
             "The request latency SLO the buckets and alerts are built around.",
             registry=r,
+            multiprocess_mode=mode("livemostrecent"),
         )
         self.latency_slo.set(self.latency_slo_s)
         self.build_info = Gauge(
@@ -178,6 +260,7 @@ class Metrics:
             "svertka build: its version and the runtime libraries it serves with (value 1).",
             ("version", "python", "onnxruntime", "grpcio"),
             registry=r,
+            multiprocess_mode=mode("livemostrecent"),
         )
         ort = _package_version("onnxruntime") or _package_version("onnxruntime-gpu")
         self.build_info.labels(__version__, platform.python_version(), ort, _package_version("grpcio")).set(1)
@@ -202,11 +285,24 @@ class Metrics:
             registry=r,
         )
 
-        if process_metrics:
+        self._frontend_in_flight: Any = None
+        if self.frontend is not None:
+            self.frontend_in_flight = Gauge(
+                "svertka_frontend_in_flight_requests",
+                "Requests a frontend process has accepted and not yet answered, by frontend index.",
+                ("frontend",),
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self._frontend_in_flight = self.frontend_in_flight.labels(str(self.frontend))
+            self._frontend_in_flight.set(0)  # a restarted frontend's series is back at once, at 0
+
+        # With several processes these are the supervisor's (service.metrics_multiprocess.SupervisorMetrics).
+        if process_metrics and not multiprocess:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        if gpu_metrics:
+        if gpu_metrics and not multiprocess:
             from service.gpu_metrics import GpuCollector
 
             self.gpu = GpuCollector()
@@ -228,6 +324,17 @@ class Metrics:
                 self._recorders[key] = rec
             return rec
 
+    # -- per frontend (several processes) ----------------------------------
+    def frontend_request_started(self) -> None:
+        """A frontend accepted a request (once its model is known); no-op outside a frontend process."""
+        if self._frontend_in_flight is not None:
+            self._frontend_in_flight.inc()
+
+    def frontend_request_finished(self) -> None:
+        """The request ``frontend_request_started`` counted has been answered (any outcome)."""
+        if self._frontend_in_flight is not None:
+            self._frontend_in_flight.dec()
+
     def set_model_info(
         self, name: str, version: int, *, provider: str, precision: str, arch: str, sha256: str = ""
     ) -> None:
@@ -237,7 +344,7 @@ class Metrics:
         with self._lock:
             old = self._info_labels.pop(key, None)
             if old is not None:
-                self.model_info.remove(name, str(key[1]), *old)
+                self._remove_gauge(self.model_info, name, str(key[1]), *old)
             self._info_labels[key] = (provider, precision, arch, sha256)
         self.model_info.labels(name, str(key[1]), provider, precision, arch, sha256).set(1)
 
@@ -249,7 +356,16 @@ class Metrics:
         key = (name, int(version))
         with self._lock:
             self._recorders.pop(key, None)
-            self._info_labels.pop(key, None)
+            info = self._info_labels.pop(key, None)
+        if self.multiprocess:
+            # prometheus_client cannot delete from its files: the gauges are marked NaN, which the
+            # supervisor leaves out; counters and histograms stay (summed, never reset; a reload of the
+            # version continues them).
+            for gauge in (self.queue_depth, self.queue_capacity, self.in_flight, self.model_ready):
+                gauge.labels(name, str(key[1])).set(math.nan)
+            if info is not None:
+                self.model_info.labels(name, str(key[1]), *info).set(math.nan)
+            return
         labels = {"model": name, "version": str(key[1])}
         for metric in (
             self.requests_total,
@@ -270,17 +386,23 @@ class Metrics:
         ):
             metric.remove_by_labels(labels)
 
+    def _remove_gauge(self, gauge: Gauge, *labelvalues: str) -> None:
+        if self.multiprocess:
+            gauge.labels(*labelvalues).set(math.nan)  # see remove_model
+        else:
+            gauge.remove(*labelvalues)
+
     # -- HTTP --------------------------------------------------------------
     def start_http(self, host: str, port: int) -> int:
         """Serve the registry at ``/metrics`` on its own port (service/metrics_http.py); returns the bound port."""
-        from service.metrics_http import MetricsHTTPServer
+        from service import metrics_http
 
+        if self.multiprocess:
+            raise RuntimeError("with several processes the supervisor serves /metrics (SupervisorMetrics)")
         if self._http is not None:
             raise RuntimeError("metrics HTTP server already started")
-        httpd = MetricsHTTPServer(make_wsgi_app(self.registry), host, port)
-        port = httpd.start()
-        self._http = httpd
-        return port
+        self._http = metrics_http.serve(self.registry, host, port)
+        return self._http.port
 
     def stop_http(self) -> None:
         if self._http is None:

@@ -19,7 +19,9 @@ WSGI app (``make_wsgi_app``: the OpenMetrics ``Accept`` header, gzip and
 * a complete request while every worker is busy is answered ``503`` at once;
 * a request head larger than ``MAX_REQUEST_BYTES`` is answered ``431``.
 
-One request per connection (HTTP/1.0, as before), any path.
+One request per connection (HTTP/1.0, as before), any path. ``serve`` puts a
+registry behind it: the single process's (``Metrics.start_http``) or, with
+several processes, the supervisor's (``SupervisorMetrics.start_http``).
 """
 
 from __future__ import annotations
@@ -333,3 +335,12 @@ class MetricsHTTPServer:
                     self._answering.discard(sock)
                 _close(sock)
                 self._idle.release()
+
+
+def serve(registry: Any, host: str, port: int) -> MetricsHTTPServer:
+    """A started server for ``registry`` (a prometheus_client ``CollectorRegistry``); ``.port`` is bound."""
+    from prometheus_client import make_wsgi_app
+
+    httpd = MetricsHTTPServer(make_wsgi_app(registry), host, port)
+    httpd.start()
+    return httpd

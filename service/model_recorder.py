@@ -3,19 +3,32 @@
 Each call updates both, under one lock for the statistics, so the two never
 disagree and a snapshot is never torn. The series themselves are the
 families of :class:`service.metrics.Metrics`.
+
+With several processes (``svertka serve --frontends N``, see
+docs/observability.md) a finished request is seen by a frontend, but the
+statistics behind ``ModelStatistics`` must be owned by one process, the
+engine: the frontend's ``request`` records the series and hands the outcome
+to ``Metrics.statistics_sink`` (which sends it to the engine; or the frontend
+calls ``request(..., statistics=False)``/``request_series`` and sends it
+itself), and the engine records the statistics (``request(..., series=False)``
+or ``request_statistics``). The Prometheus series are summed over the
+processes by the supervisor.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 REJECTION_REASONS = ("queue_full", "deadline", "cancelled", "invalid_input")
 #: gRPC codes a request on a loaded model ends with (NOT_FOUND and the auth codes end before a
@@ -71,6 +84,18 @@ class ModelRecorder:
     ``REJECTION_REASONS``; ``preprocess`` per decoded image; ``queued`` per
     request when its batch starts; ``batch`` per executed batch;
     ``postprocess`` per request.
+
+    In which process, when there are several (one engine, N frontends): the
+    frontend that answered a request calls ``request`` (series here, the
+    statistics to ``Metrics.statistics_sink``; or ``request_series`` /
+    ``request(..., statistics=False)``) and ``postprocess``, plus
+    ``preprocess``/``rejected("invalid_input")`` where it decodes; the engine
+    calls ``request_statistics`` (or ``request(..., series=False)``) with the
+    outcome the frontend sends it, and everything it decides itself:
+    ``queued``, ``batch``, ``rejected`` (queue_full, deadline, cancelled),
+    ``queue_depth``, ``in_flight``, ``set_queue_capacity``, and ``snapshot``
+    for ``ModelStatistics``. In one process all of it happens there, and
+    ``request`` records both at once, as always.
     """
 
     def __init__(self, metrics: Metrics, name: str, version: int) -> None:
@@ -90,8 +115,17 @@ class ModelRecorder:
         self._inferences = m.inferences_total.labels(*labels)
         self._batches = m.batches_total.labels(*labels)
         self._rejections = {r: m.rejections_total.labels(*labels, r) for r in REJECTION_REASONS}
-        self.queue_depth = m.queue_depth.labels(*labels)
-        self.in_flight = m.in_flight.labels(*labels)
+        if m.frontend is None:
+            # The engine's gauges (the one process's, or the engine process's): they exist from load.
+            self.queue_depth = m.queue_depth.labels(*labels)
+            self.in_flight = m.in_flight.labels(*labels)
+            if m.multiprocess:
+                # A removed version's gauges are kept, marked NaN (prometheus_client cannot delete a
+                # series from its files): a recorder for it again starts them at 0, as a fresh child.
+                self.queue_depth.set(0)
+                self.in_flight.set(0)
+        # In a frontend process they are made only if used (__getattr__): a zero from each frontend
+        # would keep a version's queue depth on the page after the engine removed it.
         self._queue_capacity = m.queue_capacity
         # Series for the codes a resolved request can end with exist from load, at 0: Prometheus'
         # rate() needs a sample before the first increment, or the first error of a kind is
@@ -112,6 +146,13 @@ class ModelRecorder:
         self._compute_output = Duration()
         self._batch_stats: dict[int, tuple[Duration, Duration, Duration]] = {}
 
+    def __getattr__(self, name: str) -> Any:
+        if name in ("queue_depth", "in_flight"):  # only reached in a frontend process (see __init__)
+            child = getattr(self._m, name).labels(*self._labels)
+            setattr(self, name, child)
+            return child
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def _request_counter(self, api: str, code: str) -> Counter:
         key = (api, code)
         child = self._requests.get(key)
@@ -130,6 +171,8 @@ class ModelRecorder:
         compute_s: float = 0.0,
         compute_input_s: float | None = None,
         compute_output_s: float | None = None,
+        series: bool = True,
+        statistics: bool = True,
     ) -> None:
         """One finished request. ``code`` is the gRPC status name ("OK", ...).
 
@@ -138,14 +181,76 @@ class ModelRecorder:
         ``compute_input_s``/``compute_output_s`` when known and the rest is
         counted as infer (without them all of it is infer, which on the CPU
         provider is nearly exact: inputs are not copied).
+
+        ``series``: the Prometheus series (``request_series``); ``statistics``:
+        the counters behind ``ModelStatistics`` (``request_statistics``). One
+        process records both (the defaults); with several, the frontend records
+        the series and hands the statistics to ``Metrics.statistics_sink`` (or
+        passes ``statistics=False`` and sends the outcome itself), and the
+        engine, given the outcome, calls this with ``series=False``.
         """
         if api not in APIS:
             raise ValueError(f"api: expected one of {APIS}, got {api!r}")
-        code = str(code)
-        self._request_counter(api, code).inc()
+        if series:
+            self.request_series(api=api, code=code, duration_s=duration_s)
+        if not statistics:
+            return
+        sink = self._m.statistics_sink
+        if sink is not None:  # a frontend process: the engine owns the statistics
+            outcome = {
+                "model": self.name,
+                "version": self.version,
+                "api": api,
+                "code": str(code),
+                "duration_s": float(duration_s),
+                "queue_s": float(queue_s),
+                "compute_s": float(compute_s),
+                "compute_input_s": float(compute_input_s or 0.0),
+                "compute_output_s": float(compute_output_s or 0.0),
+            }
+            try:
+                sink(outcome)
+            except Exception:  # recording never fails a request
+                log.warning(
+                    "%s v%d: the request outcome could not be sent", self.name, self.version, exc_info=True
+                )
+        else:
+            self.request_statistics(
+                code=code,
+                duration_s=duration_s,
+                queue_s=queue_s,
+                compute_s=compute_s,
+                compute_input_s=compute_input_s,
+                compute_output_s=compute_output_s,
+            )
+
+    def request_series(self, *, api: str, code: str, duration_s: float) -> None:
+        """The Prometheus half of ``request``: ``svertka_requests_total`` and the request duration.
+
+        Called where the request finished: the frontend process (with several).
+        """
+        if api not in APIS:
+            raise ValueError(f"api: expected one of {APIS}, got {api!r}")
+        self._request_counter(api, str(code)).inc()
         self._duration[api].observe(duration_s)
+
+    def request_statistics(
+        self,
+        *,
+        code: str,
+        duration_s: float,
+        queue_s: float = 0.0,
+        compute_s: float = 0.0,
+        compute_input_s: float | None = None,
+        compute_output_s: float | None = None,
+    ) -> None:
+        """The ``ModelStatistics`` half of ``request`` (arguments as there).
+
+        Called in the one process that owns the statistics: the engine (with
+        several processes, from the outcome a frontend sends it).
+        """
         with self._lock:
-            if code == "OK":
+            if str(code) == "OK":
                 self._success = self._success.plus(duration_s)
                 # Triton counts queue/compute for successful requests only.
                 self._queue = self._queue.plus(queue_s)

@@ -23,10 +23,11 @@ event loop that will serve (``grpc.aio`` binds to it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -76,13 +77,16 @@ RELEASE_AFTER_S = 0.05
 EXIT_ABANDONED = 3
 
 
-def grpc_options(config: cfg.ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments of the server, from the config."""
+def grpc_options(config: cfg.ServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments of the server, from the config.
+
+    ``reuse_port``: the frontends of one server share its port (SO_REUSEPORT); otherwise two
+    servers must never share a port silently (tests, a second replica by mistake).
+    """
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # Two servers must never share a port silently (tests, a second replica by mistake).
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         *KEEPALIVE_OPTIONS,
     ]
     if config.max_connection_age_s > 0:
@@ -91,7 +95,8 @@ def grpc_options(config: cfg.ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
-def _address(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
+    """``host:port`` as gRPC and people write it (IPv6 hosts in brackets)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -235,7 +240,9 @@ class Server:
         await self.grpc_server.wait_for_termination()
 
 
-def build_server(config: cfg.ServerConfig, engine: Engine, metrics: Metrics) -> tuple[Server, int]:
+def build_server(
+    config: cfg.ServerConfig, engine: Engine, metrics: Metrics, *, reuse_port: bool = False
+) -> tuple[Server, int]:
     """Assemble the server (not started): both APIs, health, reflection, interceptors, port.
 
     Returns the server and the bound gRPC port (useful with ``grpc_port=0``).
@@ -248,7 +255,9 @@ def build_server(config: cfg.ServerConfig, engine: Engine, metrics: Metrics) -> 
     # Innermost: only calls that passed auth have their message parsed, and one that does not
     # parse ends INVALID_ARGUMENT instead of grpc's UNKNOWN with a logged traceback.
     interceptors.append(wire.DecodeInterceptor())
-    grpc_server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
+    grpc_server = grpc.aio.server(
+        interceptors=interceptors, options=grpc_options(config, reuse_port=reuse_port)
+    )
     health = HealthReporter(engine)
     server = Server(grpc_server, 0, engine, health, gate, metrics)
     if config.allow_shared_memory:
@@ -278,19 +287,27 @@ def build_server(config: cfg.ServerConfig, engine: Engine, metrics: Metrics) -> 
         grpc_server,
     )
 
-    address = _address(config.host, config.grpc_port)
+    where = address(config.host, config.grpc_port)
     credentials = _credentials(config)
     try:
         if credentials is None:
-            port = grpc_server.add_insecure_port(address)
+            port = grpc_server.add_insecure_port(where)
         else:
-            port = grpc_server.add_secure_port(address, credentials)
+            port = grpc_server.add_secure_port(where, credentials)
     except RuntimeError as exc:
-        raise cfg.ConfigError(f"cannot listen on {address}: {exc}") from None
+        raise cfg.ConfigError(f"cannot listen on {where}: {exc}") from None
     if not port:
-        raise cfg.ConfigError(f"cannot listen on {address} (port in use or address not available)")
+        raise cfg.ConfigError(f"cannot listen on {where} (port in use or address not available)")
     server.port = port
     return server, port
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontendRole:
+    """What ``serve`` needs to run as one frontend process of several (service.supervisor)."""
+
+    engine: Any  # a service.ipc.engine_client.EngineClient
+    metrics: Metrics
 
 
 def build_engine(config: cfg.ServerConfig, metrics: Metrics) -> Engine:
@@ -306,27 +323,40 @@ def build_engine(config: cfg.ServerConfig, metrics: Metrics) -> Engine:
     )
 
 
-def assemble(config: cfg.ServerConfig, *, metrics: Metrics | None = None) -> Server:
+def assemble(
+    config: cfg.ServerConfig,
+    *,
+    metrics: Metrics | None = None,
+    engine: Engine | None = None,
+    reuse_port: bool = False,
+) -> Server:
     """The server ``config`` describes, not started: metrics, engine, gRPC server.
 
     The one place a server is put together (``serve``, in-process tests and
     benchmarks). ``metrics``: the registry to record into, a fresh ``Metrics()``
     by default. Must run inside the event loop that will serve; the gRPC port is
     bound (``server.port``), the metrics port is not (``server.metrics.start_http``).
+    ``engine``: another engine than the in-process one ``config`` describes (a frontend
+    process's client of the engine process); ``reuse_port``: see ``grpc_options``.
     """
     from service.metrics import Metrics
 
     metrics = Metrics() if metrics is None else metrics
-    server, _ = build_server(config, build_engine(config, metrics), metrics)
+    engine = build_engine(config, metrics) if engine is None else engine
+    server, _ = build_server(config, engine, metrics, reuse_port=reuse_port)
     return server
 
 
-async def serve(config: cfg.ServerConfig) -> int:
+async def serve(config: cfg.ServerConfig, *, frontend: FrontendRole | None = None) -> int:
     """Run a server until SIGTERM/SIGINT, then drain; the process exit status.
 
-    0: drained, every accepted call answered; 1: loading the repository failed;
-    ``EXIT_ABANDONED``: the grace period ran out (or a second signal came) with
-    accepted calls unanswered, and the log says how many.
+    0: drained, every accepted call answered; 1: loading the repository failed (or, for a
+    frontend, the engine process went away); ``EXIT_ABANDONED``: the grace period ran out (or
+    a second signal came) with accepted calls unanswered, and the log says how many.
+
+    ``frontend``: this process is one of several frontends of ``svertka serve --frontends N``
+    (its engine is the engine process, its port is shared, its metrics are served by the
+    supervisor); None: the whole server in this process.
     """
     # Before anything opens files: connections, shared memory regions and models each hold one.
     limits.raise_open_files_limit()
@@ -343,26 +373,39 @@ async def serve(config: cfg.ServerConfig) -> int:
             log.warning("second signal: stopping without waiting for in-flight requests")
             server.force_stop()
 
-    server = assemble(config)
+    if frontend is None:
+        server = assemble(config)
+    else:
+        server = assemble(config, metrics=frontend.metrics, engine=frontend.engine, reuse_port=True)
     metrics, engine, port = server.metrics, server.engine, server.port
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
     metrics_host = config.metrics_host or config.host
+    metrics_port = config.metrics_port
     try:
-        metrics_port = metrics.start_http(metrics_host, config.metrics_port)
+        if frontend is None:
+            metrics_port = metrics.start_http(metrics_host, config.metrics_port)
     except OSError as exc:
         raise cfg.ConfigError(
-            f"cannot serve metrics on {_address(metrics_host, config.metrics_port)}: {exc}"
+            f"cannot serve metrics on {address(metrics_host, config.metrics_port)}: {exc}"
         ) from None
+    if frontend is not None:
+        # The engine process going away ends this frontend like a signal would (its calls get
+        # UNAVAILABLE); the supervisor then exits non-zero.
+        engine_lost = loop.create_task(frontend.engine.lost.wait())
+        engine_lost.add_done_callback(lambda _t: stop_requested.set())
     await server.start()
-    log.info(
-        "svertka listening: grpc %s metrics %s (tls %s, auth %s)",
-        _address(config.host, port),
-        _address(metrics_host, metrics_port),
-        "on" if config.tls_cert else "off",
-        "on" if config.auth_token_file else "off",
-    )
+    if frontend is None:
+        log.info(
+            "svertka listening: grpc %s metrics %s (tls %s, auth %s)",
+            address(config.host, port),
+            address(metrics_host, metrics_port),
+            "on" if config.tls_cert else "off",
+            "on" if config.auth_token_file else "off",
+        )
+    else:
+        log.info("frontend listening on %s (the port is shared)", address(config.host, port))
     exit_code = 0
     load = asyncio.create_task(server.load_models())
     stop_wait = asyncio.create_task(stop_requested.wait())
@@ -378,6 +421,9 @@ async def serve(config: cfg.ServerConfig) -> int:
     else:
         log.info("serving %s", ", ".join(f"{s.name}:{s.version}:{s.state}" for s in engine.statuses()))
     await stop_wait
+    if frontend is not None and frontend.engine.lost.is_set() and exit_code == 0:
+        log.error("the engine process went away; this frontend stops")
+        exit_code = 1
     try:
         await server.shutdown(config.grace_period_s)
     finally:

@@ -109,9 +109,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     from service import logs
     from service.server import serve
+    from service.supervisor import frontend_count, supervise
 
     logs.setup_logging(config.log_format, config.log_level, access_log=config.access_log)
     try:
+        if frontend_count(config) > 1:
+            return asyncio.run(supervise(config))
         return asyncio.run(serve(config))
     except cfg.ConfigError as exc:
         raise CommandError(str(exc)) from None

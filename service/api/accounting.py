@@ -43,7 +43,9 @@ class RequestRecord:
         start: float,
     ) -> None:
         self.model = model
+        self._metrics = metrics
         self._recorder = metrics.model(model.name, model.version)
+        metrics.frontend_request_started()
         self.api = api
         self.method = method
         self.rid = rid
@@ -62,6 +64,7 @@ class RequestRecord:
         return time.perf_counter() - self.start
 
     def finish(self, code: str) -> None:
+        self._metrics.frontend_request_finished()
         duration = self.elapsed()
         self.total_s = duration
         t = self.timings

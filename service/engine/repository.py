@@ -108,6 +108,10 @@ class ModelRepository:
         wanted = None if version is None or version == "" else parse_version(name, version)
         return resolve(self._entries, name, wanted)
 
+    def entries(self) -> dict[str, _Entry]:
+        """Every model name's state (for describing the repository to frontends in other processes)."""
+        return dict(self._entries)
+
     def statuses(self) -> list[ModelStatus]:
         return [self._entries[name].status for name in sorted(self._entries)]
 
