@@ -115,9 +115,19 @@ def _sigterm_under_closed_loop(server: ServerProcess, model: str, *, answers_fir
 
 
 @pytest.mark.slow
-def test_sigterm_under_closed_loop_load_ends_every_call_ok_or_unavailable(tmp_path):
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_sigterm_under_closed_loop_load_ends_every_call_ok_or_unavailable(tmp_path, frontends):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
-    server = ServerProcess(repo, tmp_path / "server.log", "--grace-period-s", "30")
+    server = ServerProcess(
+        repo,
+        tmp_path / "server.log",
+        "--grace-period-s",
+        "30",
+        "--frontends",
+        frontends,
+        "--frontend-shm-mib",
+        "16",
+    )
     exit_code, callers, log = _sigterm_under_closed_loop(server, "tiny", answers_first=200)
 
     assert exit_code == 0, log
