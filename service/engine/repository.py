@@ -6,9 +6,7 @@ Layout (Triton/KServe style; the rules live in service.layout)::
     <repository>/<model>/<version>/model.onnx       version: 1 .. 2**63-1, ASCII decimal
 
 Each model serves one version: the newest, or ``version`` from its config.
-:class:`ModelRepository` owns the lifecycle and hands out
-:class:`~service.engine.served_model.ServedModel` objects, one per loaded
-(name, version).
+:class:`ModelRepository` owns the lifecycle and hands out a ``ServedModel`` per loaded version.
 
 Swaps are atomic and lose nothing: a new version is loaded and warmed up
 beside the serving one, then a single assignment makes ``get()`` return it;
@@ -25,7 +23,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +95,10 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._listeners: list[Callable[[ModelStatus], None]] = []
         self._retiring: set[asyncio.Task] = set()
+        #: Versions replaced or unloaded but still accepting requests until they retire.
+        self._retiring_models: list[ServedModel] = []
+        #: Awaited before a replaced or unloaded version stops accepting requests (see live()).
+        self.before_retire: Callable[[], Awaitable[None]] | None = None
         self._poll_task: asyncio.Task | None = None
         self._draining = False
         self._closed = False
@@ -107,6 +109,20 @@ class ModelRepository:
         check_name(name)
         wanted = None if version is None or version == "" else parse_version(name, version)
         return resolve(self._entries, name, wanted)
+
+    async def _before_retiring(self) -> None:
+        """Let whoever must hear of a change first (frontends in other processes) hear of it."""
+        if self.before_retire is not None:
+            await self.before_retire()  # it gives up after a timeout of its own
+
+    def live(self, name: str, version: int, sha256: str) -> ServedModel:
+        """That exact model (version and file) while it still accepts requests: serving, or
+        replaced and not yet retired; else the error ``get`` gives. A frontend in another
+        process names what it resolved, which may have been replaced since."""
+        for served in self._retiring_models:
+            if (served.name, served.version, served.sha256) == (name, version, sha256):
+                return served
+        return self.get(name, version)
 
     def entries(self) -> dict[str, _Entry]:
         """Every model name's state (for describing the repository to frontends in other processes)."""
@@ -278,8 +294,9 @@ class ModelRepository:
             time.perf_counter() - started,
             f" (replacing version {old.version})" if old is not None else "",
         )
-        status = self._set_status(entry, ModelStatus(name, version, READY, ""))
+        status = self._set_status(entry, ModelStatus(name, version, READY, ""), swapped=True)
         if old is not None:
+            self._retiring_models.append(old)  # at once: live() finds it from the swap on
             task = loop.create_task(self._retire(old, keep_series=old.version == version))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
@@ -287,8 +304,10 @@ class ModelRepository:
 
     async def _retire(self, old: ServedModel, *, keep_series: bool) -> None:
         try:
+            await self._before_retiring()
             await old.retire()
         finally:
+            self._retiring_models.remove(old)
             await old.close()  # also when cancelled by close(): free the sessions and threads
         if not keep_series:
             self.metrics.remove_model(old.name, old.version)
@@ -318,8 +337,10 @@ class ModelRepository:
             self.metrics.remove_model(entry.name, entry.unready_version)
         entry.unready_version = None
 
-    def _set_status(self, entry: _Entry, status: ModelStatus) -> ModelStatus:
-        if status != entry.status:
+    def _set_status(self, entry: _Entry, status: ModelStatus, *, swapped: bool = False) -> ModelStatus:
+        """Record ``status``; listeners hear of a change, and of every swap (the same version
+        number can be other weights: a frontend in another process must learn of them)."""
+        if swapped or status != entry.status:
             entry.status = status
             for callback in list(self._listeners):
                 try:
@@ -345,9 +366,14 @@ class ModelRepository:
         if old is None:
             self._set_status(entry, ModelStatus(entry.name, entry.status.version, UNAVAILABLE, reason))
             return
+        self._retiring_models.append(old)
         self._set_status(entry, ModelStatus(entry.name, old.version, UNLOADING, reason))
         self.metrics.set_model_ready(entry.name, old.version, False)
-        await old.retire()
+        try:
+            await self._before_retiring()
+            await old.retire()
+        finally:
+            self._retiring_models.remove(old)
         self.metrics.remove_model(entry.name, old.version)
         self._set_status(entry, ModelStatus(entry.name, old.version, UNAVAILABLE, reason))
         log.info("model '%s' version %d %s", entry.name, old.version, reason)

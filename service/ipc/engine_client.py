@@ -78,6 +78,7 @@ class EngineClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._started = asyncio.Event()
+        self._acks: set[asyncio.Task] = set()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_task: asyncio.Task | None = None
@@ -207,7 +208,12 @@ class EngineClient:
                 header, payload = await framing.read(self._reader)
                 op = header.get("op")
                 if op == "models":
-                    self._update(header)
+                    replaced = self._update(header)
+                    acking = asyncio.get_running_loop().create_task(
+                        self._ack(int(header["generation"]), replaced)
+                    )
+                    self._acks.add(acking)
+                    acking.add_done_callback(self._acks.discard)
                 elif op in ("result", "reply"):
                     future = self._pending.pop(int(header["id"]), None)
                     if future is not None and not future.done():
@@ -237,7 +243,18 @@ class EngineClient:
                 entry, ModelStatus(entry.status.name, entry.status.version, UNAVAILABLE, ENGINE_GONE)
             )
 
-    def _update(self, header: dict[str, Any]) -> None:
+    async def _ack(self, generation: int, replaced: list[RemoteModel]) -> None:
+        """Tell the engine this frontend has applied ``generation`` and will not name a version it
+        replaced again: once no request that resolved a replaced version is still preparing its
+        rows (decoding images) before sending them."""
+        for model in replaced:
+            await model.prepared()
+        with contextlib.suppress(errors.Draining):
+            self._send({"op": "ack", "generation": generation})
+
+    def _update(self, header: dict[str, Any]) -> list[RemoteModel]:
+        """Apply a ``models`` message; the models it replaced or removed."""
+        replaced: list[RemoteModel] = []
         seen = set()
         for m in header["models"]:
             name = m["name"]
@@ -248,15 +265,21 @@ class EngineClient:
             if entry is None:
                 entry = self._entries[name] = _Entry(status, [], None)
             entry.versions = [int(v) for v in m["versions"]]
+            old = entry.serving
             if serving is None:
                 entry.serving = None
-            elif entry.serving is None or entry.serving.describes(serving) is False:
+            elif old is None or not old.describes(serving):
                 entry.serving = RemoteModel(self, name, serving)
+            if old is not None and entry.serving is not old:
+                replaced.append(old)
             self._set_status(entry, status)
         for name in set(self._entries) - seen:
-            del self._entries[name]
+            gone = self._entries.pop(name)
+            if gone.serving is not None:
+                replaced.append(gone.serving)
         if header.get("started"):
             self._started.set()
+        return replaced
 
     def _set_status(self, entry: _Entry, status: ModelStatus) -> None:
         changed = entry.status != status
@@ -286,9 +309,28 @@ class RemoteModel:
         self.path = None if described.get("path") is None else Path(described["path"])
         self.label = f"model '{name}' version {self.version}"
         self._preprocessor: Preprocessor | None = None
+        #: Requests that resolved this version and are preparing their rows (decoding), not sent yet.
+        self._preparing = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def describes(self, described: dict[str, Any]) -> bool:
         return described == self._described
+
+    async def prepared(self) -> None:
+        """Return once no request that resolved this version is still preparing its rows."""
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def _preparing_rows(self):
+        self._preparing += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            if not self._preparing:
+                self._idle.set()
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -323,28 +365,30 @@ class RemoteModel:
             )
         return offset
 
-    async def _run(self, offset: int, rows: int, deadline: float | None, timings: Timings) -> np.ndarray:
+    def _submit(self, offset: int, rows: int, deadline: float | None) -> tuple[int, asyncio.Future]:
         """Send the ``rows`` at ``offset`` to the engine; the range is given back once it answered."""
         client = self._client
         header = {
             "op": "infer",
             "model": self.name,
             "version": self.version,
+            "sha256": self.sha256,
             "offset": offset,
             "shape": [rows, *self.meta.input_shape],
             "deadline": deadline,
         }
-        try:
-            rid, future = client.submit(header)
-        except BaseException:
-            client.ranges.give_back(offset)
-            raise
+        rid, future = client.submit(header)  # if this raises, the caller still holds the range
         future.add_done_callback(lambda done: _answered(client.ranges, offset, done))
+        return rid, future
+
+    async def _answer(self, submitted: tuple[int, asyncio.Future], timings: Timings) -> np.ndarray:
+        """The logits the engine answers with; cancelling tells the engine to drop the request."""
+        rid, future = submitted
         try:
             answer, payload = await asyncio.shield(future)
         except asyncio.CancelledError:
             if not future.done():
-                client.cancel(rid)  # the range comes back with the engine's answer
+                self._client.cancel(rid)  # the range comes back with the engine's answer
             raise
         got = answer["timings"]
         timings.queue_s = max(timings.queue_s, float(got["queue_s"]))
@@ -366,56 +410,66 @@ class RemoteModel:
         offset = self._take(batch.shape[0])
         try:
             self._client.slab.rows(offset, batch.shape)[...] = batch
+            # No await between resolving this version and sending: the engine still takes it.
+            submitted = self._submit(offset, batch.shape[0], deadline)
         except BaseException:
             self._client.ranges.give_back(offset)
             raise
-        return await self._run(offset, batch.shape[0], deadline, timings)
+        return await self._answer(submitted, timings)
 
     async def infer_images(
         self, images: Sequence[bytes], *, deadline: float | None = None, timings: Timings | None = None
     ) -> list[np.ndarray | errors.SvertkaError]:
         timings = timings if timings is not None else Timings()
-        recorder = self._client.metrics.model(self.name, self.version)
         n = len(images)
         interface.check_rows(self.meta.input_name, n, self.settings.max_rows_per_request)
+        recorder = self._client.metrics.model(self.name, self.version)
         if deadline is not None and deadline <= time.monotonic():
             recorder.rejected("deadline")
             raise errors.DeadlineExceeded(f"{self.label}: the deadline passed before decoding started")
         offset = self._take(n)  # all or nothing, before any decoding: an overloaded frontend refuses at once
-        loop = asyncio.get_running_loop()
-        slab_rows = self._client.slab.rows(offset, (n, *self.meta.input_shape))
         try:
-            decoded = await asyncio.gather(
-                *(loop.run_in_executor(self._client.decode_executor, self._decode, data) for data in images),
-                return_exceptions=True,
-            )
+            # While the images decode, this version is what the request resolved: the engine keeps
+            # taking it until this frontend acknowledges a change (see EngineClient._ack).
+            with self._preparing_rows():
+                out, good = await self._decode_into(offset, images, recorder, timings)
+                submitted = self._submit(offset, good, deadline) if good else None
         except BaseException:
             self._client.ranges.give_back(offset)
             raise
-        out: list[np.ndarray | errors.SvertkaError | None] = []
-        good = 0
-        try:
-            for result in decoded:
-                if isinstance(result, errors.InvalidInput):
-                    recorder.rejected("invalid_input")
-                    out.append(result)
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    x, seconds = result
-                    recorder.preprocess(seconds)
-                    timings.preprocess_s += seconds
-                    slab_rows[good] = x
-                    good += 1
-                    out.append(None)
-        except BaseException:
-            self._client.ranges.give_back(offset)
-            raise
-        if not good:
+        if submitted is None:
             self._client.ranges.give_back(offset)
             return out  # type: ignore[return-value]
-        logits = iter(await self._run(offset, good, deadline, timings))
+        logits = iter(await self._answer(submitted, timings))
         return [next(logits) if item is None else item for item in out]
+
+    async def _decode_into(
+        self, offset: int, images: Sequence[bytes], recorder: Any, timings: Timings
+    ) -> tuple[list[errors.SvertkaError | None], int]:
+        """Decode every image, the good ones into consecutive slab rows at ``offset``: (one
+        InvalidInput or None per image, how many rows were written)."""
+        loop = asyncio.get_running_loop()
+        slab_rows = self._client.slab.rows(offset, (len(images), *self.meta.input_shape))
+        decoded = await asyncio.gather(
+            *(loop.run_in_executor(self._client.decode_executor, self._decode, data) for data in images),
+            return_exceptions=True,
+        )
+        out: list[errors.SvertkaError | None] = []
+        good = 0
+        for result in decoded:
+            if isinstance(result, errors.InvalidInput):
+                recorder.rejected("invalid_input")
+                out.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                x, seconds = result
+                recorder.preprocess(seconds)
+                timings.preprocess_s += seconds
+                slab_rows[good] = x
+                good += 1
+                out.append(None)
+        return out, good
 
     def _decode(self, data: bytes) -> tuple[np.ndarray, float]:
         start = time.perf_counter()

@@ -44,9 +44,11 @@ log = logging.getLogger(__name__)
 
 #: Answers queued for one frontend before it is taken for stuck and disconnected.
 MAX_UNREAD_BYTES = 64 << 20
+#: How long a change waits for the frontends to acknowledge it.
+SYNC_TIMEOUT_S = 5.0
 
 
-def describe_models(engine: ModelRepository, started: bool) -> dict[str, Any]:
+def describe_models(engine: ModelRepository, started: bool, generation: int) -> dict[str, Any]:
     """The ``models`` message: every model's state, versions and (when serving) what it serves."""
     models = []
     for name, entry in sorted(engine.entries().items()):
@@ -59,7 +61,7 @@ def describe_models(engine: ModelRepository, started: bool) -> dict[str, Any]:
                 "serving": None if served is None else describe_served(served),
             }
         )
-    return {"op": "models", "started": started, "models": models}
+    return {"op": "models", "started": started, "generation": generation, "models": models}
 
 
 def describe_served(served: ServedModel) -> dict[str, Any]:
@@ -103,7 +105,11 @@ class EngineServer:
         self.started = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
+        #: Counts ``models`` messages; each frontend acknowledges the ones it has applied.
+        self.generation = 0
+        self._acked = asyncio.Condition()
         engine.add_listener(self._on_change)
+        engine.before_retire = self.synced
 
     async def start(self) -> None:
         """Listen (before the models load: frontends connect and wait for ``started``)."""
@@ -114,8 +120,29 @@ class EngineServer:
         self._on_change(None)
 
     def _on_change(self, _status: ModelStatus | None) -> None:
+        self.generation += 1
         for connection in list(self._connections):
             connection.push_models()
+
+    async def synced(self, timeout_s: float | None = None) -> None:
+        """Return once every connected frontend has applied the latest ``models`` message.
+
+        The engine waits for this before a replaced version stops accepting requests, and
+        before answering a load or unload: a frontend then never names a version the engine
+        no longer serves, and never misses one a client has been told about. A frontend that
+        does not answer within ``SYNC_TIMEOUT_S`` is not waited for longer.
+        """
+        wanted = self.generation
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SYNC_TIMEOUT_S if timeout_s is None else timeout_s):
+                async with self._acked:
+                    await self._acked.wait_for(
+                        lambda: all(c.acked >= wanted for c in self._connections if c.ready)
+                    )
+
+    async def acknowledged(self) -> None:
+        async with self._acked:
+            self._acked.notify_all()
 
     async def close(self) -> None:
         if self._server is not None:
@@ -146,7 +173,8 @@ class _Connection:
         self.slab: Slab | None = None
         self.frontend = "?"
         self.tasks: dict[int, asyncio.Task] = {}
-        self._hello = False
+        self.ready = False
+        self.acked = 0
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         if self.writer.is_closing():
@@ -158,8 +186,8 @@ class _Connection:
         self.writer.write(framing.encode(header, payload))
 
     def push_models(self) -> None:
-        if self._hello:
-            self.send(describe_models(self.engine, self.server.started))
+        if self.ready:
+            self.send(describe_models(self.engine, self.server.started, self.server.generation))
 
     def drop(self) -> None:
         self.writer.close()
@@ -171,7 +199,7 @@ class _Connection:
                 raise framing.FrameError("the first message must be hello")
             self.frontend = str(header.get("frontend", "?"))
             self.slab = Slab.attach(str(header["slab"]), int(header["size"]))
-            self._hello = True
+            self.ready = True
             self.send({"op": "hello"})
             self.push_models()
             log.info("frontend %s connected (slab %d MiB)", self.frontend, self.slab.size >> 20)
@@ -202,6 +230,10 @@ class _Connection:
         if op == "outcome":
             self._record_outcome(header)
             return
+        if op == "ack":
+            self.acked = max(self.acked, int(header["generation"]))
+            asyncio.get_running_loop().create_task(self.server.acknowledged())
+            return
         handler = {
             "infer": self._infer,
             "stats": self._stats,
@@ -218,7 +250,7 @@ class _Connection:
     async def _infer(self, rid: int, header: dict[str, Any]) -> None:
         timings = Timings()
         try:
-            model = self.engine.get(str(header["model"]), int(header["version"]))
+            model = self.engine.live(str(header["model"]), int(header["version"]), str(header["sha256"]))
             rows = self.slab.rows(int(header["offset"]), tuple(int(d) for d in header["shape"]))
             deadline = header.get("deadline")
             logits = await model.infer_tensor(rows, deadline=deadline, timings=timings)
@@ -277,6 +309,7 @@ class _Connection:
                 {"op": "reply", "id": rid, "error": {"type": type(exc).__name__, "message": exc.message}}
             )
             return
+        await self.server.synced()
         self.send(
             {"op": "reply", "id": rid, "status": None if status is None else dataclasses.asdict(status)}
         )

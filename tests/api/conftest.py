@@ -9,6 +9,11 @@ serve`` does. A fresh Metrics registry per server keeps servers independent.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +28,9 @@ from tests.helpers.tinymodel import make_repository
 class InProcessServer:
     """assemble(config) running on a private loop; ``call`` runs a coroutine there."""
 
-    def __init__(self, repository: Path, *, load: bool = True, **config_kwargs) -> None:
+    def __init__(
+        self, repository: Path, *, load: bool = True, engine_process: bool = False, **config_kwargs
+    ) -> None:
         from service.server import assemble
 
         self.loop = asyncio.new_event_loop()
@@ -32,9 +39,16 @@ class InProcessServer:
         self.config = cfg.ServerConfig(
             model_repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, **config_kwargs
         )
+        #: With ``engine_process``: the engine runs in a process of its own, as with
+        #: ``svertka serve --frontends N``, and this server is one frontend of it.
+        self.engine_process = EngineProcess(self.config) if engine_process else None
 
         async def build():
-            server = assemble(self.config)
+            if self.engine_process is None:
+                server = assemble(self.config)
+            else:
+                metrics, client = self.engine_process.client()
+                server = assemble(self.config, metrics=metrics, engine=client)
             await server.start()
             return server
 
@@ -60,6 +74,51 @@ class InProcessServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
+            if self.engine_process is not None:
+                self.engine_process.stop()
+
+
+class EngineProcess:
+    """``python -m service.ipc.worker engine`` for one test server; its log in a temporary file."""
+
+    def __init__(self, config: cfg.ServerConfig) -> None:
+        from service import metrics
+        from service.ipc import worker
+
+        self._dir = Path(tempfile.mkdtemp(prefix="svertka-test-engine-"))
+        self.socket_path = self._dir / "engine.sock"
+        env = {
+            **os.environ,
+            worker.CONFIG_ENV: worker.config_to_json(config),
+            worker.SOCKET_ENV: str(self.socket_path),
+            **metrics.multiprocess_environment(self._dir / "metrics"),
+        }
+        self.log_path = self._dir / "engine.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.ipc.worker", "engine"], env=env, stdout=log, stderr=log
+            )
+
+    def client(self):
+        """The frontend's side: its metrics (statistics go to the engine) and its engine client."""
+        from service.ipc.engine_client import EngineClient
+        from service.metrics import Metrics
+
+        metrics = Metrics()
+        client = EngineClient(
+            self.socket_path, frontend="0", slab_bytes=16 << 20, decode_threads=2, metrics=metrics
+        )
+        metrics.statistics_sink = client.send_outcome
+        return metrics, client
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -71,21 +130,26 @@ def tiny_repository(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(tiny_repository) -> InProcessServer:
-    srv = InProcessServer(tiny_repository)
+@pytest.fixture(scope="module", params=["one-process", "engine-process"])
+def server(request, tiny_repository) -> InProcessServer:
+    """The tiny repository served in this process, and again with its engine in a process of its
+    own (what every frontend of ``svertka serve --frontends N`` does)."""
+    srv = InProcessServer(tiny_repository, engine_process=request.param == "engine-process")
     yield srv
     srv.close()
 
 
-@pytest.fixture()
-def make_server(tmp_path) -> Callable[..., InProcessServer]:
-    """Factory for servers a test configures itself (closed at the end of the test)."""
+@pytest.fixture(params=["one-process", "engine-process"])
+def make_server(request, tmp_path) -> Callable[..., InProcessServer]:
+    """Factory for servers a test configures itself (closed at the end of the test); each test
+    runs twice, as ``server`` does (a test that needs the engine in its own process for what it
+    checks passes ``engine_process=False``)."""
     made: list[InProcessServer] = []
 
     def factory(repository: Path | None = None, **kwargs) -> InProcessServer:
         if repository is None:
             repository = make_repository(tmp_path / "repo", {"tiny": [1]})
+        kwargs.setdefault("engine_process", request.param == "engine-process")
         srv = InProcessServer(repository, **kwargs)
         made.append(srv)
         return srv

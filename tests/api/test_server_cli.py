@@ -84,7 +84,7 @@ def test_bad_settings_name_the_setting(argv, env, message):
 
 def test_the_assembled_server_gets_every_engine_setting(make_server):
     """``assemble`` (serve's and the in-process tests') passes the poll interval and the CPU budget on."""
-    srv = make_server(repository_poll_s=30.0, intra_op_threads=3, load=False)
+    srv = make_server(repository_poll_s=30.0, intra_op_threads=3, load=False, engine_process=False)
     assert srv.engine.poll_interval_s == 30.0
     assert srv.engine.cpu_budget == 3
     assert srv.server.metrics is srv.metrics and srv.engine.metrics is srv.metrics

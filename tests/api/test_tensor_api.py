@@ -153,7 +153,11 @@ def test_statistics_count_rows_batches_and_outcomes(make_server, tmp_path):
     (s,) = stats
     assert (s.name, s.version) == ("tiny", "1")
     assert s.inference_count == 56
-    assert s.execution_count < s.inference_count
+    if srv.engine_process is None:
+        # In one process the 16 callers' requests reach the batcher in bursts. An engine in its
+        # own process keeps up with one frontend's arrivals on this model, so it may run each
+        # request alone (dispatching to an idle instance at once): the counts below still hold.
+        assert s.execution_count < s.inference_count
     assert sum(b.compute_infer.count * b.batch_size for b in s.batch_stats) == 56
     assert s.inference_stats.success.count == 56 and s.inference_stats.fail.count == 1
     assert s.inference_stats.queue.count == 56 and s.inference_stats.compute_infer.ns > 0

@@ -34,6 +34,33 @@ def default_model_path() -> Path:
     return DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "model.onnx"
 
 
+#: The server layouts the reliability tests that start a server run against: the whole server in
+#: one process, and a supervisor with one engine process and two frontend processes.
+LAYOUTS = ("one-process", "frontends-2")
+
+
+def layout_args(layout: str) -> tuple[str, ...]:
+    """``svertka serve`` flags for one of LAYOUTS."""
+    return () if layout == "one-process" else ("--frontends", "2", "--frontend-shm-mib", "64")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a server: its process and every process it started (engine, frontends)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
+
+
+def rss_mb(server: ServerProcess) -> float:
+    """``tree_rss`` of a running server, MiB."""
+    return tree_rss(server.proc.pid) / 2**20
+
+
 @contextlib.contextmanager
 def running_server(
     repository: Path, log_path: Path, *args: str, wait_serving: bool = True

@@ -140,12 +140,15 @@ def _replace(path: Path, seed: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_model_file_replaced_in_place_shows_its_new_fingerprint(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_a_model_file_replaced_in_place_shows_its_new_fingerprint(tmp_path, server_layout):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     path = repo / "tiny" / "1" / layout.MODEL_FILE
     first = loading.file_fingerprint(path)
     args = ("--enable-model-control", "--repository-poll-s", "0.2", "--access-log", "--log-format", "json")
-    with harness.running_server(repo, tmp_path / "server.log", *args) as server:
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), *args
+    ) as server:
         channel = grpc.insecure_channel(server.address)
         stub = kgrpc.GRPCInferenceServiceStub(channel)
 

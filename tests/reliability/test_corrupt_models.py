@@ -35,14 +35,17 @@ BROKEN = {
 
 
 @pytest.mark.slow
-def test_broken_models_are_unavailable_with_a_reason_and_the_rest_serve(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_broken_models_are_unavailable_with_a_reason_and_the_rest_serve(tmp_path, server_layout):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     for kind in BROKEN:
         write_corrupt_model(repo / kind.replace("_", "-") / "1" / "model.onnx", kind)
     make_repository(repo, {"badconfig": [1]})
     (repo / "badconfig" / "config.yaml").write_text("max_batch_size: 0\n")
 
-    with harness.running_server(repo, tmp_path / "server.log", "--repository-poll-s", "0.2") as server:
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), "--repository-poll-s", "0.2"
+    ) as server:
         channel = grpc.insecure_channel(server.address)
         stub = kgrpc.GRPCInferenceServiceStub(channel)
         assert server.health() == H.SERVING  # the server starts with the models that are fine

@@ -70,7 +70,7 @@ async def _scenario(address: str, pid: int, model: str, size: int) -> dict:
         "alone": {"image": [], "tensor": []},
         "attacked": {"image": [], "tensor": []},
     }
-    rss = [process.memory_info().rss]
+    rss = [harness.tree_rss(process.pid)]
 
     async with grpc.aio.insecure_channel(address) as channel:
         images = cgrpc.ImageClassifierStub(channel)
@@ -92,7 +92,7 @@ async def _scenario(address: str, pid: int, model: str, size: int) -> dict:
 
         async def watch_rss() -> None:
             while not stop.is_set():
-                rss.append(process.memory_info().rss)
+                rss.append(harness.tree_rss(process.pid))
                 await asyncio.sleep(0.05)
 
         attacker = await asyncio.create_subprocess_exec(
@@ -112,7 +112,7 @@ async def _scenario(address: str, pid: int, model: str, size: int) -> dict:
             goods = [asyncio.create_task(good("image")), asyncio.create_task(good("tensor"))]
             watcher = asyncio.create_task(watch_rss())
             await asyncio.sleep(BASELINE_S)
-            rss_before = process.memory_info().rss
+            rss_before = harness.tree_rss(process.pid)
             attack.set()
             attacker.stdin.write(b"go\n")
             await attacker.stdin.drain()
@@ -143,12 +143,15 @@ async def _scenario(address: str, pid: int, model: str, size: int) -> dict:
 
 
 @pytest.mark.slow
-def test_costly_images_are_refused_while_other_clients_are_served(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_costly_images_are_refused_while_other_clients_are_served(tmp_path, server_layout):
     if harness.default_model_path().is_file():
         repository, model, size = harness.DEFAULT_REPOSITORY, harness.DEFAULT_MODEL, 32
     else:
         repository, model, size = make_repository(tmp_path / "repo", {"tiny": [1]}), "tiny", 32
-    with harness.running_server(repository, tmp_path / "server.log") as server:
+    with harness.running_server(
+        repository, tmp_path / "server.log", *harness.layout_args(server_layout)
+    ) as server:
         figures = asyncio.run(_scenario(server.address, server.proc.pid, model, size))
         assert server.health() == 1  # SERVING
     figures["model"] = model

@@ -17,7 +17,6 @@ import uuid
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 
 from service.gen.inference import grpc_service_pb2 as kpb
@@ -37,16 +36,17 @@ BIG_MESSAGE_BYTES = 60 * MIB
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=harness.LAYOUTS)
+def server(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
     repo = make_repository(tmp / "repo", {"tiny": [1]})
-    with harness.running_server(repo, tmp / "server.log", "--access-log", "--allow-shared-memory") as proc:
+    args = (*harness.layout_args(request.param), "--access-log", "--allow-shared-memory")
+    with harness.running_server(repo, tmp / "server.log", *args) as proc:
         yield proc
 
 
 def _rss_mb(server) -> float:
-    return psutil.Process(server.proc.pid).memory_info().rss / MIB
+    return harness.rss_mb(server)
 
 
 def _call_raw(address: str, payload: bytes, *, method: str = METHOD, timeout: float = 60.0):

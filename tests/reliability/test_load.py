@@ -56,7 +56,7 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def rss(self) -> int:
-        value = self.process.memory_info().rss
+        value = harness.tree_rss(self.process.pid)
         self.peak = max(self.peak, value)
         return value
 
@@ -74,10 +74,15 @@ class _RssSampler:
 
 
 @pytest.mark.slow
-def test_sustained_load_over_both_apis_loses_nothing_and_memory_stays_flat(default_model, tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_sustained_load_over_both_apis_loses_nothing_and_memory_stays_flat(
+    default_model, tmp_path, server_layout
+):
     repository, name = default_model
     workload = _workload(repository, name)
-    with harness.running_server(repository, tmp_path / "server.log") as server:
+    with harness.running_server(
+        repository, tmp_path / "server.log", *harness.layout_args(server_layout)
+    ) as server:
         with _RssSampler(server.proc.pid) as rss:
             rss_start = rss.rss()
             warm = asyncio.run(

@@ -289,14 +289,16 @@ def test_the_catalogue_is_large_and_unambiguous():
     assert all(c.message for c in failing)
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+@pytest.fixture(scope="module", params=["one-process", "engine-process"])
+def srv(request, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     make_repository(repo, {"tiny": [1, 2]})
     # The NaN/Inf rows need the refusal, which is per model and off by default (as in Triton).
     (repo / "tiny" / "config.yaml").write_text("reject_non_finite_inputs: true\n")
     make_repository(repo, {"small": [1]}, num_classes=4, size=16)
-    server = InProcessServer(repo, max_message_bytes=MAX_MESSAGE_BYTES)
+    server = InProcessServer(
+        repo, max_message_bytes=MAX_MESSAGE_BYTES, engine_process=request.param == "engine-process"
+    )
     yield server
     server.close()
 

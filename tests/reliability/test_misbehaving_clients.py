@@ -65,12 +65,13 @@ def _gauges(server, model: str) -> tuple[float, float]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_clients_killed_mid_request_leave_nothing_behind(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_clients_killed_mid_request_leave_nothing_behind(tmp_path, server_layout):
     repo = tmp_path / "repo"
     make_slow_model(repo / "slow" / "1" / "model.onnx", matmuls=4)
     (repo / "slow" / "config.yaml").write_text("max_batch_size: 4\nmax_queue_size: 64\nintra_op_threads: 1\n")
     rss = []
-    with harness.running_server(repo, tmp_path / "server.log") as server:
+    with harness.running_server(repo, tmp_path / "server.log", *harness.layout_args(server_layout)) as server:
         process = psutil.Process(server.proc.pid)
         for _round in range(3):
             client = subprocess.Popen(
@@ -90,7 +91,7 @@ def test_clients_killed_mid_request_leave_nothing_behind(tmp_path):
             harness.wait_until(
                 lambda: _gauges(server, "slow") == (0, 0), what="nothing left in flight or queued"
             )
-            rss.append(process.memory_info().rss)
+            rss.append(harness.tree_rss(process.pid))
         metrics = harness.scrape(server.metrics_port)
         with grpc.insecure_channel(server.address) as channel:
             reply = kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(
@@ -117,7 +118,7 @@ def test_clients_killed_mid_request_leave_nothing_behind(tmp_path):
 async def _never_read_while_others_are_served(address: str, pid: int, requests: int) -> dict:
     """One stream writes ``requests`` requests and reads nothing; another client meanwhile gets served."""
     process = psutil.Process(pid)
-    rss_before = process.memory_info().rss
+    rss_before = harness.tree_rss(process.pid)
     image = hostile.png(1, 1)
     good_latencies: list[float] = []
     async with (
@@ -146,7 +147,7 @@ async def _never_read_while_others_are_served(address: str, pid: int, requests: 
         give_up = time.monotonic() + 300
         while handled < requests // 2 and not serving.done() and time.monotonic() < give_up:
             await asyncio.sleep(0.25)
-            peak = max(peak, process.memory_info().rss)
+            peak = max(peak, harness.tree_rss(process.pid))
             stats = await tensor_api.ModelStatistics(kpb.ModelStatisticsRequest(name="tiny"), timeout=10)
             handled = stats.model_stats[0].inference_stats.success.count
         if serving.done():
@@ -166,9 +167,10 @@ async def _never_read_while_others_are_served(address: str, pid: int, requests: 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_stream_that_never_reads_its_answers_cannot_grow_the_server(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_a_stream_that_never_reads_its_answers_cannot_grow_the_server(tmp_path, server_layout):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
-    with harness.running_server(repo, tmp_path / "server.log") as server:
+    with harness.running_server(repo, tmp_path / "server.log", *harness.layout_args(server_layout)) as server:
         figures = asyncio.run(_never_read_while_others_are_served(server.address, server.proc.pid, 20_000))
         harness.wait_until(
             lambda: _gauges(server, "tiny") == (0, 0), what="the silent stream's work released"

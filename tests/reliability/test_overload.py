@@ -101,13 +101,16 @@ async def _probe(address: str) -> list[tuple[float, int, int]]:
 
 
 @pytest.mark.slow
-def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_a_burst_far_above_capacity_is_refused_fast_and_the_server_recovers(tmp_path, server_layout):
     repo = tmp_path / "repo"
     make_slow_model(repo / "slow" / "1" / "model.onnx", matmuls=MATMULS)
     (repo / "slow" / "config.yaml").write_text(CONFIG)
     x = np.full((1, 3, 32, 32), 0.25, np.float32)
     log_args = ("--access-log", "--log-format", "json")
-    with harness.running_server(repo, tmp_path / "server.log", *log_args) as server:
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), *log_args
+    ) as server:
         before = asyncio.run(_probe(server.address))
         outcomes = asyncio.run(_burst(server.address, x))
         probes: list[tuple[int, float]] = []

@@ -86,10 +86,15 @@ async def _reopening_client(
 
 
 @pytest.mark.slow
-def test_a_stream_outliving_the_connection_age_is_cut_cleanly_and_a_reopening_client_never_fails(tmp_path):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_a_stream_outliving_the_connection_age_is_cut_cleanly_and_a_reopening_client_never_fails(
+    tmp_path, server_layout
+):
     repo = make_repository(tmp_path / "repo", {"tiny": [1]})
     image = hostile.png(8, 8)
-    with harness.running_server(repo, tmp_path / "server.log", *AGE) as server:
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), *AGE
+    ) as server:
         sent, answered, code, details = asyncio.run(_one_long_stream(server.address, image, seconds=10))
         answers, errors = asyncio.run(_reopening_client(server.address, image, seconds=4, per_stream_s=0.4))
 

@@ -153,7 +153,8 @@ def _references(repo, versions) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["poll", "rpc"])
-def test_versions_swap_under_load_without_a_failed_request(tmp_path, mechanism):
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_versions_swap_under_load_without_a_failed_request(tmp_path, mechanism, server_layout):
     repo = tmp_path / "repo"
     make_slow_model(repo / "tiny" / "1" / "model.onnx", matmuls=MATMULS, seed=1)
     (repo / "tiny" / "config.yaml").write_text("max_batch_size: 8\n")
@@ -165,7 +166,9 @@ def test_versions_swap_under_load_without_a_failed_request(tmp_path, mechanism):
     assert not np.allclose(refs[1]["tensor"], refs[2]["tensor"], atol=1e-2)  # the versions are told apart
 
     args = ("--repository-poll-s", "0.2") if mechanism == "poll" else ("--enable-model-control",)
-    with harness.running_server(repo, tmp_path / "server.log", *args) as server:
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), *args
+    ) as server:
         control = grpc.insecure_channel(server.address)
         stub = kgrpc.GRPCInferenceServiceStub(control)
 
