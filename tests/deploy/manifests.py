@@ -148,3 +148,24 @@ def selects(selector: dict, labels: dict) -> bool:
     """matchLabels semantics (the manifests use no matchExpressions)."""
     assert set(selector) <= {"matchLabels"}, f"unsupported selector {selector}"
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+_QUANTITY_SUFFIXES = {
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def quantity_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity ("2304Mi", "12Gi", "1G", "1048576") in bytes."""
+    text = str(quantity)
+    for suffix in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * _QUANTITY_SUFFIXES[suffix])
+    return int(float(text))

@@ -17,13 +17,17 @@ import pytest
 import yaml
 
 from service import config as cfg
-from service import server_cli
+from service import server_cli, supervisor
+from service.ipc.slab import SHM_DIR
 from tests.deploy import manifests as m
 
 ADAPTER = m.K8S / "prometheus-adapter"
 RULES_DIR = m.ROOT / "deploy" / "prometheus"
 K8S_WORKLOADS = [(t, w["kind"]) for t in (*m.WORKLOAD_TARGETS, "kserve") for w in m.workloads(t)]
 IDS = [f"{t}:{k}" for t, k in K8S_WORKLOADS]
+#: Memory a frontend process needs besides its slab, at least: about 75 MiB
+#: resident when idle on the development host, more while decoding images.
+FRONTEND_PROCESS_MIB = 128
 
 
 def workload(target: str, kind: str) -> tuple[list[dict], dict, dict]:
@@ -200,6 +204,96 @@ def test_guaranteed_qos_and_thread_budget_from_the_cpu_limit(target, kind):
     assert m.container_env(objects, container)["HOME"]["value"] in {
         v["mountPath"] for v in container["volumeMounts"] if not v.get("readOnly")
     }, "HOME must be writable"
+
+
+def shared_memory_problems(objects: list[dict], spec: dict) -> list[str]:
+    """What keeps this pod's frontends from getting their slabs, if it runs several.
+
+    The frontend count is the server's own (`auto` resolved by service.supervisor
+    on this host: should `auto` ever pick more than one, the manifests that keep
+    it need the volume too).
+    Several frontends need /dev/shm to be a memory-backed emptyDir holding
+    frontends x frontend_shm_mib (the server refuses to start otherwise), and
+    its pages count against the container's memory limit, which must hold
+    them and the processes besides.
+    """
+    container = m.server_container(spec)
+    config = manifest_config(objects, container)
+    frontends = supervisor.frontend_count(config)
+    if frontends == 1:
+        return []
+    mounts = [v for v in container.get("volumeMounts", []) if v["mountPath"].rstrip("/") == SHM_DIR]
+    if len(mounts) != 1:
+        return [f"{frontends} frontends and no volume at {SHM_DIR} (the runtime's default is 64 MiB)"]
+    volume = {v["name"]: v for v in spec.get("volumes", [])}[mounts[0]["name"]]
+    empty_dir = volume.get("emptyDir")
+    if empty_dir is None or empty_dir.get("medium") != "Memory":
+        return [f"{SHM_DIR} must be an emptyDir with medium: Memory, got {volume}"]
+    need = frontends * config.frontend_shm_mib << 20
+    if "sizeLimit" not in empty_dir:
+        return [f"{SHM_DIR} has no sizeLimit; it needs {need >> 20} MiB"]
+    size = m.quantity_bytes(empty_dir["sizeLimit"])
+    problems = []
+    if size < need:
+        problems.append(
+            f"{SHM_DIR} sizeLimit {empty_dir['sizeLimit']} < {frontends} frontends x "
+            f"{config.frontend_shm_mib} MiB"
+        )
+    limit = m.quantity_bytes(container["resources"]["limits"]["memory"])
+    if limit - size < frontends * FRONTEND_PROCESS_MIB << 20:
+        problems.append(
+            f"memory limit {container['resources']['limits']['memory']} leaves less than "
+            f"{FRONTEND_PROCESS_MIB} MiB per frontend beside {SHM_DIR}'s {empty_dir['sizeLimit']}"
+        )
+    return problems
+
+
+@pytest.mark.parametrize("target, kind", K8S_WORKLOADS, ids=IDS)
+def test_dev_shm_holds_every_frontends_slab(target, kind):
+    objects, _, spec = workload(target, kind)
+    assert shared_memory_problems(objects, spec) == []
+
+
+def test_gpu_overlay_runs_several_frontends():
+    """The GPU overlay is the one that needs them (one process tops out near 1,000 requests/s)."""
+    objects, _, spec = workload("gpu", "Deployment")
+    assert supervisor.frontend_count(manifest_config(objects, m.server_container(spec))) > 1
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda shm, container, settings: shm.update(sizeLimit="2047Mi"),
+        lambda shm, container, settings: settings.update(SVERTKA_FRONTENDS="10"),
+        lambda shm, container, settings: settings.update(SVERTKA_FRONTEND_SHM_MIB="512"),
+        lambda shm, container, settings: shm.pop("medium"),
+        lambda shm, container, settings: shm.pop("sizeLimit"),
+        lambda shm, container, settings: container["resources"]["limits"].update(memory="2304Mi"),
+        lambda shm, container, settings: container.update(
+            volumeMounts=[v for v in container["volumeMounts"] if v["mountPath"] != SHM_DIR]
+        ),
+    ],
+    ids=[
+        "size-below-slabs",
+        "more-frontends",
+        "larger-slabs",
+        "not-memory",
+        "no-size",
+        "no-memory",
+        "no-mount",
+    ],
+)
+def test_dev_shm_check_catches_mistakes(mutate):
+    """The check above fails on each way the GPU overlay's sizing could go wrong."""
+    objects, _, spec = workload("gpu", "Deployment")
+    assert shared_memory_problems(objects, spec) == []
+    container = m.server_container(spec)
+    (mount,) = [v for v in container["volumeMounts"] if v["mountPath"] == SHM_DIR]
+    (shm,) = [v["emptyDir"] for v in spec["volumes"] if v["name"] == mount["name"]]
+    (ref,) = container["envFrom"]
+    settings = m.find(objects, "ConfigMap", ref["configMapRef"]["name"])["data"]
+    mutate(shm, container, settings)
+    assert shared_memory_problems(objects, spec)
 
 
 def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():

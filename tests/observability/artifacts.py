@@ -111,6 +111,20 @@ GPU_ONLY = {
 }
 
 
+#: Only exported by a server with several processes (``svertka serve --frontends N``, N > 1): the
+#: supervisor's series per process and per frontend (docs/observability.md, "Metrics with several
+#: processes"). The dashboard's per-process and per-frontend panels are empty with one process; its
+#: totals fall back to prometheus_client's ``process_*`` there.
+MULTIPROCESS_ONLY = {
+    "svertka_frontend_restarts_total",
+    "svertka_frontend_in_flight_requests",
+    "svertka_process_cpu_seconds_total",
+    "svertka_process_resident_memory_bytes",
+    "svertka_process_open_fds",
+    "svertka_process_start_time_seconds",
+}
+
+
 def referenced_server_metrics() -> set[str]:
     """Every metric name the dashboard and rules need from svertka's scrape."""
     names: set[str] = set()

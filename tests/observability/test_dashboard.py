@@ -6,9 +6,13 @@ Prometheus) is in test_live_prometheus.py; this one needs no server.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
-from service.metrics import Metrics
+from service import metrics as metrics_module
+from service.metrics import Metrics, SupervisorMetrics
 from tests.observability import artifacts
 
 
@@ -56,15 +60,65 @@ def test_dashboard_covers_what_operators_ask_for() -> None:
         "svertka_batch_size_bucket",  # batch-size distribution
         "svertka_queue_depth",
         "svertka_model_info",  # provider / precision
+        # several processes (svertka serve --frontends N): per frontend and per process
+        "svertka_frontend_in_flight_requests",
+        "svertka_frontend_restarts_total",
+        "svertka_process_cpu_seconds_total",
+        "svertka_process_resident_memory_bytes",
+        "svertka_process_open_fds",
     }
     assert required <= used, required - used
     exprs = " ".join(artifacts.dashboard_exprs())
     assert "by (model, code)" in exprs
     assert "provider, precision" in exprs
+    assert "by (instance, frontend)" in exprs and "by (instance, role, frontend)" in exprs
 
 
-def test_every_referenced_name_is_defined_by_metrics_module() -> None:
-    """Names the dashboard and rules use exist in the exposition of a Metrics object with traffic."""
+def test_process_panels_are_right_with_one_process_and_with_several() -> None:
+    """``process_*`` is the supervisor alone with several processes: never used without ``svertka_process_*``.
+
+    Each expression on prometheus_client's process series sums ``svertka_process_*`` (every process of
+    a replica with several) and falls back, per instance, to ``process_*`` (the one process) with
+    ``or on (instance)``, in that order. No rule uses ``process_*``.
+    """
+    checked = 0
+    for expr in artifacts.dashboard_exprs():
+        names = artifacts.metric_names(expr)
+        for name in {n for n in names if n.startswith("process_")}:
+            assert f"svertka_{name}" in names, expr
+            left, sep, right = expr.partition(" or on (instance) ")
+            assert sep and f"svertka_{name}" in left and name in artifacts.metric_names(right), expr
+            assert left.startswith("sum by (instance) (") and right.startswith("sum by (instance) ("), expr
+            checked += 1
+    assert checked == 3  # CPU, resident memory, open fds
+    for expr in artifacts.rule_exprs():
+        assert not {n for n in artifacts.metric_names(expr) if n.startswith("process_")}, expr
+
+
+def test_panels_only_several_processes_fill_are_in_their_own_row() -> None:
+    """A panel that is empty with one process sits under the row that says so."""
+    panels = sorted(artifacts.dashboard_panels(), key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]))
+    row = None
+    multiprocess_only = []
+    for p in panels:
+        if p["type"] == "row":
+            row = p
+            continue
+        names = set().union(*(artifacts.metric_names(t["expr"]) for t in p["targets"]))
+        if names <= artifacts.MULTIPROCESS_ONLY:
+            assert row is not None and "--frontends" in row["title"], p["title"]
+            assert "empty with one process" in row["title"]
+            multiprocess_only.append(p["title"])
+    assert len(multiprocess_only) == 4, multiprocess_only
+
+
+def test_every_referenced_name_is_defined_by_metrics_module(tmp_path) -> None:
+    """Names the dashboard and rules use exist in the exposition of a Metrics object with traffic.
+
+    Those of a server with several processes, in the supervisor's (``SupervisorMetrics``), or, for
+    the one a frontend process exports, in service/metrics.py (tests/observability/
+    test_metrics_multiprocess.py and test_live_prometheus.py scrape it from real processes).
+    """
     m = Metrics(CollectorRegistry())
     rec = m.model("digits", 1)
     rec.request(api="image", code="OK", duration_s=0.01)
@@ -77,8 +131,21 @@ def test_every_referenced_name_is_defined_by_metrics_module() -> None:
     m.set_model_ready("digits", 1, True)
     m.grpc_handled.labels("s", "m", "unary", "OK").inc()
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}
-    missing = artifacts.referenced_server_metrics() - exported - artifacts.GPU_ONLY
+    missing = (
+        artifacts.referenced_server_metrics() - exported - artifacts.GPU_ONLY - artifacts.MULTIPROCESS_ONLY
+    )
     assert not missing, f"dashboard/rules reference metrics svertka does not export: {sorted(missing)}"
+    assert not exported & artifacts.MULTIPROCESS_ONLY  # with one process: none of them
+    supervisor = SupervisorMetrics(tmp_path, frontends=2, gpu_metrics=False)
+    supervisor.process_started("engine", 0, os.getpid())
+    supervisor.process_started("frontend", 0, os.getpid())
+    from_supervisor = {s.name for fam in supervisor.registry.collect() for s in fam.samples}
+    src = Path(metrics_module.__file__).read_text()
+    for name in artifacts.MULTIPROCESS_ONLY:
+        assert name in from_supervisor or f'"{name}"' in src, name
+    assert artifacts.referenced_server_metrics() & artifacts.MULTIPROCESS_ONLY <= from_supervisor | {
+        "svertka_frontend_in_flight_requests"
+    }
     # and the GPU names the dashboard uses are the ones the NVML collector would export
     from service import gpu_metrics
 

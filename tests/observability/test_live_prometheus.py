@@ -1,8 +1,12 @@
 """svertka's metrics as operators get them: a real server, real clients, a real Prometheus.
 
 One ``svertka serve`` subprocess (tiny real ONNX model) and one Debian
-Prometheus scraping it every second. A known mix of requests is sent through
-both APIs — some failing on purpose — and then:
+Prometheus scraping it every second, once for each server layout
+(``tests/reliability/harness.py``'s ``LAYOUTS``: one process, and a
+supervisor with an engine and two frontend processes whose counters the one
+``/metrics`` sums). A known mix of requests is sent through both APIs — some
+failing on purpose, the concurrent ones each on its own connection so that
+both frontends take some — and then:
 
 - ``promtool check metrics`` on the live scrape is clean;
 - every metric name the dashboard and the rules use is in that scrape;
@@ -10,7 +14,10 @@ both APIs — some failing on purpose — and then:
   code; inferences equal the images/rows sent; histogram_quantile latencies
   lie within what the client measured;
 - every dashboard query and every rule evaluates in a real Prometheus;
-- ModelStatistics equals the counters; the access log has one line per request.
+- ModelStatistics equals the counters; the access log has one line per request;
+- with two frontends: every process's series, and a frontend killed three
+  times shows in the restart counter, its panel and a pending
+  SvertkaFrontendRestarting, with no counter gone back.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import bisect
 import contextlib
 import io
 import json
+import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +40,7 @@ import pytest
 from bench.target import ServerProcess
 from service.metrics import latency_buckets
 from tests.observability import artifacts, live
-from tests.reliability.harness import samples_of
+from tests.reliability.harness import LAYOUTS, layout_args, samples_of
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,6 +64,7 @@ BROKEN = "broken"  # a corrupt model file: known to the server, never ready
 
 @dataclass
 class Traffic:
+    layout: str  # one of LAYOUTS
     server: ServerProcess
     prom: live.Prometheus
     baseline: dict[str, float]
@@ -80,19 +90,22 @@ def _sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
-@pytest.fixture(scope="module")
-def traffic(tmp_path_factory) -> Traffic:
+@pytest.fixture(scope="module", params=LAYOUTS)
+def traffic(request, tmp_path_factory) -> Traffic:
     from service.gen.inference import grpc_service_pb2 as pb
     from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
     from service.gen.svertka.v1 import classifier_pb2 as cpb
     from service.gen.svertka.v1 import classifier_pb2_grpc as cpb_grpc
     from tests.helpers.tinymodel import make_repository, write_corrupt_model
 
-    work = tmp_path_factory.mktemp("live-obs")
+    layout = request.param
+    work = tmp_path_factory.mktemp(f"live-obs-{layout}")
     repo = make_repository(work / "repo", {MODEL: [1]}, fail_above=FAIL_ABOVE)
     write_corrupt_model(repo / BROKEN / "1" / "model.onnx", "garbage")
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(live.svertka_server(repo, work, "--access-log", "--log-format", "json"))
+        server = stack.enter_context(
+            live.svertka_server(repo, work, *layout_args(layout), "--access-log", "--log-format", "json")
+        )
         prom_dir = work / "prom"
         prom_dir.mkdir()
         prom = stack.enter_context(
@@ -106,16 +119,21 @@ def traffic(tmp_path_factory) -> Traffic:
             "inferences": _sum(before, "svertka_inferences_total", model=MODEL),
             "batch_rows": _sum(before, "svertka_batch_size_sum", model=MODEL),
         }
-        t = Traffic(server, prom, baseline)
+        t = Traffic(layout, server, prom, baseline)
 
         with grpc.insecure_channel(server.address) as ch:
             classify = cpb_grpc.ImageClassifierStub(ch).Classify
 
             def one(i: int) -> float:
-                req = cpb.ClassifyRequest(model=MODEL, image=_png(i), top_k=3, id=f"obs-ok-{i}")
-                start = time.perf_counter()
-                resp = classify(req, timeout=30)
-                elapsed = time.perf_counter() - start
+                # A connection of its own (SO_REUSEPORT hands each connection to one frontend), made
+                # before the clock starts.
+                own = grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                with own:
+                    grpc.channel_ready_future(own).result(timeout=30)
+                    req = cpb.ClassifyRequest(model=MODEL, image=_png(i), top_k=3, id=f"obs-ok-{i}")
+                    start = time.perf_counter()
+                    resp = cpb_grpc.ImageClassifierStub(own).Classify(req, timeout=30)
+                    elapsed = time.perf_counter() - start
                 assert len(resp.predictions) == 3
                 return elapsed
 
@@ -181,6 +199,9 @@ def test_promtool_check_metrics_on_live_scrape_is_clean(traffic: Traffic) -> Non
 def test_every_metric_the_dashboard_and_rules_use_is_in_the_live_scrape(traffic: Traffic) -> None:
     exported = {name for name, _ in samples_of(traffic.server.scrape())}
     missing = artifacts.referenced_server_metrics() - exported - artifacts.GPU_ONLY
+    if traffic.layout == "one-process":
+        assert not exported & artifacts.MULTIPROCESS_ONLY
+        missing -= artifacts.MULTIPROCESS_ONLY
     assert not missing, f"referenced but not exported by a running svertka: {sorted(missing)}"
 
 
@@ -263,8 +284,16 @@ def test_every_dashboard_query_and_rule_evaluates_in_prometheus(traffic: Traffic
         if not result:
             empty.append(expr)
     gpu_only = [e for e in empty if artifacts.metric_names(e) <= artifacts.GPU_ONLY]
+    # the per-frontend and per-process panels: with several processes only
+    multiprocess_only = [
+        e
+        for e in empty
+        if traffic.layout == "one-process" and artifacts.metric_names(e) <= artifacts.MULTIPROCESS_ONLY
+    ]
     others = [
-        e for e in empty if e not in gpu_only and "svertka_rejections_total" not in e and "code!=" not in e
+        e
+        for e in empty
+        if e not in gpu_only + multiprocess_only and "svertka_rejections_total" not in e and "code!=" not in e
     ]
     assert not others, f"dashboard queries with no data after traffic: {others}"
     for q in artifacts.variable_queries():
@@ -295,12 +324,64 @@ def test_every_dashboard_query_and_rule_evaluates_in_prometheus(traffic: Traffic
     firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"}
     assert "SvertkaTargetDown" not in firing
     # the server-side failure shows in the error-ratio rule (a client's INVALID_ARGUMENT does not count)
+    # (rate() needs two samples of the INTERNAL series, which the last requests created: the rule
+    # reads 0 until Prometheus has scraped it twice)
     ratio = live.wait_until(
-        lambda: prom.query(f'model:svertka_requests_server_errors:ratio_rate5m{{model="{MODEL}"}}'),
+        lambda: prom.scalar(f'model:svertka_requests_server_errors:ratio_rate5m{{model="{MODEL}"}}'),
         30,
-        "recording rule server-error ratio",
+        "recording rule server-error ratio above 0",
     )
-    assert 0 < float(ratio[0]["value"][1]) < 0.2, ratio
+    assert 0 < ratio < 0.2, ratio
+
+
+def test_process_panels_sum_every_process_in_either_layout(traffic: Traffic) -> None:
+    """CPU, memory and fds of the replica: ``svertka_process_*`` summed with several processes, else ``process_*``.
+
+    Each of those dashboard queries is ``<svertka_process_* sum> or on (instance) <process_* sum>``; at
+    one evaluation time it must equal its left side with two frontends, its right side with one process.
+    """
+    prom = traffic.prom
+    fallbacks = [e for e in artifacts.dashboard_exprs() if " or on (instance) " in e]
+    assert len(fallbacks) == 3
+    at = str(time.time())
+
+    def values(expr: str) -> dict[str, float]:
+        data = prom.api("query", query=artifacts.concrete(expr, rate_interval="1m"), time=at)
+        return {r["metric"]["instance"]: float(r["value"][1]) for r in data["result"]}
+
+    for expr in fallbacks:
+        left, _, right = expr.partition(" or on (instance) ")
+        got = values(expr)
+        assert len(got) == 1 and all(v > 0 for v in got.values()), (expr, got)
+        if traffic.layout == "one-process":
+            assert values(left) == {} and got == values(right), expr
+        else:
+            assert got == values(left) and got != values(right), expr
+
+
+def test_with_two_frontends_every_process_has_its_series(traffic: Traffic) -> None:
+    if traffic.layout == "one-process":
+        pytest.skip("svertka_process_* and svertka_frontend_*: with several processes only")
+    prom = traffic.prom
+    processes = {
+        (r["metric"]["role"], r["metric"].get("frontend", "")): float(r["value"][1])
+        for r in prom.query("svertka_process_cpu_seconds_total")
+    }
+    assert set(processes) == {("supervisor", ""), ("engine", ""), ("frontend", "0"), ("frontend", "1")}
+    assert all(v > 0 for v in processes.values()), processes
+    for name in ("svertka_process_resident_memory_bytes", "svertka_process_open_fds"):
+        assert len(prom.query(f"{name} > 0")) == 4, name
+    restarts = {
+        r["metric"]["frontend"]: float(r["value"][1]) for r in prom.query("svertka_frontend_restarts_total")
+    }
+    assert restarts == {"0": 0, "1": 0}
+    in_flight = {
+        r["metric"]["frontend"]: float(r["value"][1])
+        for r in prom.query("svertka_frontend_in_flight_requests")
+    }
+    assert in_flight == {"0": 0, "1": 0}  # every request answered
+    # the supervisor's own process_* is one of the four, not the sum
+    assert prom.scalar("process_cpu_seconds_total") == processes[("supervisor", "")]
 
 
 def test_model_that_fails_to_load_is_not_ready_and_its_alert_is_pending(traffic: Traffic) -> None:
@@ -355,3 +436,69 @@ def test_access_log_has_one_line_per_request_with_its_id(traffic: Traffic) -> No
     ok = by_id["obs-ok-0"][0]
     assert ok["model"] == MODEL and ok["code"] == "OK" and ok["duration_ms"] > 0
     assert "not an image" not in traffic.server.log()  # no payload bytes in the logs
+
+
+def _frontend_pid(server: ServerProcess, index: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(server.proc.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[-2:] == ["frontend", str(index)] and child.status() != psutil.STATUS_ZOMBIE:
+                return child.pid
+    return None
+
+
+def test_a_frontend_killed_three_times_shows_in_restarts_panel_and_alert(traffic: Traffic) -> None:
+    """Last in the module: it kills frontend 1 with SIGKILL three times, the supervisor restarting it."""
+    if traffic.layout == "one-process":
+        pytest.skip("frontend restarts: with several processes only")
+    prom, server = traffic.prom, traffic.server
+    total = N_OK + N_BAD + TENSOR_REQUESTS + N_INTERNAL
+    started = prom.scalar('svertka_process_start_time_seconds{role="frontend",frontend="1"}')
+    pid = _frontend_pid(server, 1)
+    for _ in range(3):
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        pid = live.wait_until(
+            lambda old=pid: (new := _frontend_pid(server, 1)) not in (None, old) and new,
+            30,
+            "frontend 1 started again",
+            server.proc,
+            server.log_path,
+        )
+    server.wait_serving(60)
+    live.wait_until(
+        lambda: prom.scalar('svertka_frontend_restarts_total{frontend="1"}') == 3,
+        30,
+        "Prometheus sees three restarts",
+        prom.proc,
+        prom.log,
+    )
+    assert prom.scalar('svertka_frontend_restarts_total{frontend="0"}') == 0
+    live.wait_until(
+        lambda: (
+            (prom.scalar('svertka_process_start_time_seconds{role="frontend",frontend="1"}') or 0) > started
+        ),
+        30,
+        "frontend 1's new start time",
+    )
+    # the dashboard's panel counts them; the alert is pending (for: 5m), for frontend 1 alone
+    (panel,) = [e for e in artifacts.dashboard_exprs() if "svertka_frontend_restarts_total" in e]
+    counts = {r["metric"]["frontend"]: float(r["value"][1]) for r in prom.query(artifacts.concrete(panel))}
+    assert counts == {"0": 0, "1": 3}
+    alerts = live.wait_until(
+        lambda: prom.query('ALERTS{alertname="SvertkaFrontendRestarting",alertstate="pending"}'),
+        30,
+        "SvertkaFrontendRestarting pending",
+        prom.proc,
+        prom.log,
+    )
+    assert [a["metric"]["frontend"] for a in alerts] == ["1"]
+    # nothing counted was lost or went back: the killed frontend's requests stay in the sums
+    assert prom.scalar(f'sum(svertka_requests_total{{model="{MODEL}"}})') == total
+    back = prom.query(
+        "resets(svertka_requests_total[1h]) > 0 or resets(grpc_server_handled_total[1h]) > 0 "
+        "or resets(svertka_request_duration_seconds_bucket[1h]) > 0 "
+        "or resets(svertka_process_cpu_seconds_total[1h]) > 0"
+    )
+    assert not back, back

@@ -67,3 +67,19 @@ def test_kubernetes_scrape_snippet_keeps_job_name_the_alerts_use() -> None:
     relabels = job["relabel_configs"]
     assert {"target_label": "job", "replacement": "svertka"} in relabels
     assert any(r.get("regex") == "metrics" and r["action"] == "keep" for r in relabels)
+
+
+def test_every_alert_fires_in_a_rule_unit_test() -> None:
+    """Each alert rule has a promtool unit test in which it fires (not only one where it stays quiet)."""
+    alerts = {
+        rule["alert"]
+        for group in yaml.safe_load((PROM / "rules" / "svertka-alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+    }
+    fired = set()
+    for path in (PROM / "tests").glob("*.test.yml"):
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                if case.get("exp_alerts"):
+                    fired.add(case["alertname"])
+    assert alerts <= fired, f"alerts never seen firing in deploy/prometheus/tests: {sorted(alerts - fired)}"
