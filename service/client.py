@@ -27,6 +27,8 @@ from service.gen.svertka.v1 import classifier_pb2_grpc as pb_grpc
 DEFAULT_TIMEOUT_S = 30.0
 #: Matches the server's default limit, so large images fail with the server's clear message.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: More connections than this from one client help no server.
+MAX_CONNECTIONS = 64
 
 
 class ClassifyError(Exception):
@@ -83,7 +85,11 @@ class Client:
 
     ``tls_ca``: PEM file of the CA that signed the server's certificate (enables TLS);
     ``tls_cert``/``tls_key``: this client's certificate for mutual TLS;
-    ``token``: bearer token for servers started with ``--auth-token-file``.
+    ``token``: bearer token for servers started with ``--auth-token-file``;
+    ``connections``: how many TCP connections to open and take turns on, call by call. A server
+    started with ``--frontends N`` hands each *connection* to one of its N processes, so a client
+    that should keep all of them busy needs several (2N spreads well; docs/engine.md,
+    "Balancing"). One by default, as every gRPC channel has.
     """
 
     def __init__(
@@ -96,25 +102,42 @@ class Client:
         tls_key: str | Path | None = None,
         token: str | None = None,
         server_name_override: str | None = None,
+        connections: int = 1,
     ) -> None:
+        if not 1 <= connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be 1-{MAX_CONNECTIONS}, got {connections}")
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
+        if connections > 1:
+            # Channels with equal options share one connection through gRPC's global subchannel
+            # pool; a local pool per channel gives each its own.
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if server_name_override:
             options.append(("grpc.ssl_target_name_override", server_name_override))
+        credentials = None
         if tls_ca is not None or tls_cert is not None:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
                 private_key=Path(tls_key).read_bytes() if tls_key else None,
                 certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
             )
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.ImageClassifierStub(self._channel)
+        self._channels = [
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
+            for _ in range(connections)
+        ]
+        self._stubs = [pb_grpc.ImageClassifierStub(channel) for channel in self._channels]
+        self._turn = itertools.count()  # next() on it is atomic under the GIL: thread-safe turns
         self._timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    @property
+    def _stub(self) -> pb_grpc.ImageClassifierStub:
+        """The stub whose turn it is (one per connection)."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def __enter__(self) -> Client:
         return self
@@ -123,7 +146,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     @staticmethod
     def _request(image, *, model: str, version: int, top_k: int | None, id: str) -> pb.ClassifyRequest:

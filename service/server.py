@@ -133,7 +133,7 @@ class Server:
         self.gate = gate if gate is not None else drain.CallGate()
         self.state = ServerState()
         #: Registered system shared memory regions (None unless allow_shared_memory).
-        self.shared_memory: shm.Registry | None = None
+        self.shared_memory: shm.SharedMemory | None = None
         #: Accepted inference calls still unanswered when the drain gave up (grace over, or forced).
         self.abandoned = 0
         self._stopped = asyncio.Event()
@@ -241,11 +241,19 @@ class Server:
 
 
 def build_server(
-    config: cfg.ServerConfig, engine: Engine, metrics: Metrics, *, reuse_port: bool = False
+    config: cfg.ServerConfig,
+    engine: Engine,
+    metrics: Metrics,
+    *,
+    reuse_port: bool = False,
+    shared_memory: shm.SharedMemory | None = None,
 ) -> tuple[Server, int]:
     """Assemble the server (not started): both APIs, health, reflection, interceptors, port.
 
     Returns the server and the bound gRPC port (useful with ``grpc_port=0``).
+    ``shared_memory``: where system shared memory regions are registered when the config
+    allows them (a frontend's: in the engine process); a ``shm.Registry`` of this process's own
+    by default.
     """
     gate = drain.CallGate()
     # Metrics outermost (they count held calls too), then the gate, then authentication.
@@ -261,7 +269,7 @@ def build_server(
     health = HealthReporter(engine)
     server = Server(grpc_server, 0, engine, health, gate, metrics)
     if config.allow_shared_memory:
-        server.shared_memory = shm.Registry()
+        server.shared_memory = shm.Registry() if shared_memory is None else shared_memory
 
     classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
         ImageClassifierServicer(engine, server.state, metrics), grpc_server
@@ -329,6 +337,7 @@ def assemble(
     metrics: Metrics | None = None,
     engine: Engine | None = None,
     reuse_port: bool = False,
+    shared_memory: shm.SharedMemory | None = None,
 ) -> Server:
     """The server ``config`` describes, not started: metrics, engine, gRPC server.
 
@@ -337,13 +346,14 @@ def assemble(
     by default. Must run inside the event loop that will serve; the gRPC port is
     bound (``server.port``), the metrics port is not (``server.metrics.start_http``).
     ``engine``: another engine than the in-process one ``config`` describes (a frontend
-    process's client of the engine process); ``reuse_port``: see ``grpc_options``.
+    process's client of the engine process); ``reuse_port``: see ``grpc_options``;
+    ``shared_memory``: see ``build_server`` (a frontend's engine client has one).
     """
     from service.metrics import Metrics
 
     metrics = Metrics() if metrics is None else metrics
     engine = build_engine(config, metrics) if engine is None else engine
-    server, _ = build_server(config, engine, metrics, reuse_port=reuse_port)
+    server, _ = build_server(config, engine, metrics, reuse_port=reuse_port, shared_memory=shared_memory)
     return server
 
 
@@ -376,7 +386,13 @@ async def serve(config: cfg.ServerConfig, *, frontend: FrontendRole | None = Non
     if frontend is None:
         server = assemble(config)
     else:
-        server = assemble(config, metrics=frontend.metrics, engine=frontend.engine, reuse_port=True)
+        server = assemble(
+            config,
+            metrics=frontend.metrics,
+            engine=frontend.engine,
+            reuse_port=True,
+            shared_memory=frontend.engine.shared_memory,
+        )
     metrics, engine, port = server.metrics, server.engine, server.port
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

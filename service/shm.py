@@ -9,12 +9,25 @@ bytes through gRPC. For a 224x224 FP32 image that is 588 KiB per request the
 client does not serialize and the server does not receive, parse and copy.
 
 The server only ever reads and writes registered objects with ``pread`` /
-``pwrite`` on a file descriptor it opened at registration; nothing is
-``mmap``-ed. A client that shrinks its object after registering it therefore
-gets a short read reported as INVALID_ARGUMENT, never a SIGBUS that would take
-the server down. It is still a door into the server's memory for any process
-that can write to ``/dev/shm`` as the client's user: off unless the server is
-started with ``--allow-shared-memory``, like Triton's ``--allow-client-shm``.
+``pwrite`` on a file descriptor it opened; nothing is ``mmap``-ed. A client
+that shrinks its object after registering it therefore gets a short read
+reported as INVALID_ARGUMENT, never a SIGBUS that would take the server down.
+It is still a door into the server's memory for any process that can write to
+``/dev/shm`` as the client's user: off unless the server is started with
+``--allow-shared-memory``, like Triton's ``--allow-client-shm``.
+
+Two halves, so that registrations can be server-wide when the server is
+several processes (``svertka serve --frontends N``, service/ipc/shared_memory.py):
+
+* :class:`Registrations`, *the registrations*: name -> (key, offset,
+  byte_size), the checks a registration passes and the region cap. One per
+  server: in its one process, or in the engine process.
+* :class:`OpenRegions`, *the opened regions*: the descriptor this process
+  holds for each registered region, and the reads and writes of tensor data.
+  One per process that serves requests.
+
+:class:`Registry` is both in one process. Every check and message of the
+extension is here, whichever process applies it.
 
 Knows nothing of gRPC: errors are :mod:`service.errors`, mapped to status
 codes in one place (``service.api.error_codes``).
@@ -29,6 +42,8 @@ import re
 import resource
 import stat
 import threading
+from collections.abc import Iterable
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +51,8 @@ from service import errors
 
 #: Where Linux keeps POSIX shared memory objects: ``shm_open("/name")`` is ``/dev/shm/name``.
 SHM_DIR = "/dev/shm"
-#: Regions one server holds at most (each keeps one file descriptor open) ...
+#: Regions one server holds at most (each keeps one file descriptor open in every process that
+#: serves requests) ...
 MAX_REGIONS = 1024
 #: ... and never more than this share of the process's file descriptor limit: the rest stays
 #: for connections, model files and the metrics port. At 1,000 regions under the default limit
@@ -72,7 +88,6 @@ class Region:
     key: str
     offset: int
     byte_size: int
-    fd: int = dataclasses.field(repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,35 +99,95 @@ class Slice:
     byte_size: int
 
 
-class Registry:
-    """The server's registered regions, by name. Safe to call from any thread."""
+def is_region_name(name: str) -> bool:
+    """Whether ``name`` could be registered (1-MAX_NAME_CHARS characters, no NUL)."""
+    return bool(_NAME_RE.fullmatch(name or ""))
+
+
+def check_registration(name: str, key: str, byte_size: int) -> str:
+    """The checks a registration passes before any lookup; the object's file name in the shm dir."""
+    if not is_region_name(name):
+        raise errors.InvalidInput(
+            f"system shared memory: region name must be 1-{MAX_NAME_CHARS} characters without NUL, "
+            f"got {errors.shown(name)}"
+        )
+    match = _KEY_RE.fullmatch(key or "")
+    if not match or match.group(1) in (".", ".."):
+        raise errors.InvalidInput(
+            f"system shared memory region '{name}': key {errors.shown(key)} is not a shared memory "
+            "object name; "
+            "expected what shm_open takes, e.g. '/my_input' (one path component)"
+        )
+    if byte_size < 1:
+        raise errors.InvalidInput(
+            f"system shared memory region '{name}': byte_size must be >= 1, got {byte_size}"
+        )
+    return match.group(1)
+
+
+def open_region(region: Region, shm_dir: str = SHM_DIR) -> int:
+    """A descriptor of ``region``'s object, opened for reading and writing; InvalidInput unless it
+    is a shared memory object (no symlink followed, a regular file) that holds the region."""
+    path = os.path.join(shm_dir, check_registration(region.name, region.key, region.byte_size))
+    name, key = region.name, region.key
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise errors.InvalidInput(
+            f"system shared memory region '{name}': no shared memory object {key!r} on this host "
+            "(the client creates it with shm_open before registering it)"
+        ) from None
+    except OSError as exc:
+        raise errors.InvalidInput(
+            f"system shared memory region '{name}': cannot open {key!r} for reading and writing: "
+            f"{exc.strerror}"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise errors.InvalidInput(
+                f"system shared memory region '{name}': {key!r} is not a shared memory object"
+            )
+        if region.offset + region.byte_size > info.st_size:
+            raise errors.InvalidInput(
+                f"system shared memory region '{name}': offset {region.offset} + byte_size "
+                f"{region.byte_size} is beyond the end of {key!r} ({info.st_size} bytes)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def not_registered(name: str) -> errors.NotFound:
+    """What SystemSharedMemoryStatus says about a name that is not registered."""
+    return errors.NotFound(f"system shared memory region '{name}' is not registered")
+
+
+def _unknown_region(what: str, name: str) -> errors.InvalidInput:
+    """What a tensor that names a region that is not registered gets."""
+    return errors.InvalidInput(
+        f"{what}: system shared memory region '{name}' is not registered (SystemSharedMemoryRegister it first)"
+    )
+
+
+class Registrations:
+    """The server's registered regions, by name, and their cap. Safe to call from any thread.
+
+    Holds no descriptor: ``register`` hands the one it opened to check the object to its caller.
+    """
 
     def __init__(self, shm_dir: str = SHM_DIR, max_regions: int | None = None) -> None:
         self._dir = shm_dir
-        #: Read when the registry is made: after ``serve`` has raised the descriptor limit.
+        #: Read when the registrations are made: after ``serve`` has raised the descriptor limit.
         self._max = region_cap() if max_regions is None else max_regions
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()
 
-    # -- registration -------------------------------------------------------------
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
-        """Open ``key`` and hold ``[offset, offset + byte_size)`` of it under ``name``."""
-        if not _NAME_RE.fullmatch(name or ""):
-            raise errors.InvalidInput(
-                f"system shared memory: region name must be 1-{MAX_NAME_CHARS} characters without NUL, "
-                f"got {errors.shown(name)}"
-            )
-        match = _KEY_RE.fullmatch(key or "")
-        if not match or match.group(1) in (".", ".."):
-            raise errors.InvalidInput(
-                f"system shared memory region '{name}': key {errors.shown(key)} is not a shared memory "
-                "object name; "
-                "expected what shm_open takes, e.g. '/my_input' (one path component)"
-            )
-        if byte_size < 1:
-            raise errors.InvalidInput(
-                f"system shared memory region '{name}': byte_size must be >= 1, got {byte_size}"
-            )
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> tuple[Region, int]:
+        """Check ``key`` and hold ``[offset, offset + byte_size)`` of it under ``name``: the region,
+        and a descriptor of its object that the caller keeps or closes."""
+        check_registration(name, key, byte_size)
         with self._lock:
             if name in self._regions:
                 raise errors.AlreadyExists(
@@ -123,46 +198,19 @@ class Registry:
                     f"system shared memory: {self._max} regions are registered, the most this server holds; "
                     "unregister some first"
                 )
-            path = os.path.join(self._dir, match.group(1))
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                raise errors.InvalidInput(
-                    f"system shared memory region '{name}': no shared memory object {key!r} on this host "
-                    "(the client creates it with shm_open before registering it)"
-                ) from None
-            except OSError as exc:
-                raise errors.InvalidInput(
-                    f"system shared memory region '{name}': cannot open {key!r} for reading and writing: "
-                    f"{exc.strerror}"
-                ) from None
-            try:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise errors.InvalidInput(
-                        f"system shared memory region '{name}': {key!r} is not a shared memory object"
-                    )
-                if offset + byte_size > info.st_size:
-                    raise errors.InvalidInput(
-                        f"system shared memory region '{name}': offset {offset} + byte_size {byte_size} "
-                        f"is beyond the end of {key!r} ({info.st_size} bytes)"
-                    )
-            except BaseException:
-                os.close(fd)
-                raise
-            region = Region(name=name, key=key, offset=offset, byte_size=byte_size, fd=fd)
+            region = Region(name=name, key=key, offset=offset, byte_size=byte_size)
+            fd = open_region(region, self._dir)
             self._regions[name] = region
-            return region
+            return region, fd
 
-    def unregister(self, name: str = "") -> None:
-        """Forget ``name`` (every region when empty). Unknown names are not an error."""
+    def unregister(self, name: str = "") -> list[Region]:
+        """Forget ``name`` (every region when empty): the regions forgotten. Unknown names are not
+        an error."""
         with self._lock:
             if name:
-                gone = [self._regions.pop(name)] if name in self._regions else []
-            else:
-                gone, self._regions = list(self._regions.values()), {}
-        for region in gone:
-            os.close(region.fd)
+                return [self._regions.pop(name)] if name in self._regions else []
+            gone, self._regions = list(self._regions.values()), {}
+            return gone
 
     def status(self, name: str = "") -> list[Region]:
         """The registered regions (just ``name`` when given; NotFound when it is not registered)."""
@@ -170,31 +218,88 @@ class Registry:
             if not name:
                 return sorted(self._regions.values(), key=lambda r: r.name)
             if name not in self._regions:
-                raise errors.NotFound(f"system shared memory region '{name}' is not registered")
+                raise not_registered(name)
             return [self._regions[name]]
-
-    def close(self) -> None:
-        self.unregister("")
 
     def __len__(self) -> int:
         return len(self._regions)
 
-    # -- data ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Opened:
+    region: Region
+    fd: int | None  # None: opening it failed; tried again when a request names the region
+
+
+class OpenRegions:
+    """The registered regions as this process reads and writes them: one descriptor each."""
+
+    def __init__(self, shm_dir: str = SHM_DIR) -> None:
+        self._dir = shm_dir
+        self._opened: dict[str, _Opened] = {}
+        self._lock = threading.Lock()
+
+    def add(self, region: Region, fd: int | None = None) -> None:
+        """Serve ``region`` from ``fd``; without one, open its object now (if that fails, the
+        first request that names the region tries again and gets the reason)."""
+        if fd is None:
+            try:
+                fd = open_region(region, self._dir)
+            except errors.InvalidInput:
+                fd = None
+        with self._lock:
+            old = self._opened.pop(region.name, None)
+            self._opened[region.name] = _Opened(region, fd)
+        if old is not None and old.fd is not None:
+            os.close(old.fd)
+
+    def remove(self, names: Iterable[str]) -> None:
+        with self._lock:
+            gone = [self._opened.pop(name) for name in names if name in self._opened]
+        for opened in gone:
+            if opened.fd is not None:
+                os.close(opened.fd)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._opened)
+
+    def close(self) -> None:
+        self.remove(self.names())
+
+    def __len__(self) -> int:
+        return len(self._opened)
+
     def _locate(self, where: Slice, what: str) -> tuple[int, int]:
         """(fd, absolute file offset) of a checked slice."""
         with self._lock:
-            region = self._regions.get(where.region)
-        if region is None:
-            raise errors.InvalidInput(
-                f"{what}: system shared memory region '{where.region}' is not registered "
-                "(SystemSharedMemoryRegister it first)"
-            )
+            opened = self._opened.get(where.region)
+        if opened is None:
+            raise _unknown_region(what, where.region)
+        region = opened.region
         if where.offset < 0 or where.byte_size < 0 or where.offset + where.byte_size > region.byte_size:
             raise errors.InvalidInput(
                 f"{what}: {where.byte_size} bytes at offset {where.offset} do not fit in system shared memory "
                 f"region '{region.name}' ({region.byte_size} bytes)"
             )
-        return region.fd, region.offset + where.offset
+        fd = opened.fd if opened.fd is not None else self._open_late(opened, what)
+        return fd, region.offset + where.offset
+
+    def _open_late(self, opened: _Opened, what: str) -> int:
+        """Open a region whose object could not be opened when it was added."""
+        try:
+            fd = open_region(opened.region, self._dir)
+        except errors.InvalidInput as exc:
+            raise errors.InvalidInput(f"{what}: {exc.message}") from None
+        with self._lock:
+            if self._opened.get(opened.region.name) is opened and opened.fd is None:
+                opened.fd = fd
+                return fd
+            current = opened.fd if self._opened.get(opened.region.name) is opened else None
+        os.close(fd)  # another thread opened it first, or it was unregistered meanwhile
+        if current is None:
+            raise _unknown_region(what, opened.region.name)
+        return current
 
     def check(self, where: Slice, what: str) -> None:
         """Raise InvalidInput unless ``where`` lies inside a registered region."""
@@ -233,3 +338,75 @@ class Registry:
         done = 0
         while done < len(data):
             done += os.pwrite(fd, view[done:], position + done)
+
+
+class SharedMemory(Protocol):
+    """What the tensor API serves the extension from: :class:`Registry` in one process, a
+    frontend's registry whose registrations live in the engine process with several
+    (service.ipc.shared_memory.FrontendRegistry)."""
+
+    async def register_region(self, name: str, key: str, offset: int, byte_size: int) -> None: ...
+
+    async def unregister_region(self, name: str) -> None: ...
+
+    async def region_status(self, name: str) -> list[Region]: ...
+
+    def check(self, where: Slice, what: str) -> None: ...
+
+    def read(self, where: Slice, dtype: str, shape: list[int], what: str) -> np.ndarray: ...
+
+    def write(self, where: Slice, data: bytes, what: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Registry:
+    """The server's regions when it is one process: its registrations and their descriptors."""
+
+    def __init__(self, shm_dir: str = SHM_DIR, max_regions: int | None = None) -> None:
+        self.registrations = Registrations(shm_dir, max_regions)
+        self.opened = OpenRegions(shm_dir)
+
+    # -- registration -------------------------------------------------------------
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+        """Open ``key`` and hold ``[offset, offset + byte_size)`` of it under ``name``."""
+        region, fd = self.registrations.register(name, key, offset, byte_size)
+        self.opened.add(region, fd)
+        return region
+
+    def unregister(self, name: str = "") -> None:
+        """Forget ``name`` (every region when empty). Unknown names are not an error."""
+        self.opened.remove(r.name for r in self.registrations.unregister(name))
+
+    def status(self, name: str = "") -> list[Region]:
+        """The registered regions (just ``name`` when given; NotFound when it is not registered)."""
+        return self.registrations.status(name)
+
+    def close(self) -> None:
+        self.unregister("")
+
+    def __len__(self) -> int:
+        return len(self.registrations)
+
+    # -- the extension's calls (SharedMemory) -------------------------------------------
+    async def register_region(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.register(name, key, offset, byte_size)
+
+    async def unregister_region(self, name: str) -> None:
+        self.unregister(name)
+
+    async def region_status(self, name: str) -> list[Region]:
+        return self.status(name)
+
+    # -- data ------------------------------------------------------------------------
+    def check(self, where: Slice, what: str) -> None:
+        """Raise InvalidInput unless ``where`` lies inside a registered region."""
+        self.opened.check(where, what)
+
+    def read(self, where: Slice, dtype: str, shape: list[int], what: str) -> np.ndarray:
+        """A fresh array of ``shape`` filled from the slice (one copy, no mapping)."""
+        return self.opened.read(where, dtype, shape, what)
+
+    def write(self, where: Slice, data: bytes, what: str) -> None:
+        """Write ``data`` at the start of the slice (it must fit)."""
+        self.opened.write(where, data, what)

@@ -78,7 +78,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         *,
         enable_model_control: bool = False,
-        shared_memory: shm.Registry | None = None,
+        shared_memory: shm.SharedMemory | None = None,
     ) -> None:
         self._engine = engine
         self._state = state
@@ -301,7 +301,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory (Triton's extension; service/shm.py) ------------------
-    def _registry(self, rpc_name: str) -> shm.Registry:
+    def _registry(self, rpc_name: str) -> shm.SharedMemory:
         if self._shm is None:
             raise errors.PermissionDenied(f"{rpc_name}: {tensors.SHM_DISABLED}")
         return self._shm
@@ -309,7 +309,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def SystemSharedMemoryStatus(self, request, context):
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._registry("SystemSharedMemoryStatus").status(request.name):
+        for region in await self._registry("SystemSharedMemoryStatus").region_status(request.name):
             response.regions[region.name].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
@@ -319,14 +319,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def SystemSharedMemoryRegister(self, request, context):
-        self._registry("SystemSharedMemoryRegister").register(
+        await self._registry("SystemSharedMemoryRegister").register_region(
             request.name, request.key, request.offset, request.byte_size
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
     @rpc
     async def SystemSharedMemoryUnregister(self, request, context):
-        self._registry("SystemSharedMemoryUnregister").unregister(request.name)
+        await self._registry("SystemSharedMemoryUnregister").unregister_region(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- not supported ------------------------------------------------------------

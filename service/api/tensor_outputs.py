@@ -51,7 +51,7 @@ def _int_param(param: pb.InferParameter) -> int | None:
 
 
 def requested_outputs(
-    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.Registry | None = None
+    request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.SharedMemory | None = None
 ) -> list[RequestedOutput]:
     """The outputs to return: every output (raw) when none are named."""
     if not request.outputs:
@@ -121,7 +121,7 @@ def build_outputs(
     logits: np.ndarray,
     outputs: Sequence[RequestedOutput],
     meta: modelmeta.ModelMeta,
-    shm_registry: shm.Registry | None = None,
+    shm_registry: shm.SharedMemory | None = None,
 ) -> None:
     """Fill ``response`` with the requested outputs: raw_output_contents (as Triton does),
     or written to the shared memory region an output names (then the response holds its

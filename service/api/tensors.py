@@ -76,7 +76,7 @@ SHM_DISABLED = (
 )
 
 
-def shared_memory_slice(what: str, parameters, shm_registry: shm.Registry | None) -> shm.Slice | None:
+def shared_memory_slice(what: str, parameters, shm_registry: shm.SharedMemory | None) -> shm.Slice | None:
     """The shared memory slice a tensor's parameters name, or None when they name none."""
     present = [p for p in shm.PARAMS if p in parameters]
     if not present:
@@ -147,7 +147,7 @@ def _typed_fields_set(contents: pb.InferTensorContents) -> list[str]:
 def parse_input(
     request: pb.ModelInferRequest,
     meta: modelmeta.ModelMeta,
-    shm_registry: shm.Registry | None = None,
+    shm_registry: shm.SharedMemory | None = None,
     *,
     max_rows: int = config.DEFAULT_MAX_ROWS_PER_REQUEST,
 ) -> ParsedInput:
@@ -250,7 +250,7 @@ def _parse_shared_memory(
     where: shm.Slice,
     inline: bool,
     meta: modelmeta.ModelMeta,
-    shm_registry: shm.Registry,
+    shm_registry: shm.SharedMemory,
     max_rows: int,
 ) -> ParsedInput:
     name = tensor.name

@@ -33,6 +33,7 @@ from service import config, errors, layout, modelmeta
 from service.engine import interface
 from service.engine.interface import UNAVAILABLE, ModelStatus, Timings
 from service.ipc import framing
+from service.ipc.shared_memory import FrontendRegistry
 from service.ipc.slab import Ranges, Slab
 from service.model_recorder import Duration, StatsSnapshot
 from service.preprocess import Preprocessor
@@ -84,6 +85,8 @@ class EngineClient:
         self._read_task: asyncio.Task | None = None
         self.slab: Slab | None = None
         self.ranges = Ranges(self.slab_bytes)
+        #: System shared memory: the registrations are the engine's, the descriptors this process's.
+        self.shared_memory = FrontendRegistry(self.call)
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -214,6 +217,10 @@ class EngineClient:
                     )
                     self._acks.add(acking)
                     acking.add_done_callback(self._acks.discard)
+                elif op == "shm":
+                    generation = self.shared_memory.apply(header)
+                    with contextlib.suppress(errors.Draining):
+                        self._send({"op": "shm_ack", "generation": generation})
                 elif op in ("result", "reply"):
                     future = self._pending.pop(int(header["id"]), None)
                     if future is not None and not future.done():

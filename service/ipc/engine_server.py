@@ -13,10 +13,16 @@ Messages from a frontend (``op``):
   which the engine owns for every process.
 * ``stats {id}``, ``load {id, name}``, ``unload {id, name}``: answered with
   ``reply {id, ...}``.
+* ``shm_register``, ``shm_unregister``, ``shm_status``: the system shared
+  memory extension, whose registrations the engine keeps for every frontend
+  (service/ipc/shared_memory.py); answered with ``reply {id, ...}``, a change
+  once every frontend has acknowledged it (``shm_ack {generation}``).
 
 The engine pushes ``models {started, models}`` on connect and after every
 change of a model's state: what a frontend needs to resolve names and
-versions, preprocess images and report metadata on its own.
+versions, preprocess images and report metadata on its own; and, with
+``--allow-shared-memory``, ``shm {generation, ...}`` on connect and after
+every registration or unregistration.
 
 A frontend that stops reading its answers cannot stall the engine: when more
 than ``MAX_UNREAD_BYTES`` of answers wait to be written to it, its connection
@@ -33,11 +39,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from service import errors
+from service import errors, shm
 from service.engine.interface import ModelStatus, Timings
 from service.engine.repository import ModelRepository
 from service.engine.served_model import ServedModel
 from service.ipc import framing
+from service.ipc.shared_memory import OPS as SHM_OPS
+from service.ipc.shared_memory import EngineRegistrations
 from service.ipc.slab import Slab
 
 log = logging.getLogger(__name__)
@@ -99,9 +107,13 @@ STAT_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", 
 class EngineServer:
     """Serves one engine (a ModelRepository) to frontend processes on a Unix socket."""
 
-    def __init__(self, engine: ModelRepository, socket_path: Path) -> None:
+    def __init__(
+        self, engine: ModelRepository, socket_path: Path, shared_memory: shm.Registrations | None = None
+    ) -> None:
         self.engine = engine
         self.socket_path = Path(socket_path)
+        #: The server's system shared memory registrations (None: not allowed).
+        self.shared_memory = EngineRegistrations(shared_memory)
         self.started = False
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
@@ -133,12 +145,24 @@ class EngineServer:
         does not answer within ``SYNC_TIMEOUT_S`` is not waited for longer.
         """
         wanted = self.generation
+        await self._until_acked(lambda c: c.acked >= wanted, timeout_s)
+
+    async def synced_shared_memory(self, timeout_s: float | None = None) -> None:
+        """Return once every connected frontend has applied the latest ``shm`` message (or after
+        ``SYNC_TIMEOUT_S``): a registration is then known wherever the client calls next."""
+        wanted = self.shared_memory.generation
+        await self._until_acked(lambda c: c.shm_acked >= wanted, timeout_s)
+
+    def push_shared_memory(self, message: dict[str, Any]) -> None:
+        for connection in list(self._connections):
+            if connection.ready:
+                connection.send(message)
+
+    async def _until_acked(self, applied, timeout_s: float | None) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SYNC_TIMEOUT_S if timeout_s is None else timeout_s):
                 async with self._acked:
-                    await self._acked.wait_for(
-                        lambda: all(c.acked >= wanted for c in self._connections if c.ready)
-                    )
+                    await self._acked.wait_for(lambda: all(applied(c) for c in self._connections if c.ready))
 
     async def acknowledged(self) -> None:
         async with self._acked:
@@ -175,6 +199,7 @@ class _Connection:
         self.tasks: dict[int, asyncio.Task] = {}
         self.ready = False
         self.acked = 0
+        self.shm_acked = 0
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         if self.writer.is_closing():
@@ -202,6 +227,8 @@ class _Connection:
             self.ready = True
             self.send({"op": "hello"})
             self.push_models()
+            if self.server.shared_memory.enabled:
+                self.send(self.server.shared_memory.snapshot())
             log.info("frontend %s connected (slab %d MiB)", self.frontend, self.slab.size >> 20)
             while True:
                 header, _ = await framing.read(self.reader)
@@ -234,11 +261,16 @@ class _Connection:
             self.acked = max(self.acked, int(header["generation"]))
             asyncio.get_running_loop().create_task(self.server.acknowledged())
             return
+        if op == "shm_ack":
+            self.shm_acked = max(self.shm_acked, int(header["generation"]))
+            asyncio.get_running_loop().create_task(self.server.acknowledged())
+            return
         handler = {
             "infer": self._infer,
             "stats": self._stats,
             "load": self._load,
             "unload": self._unload,
+            **dict.fromkeys(SHM_OPS, self._shared_memory),
         }.get(op)
         if handler is None:
             raise framing.FrameError(f"unknown op {op!r}")
@@ -300,6 +332,25 @@ class _Connection:
 
     async def _unload(self, rid: int, header: dict[str, Any]) -> None:
         await self._control(rid, self.engine.unload(str(header["name"])))
+
+    async def _shared_memory(self, rid: int, header: dict[str, Any]) -> None:
+        try:
+            answer, change = self.server.shared_memory.handle(header)
+        except errors.SvertkaError as exc:
+            self.send(
+                {"op": "reply", "id": rid, "error": {"type": type(exc).__name__, "message": exc.message}}
+            )
+            return
+        except Exception:
+            log.exception("frontend %s: shared memory request %d failed", self.frontend, rid)
+            self.send(
+                {"op": "reply", "id": rid, "error": {"type": "InferenceFailed", "message": "internal error"}}
+            )
+            return
+        if change is not None:
+            self.server.push_shared_memory(change)
+            await self.server.synced_shared_memory()
+        self.send({"op": "reply", "id": rid, **answer})
 
     async def _control(self, rid: int, work) -> None:
         try:

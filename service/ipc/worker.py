@@ -51,6 +51,7 @@ async def run_engine(config: cfg.ServerConfig, socket_path: Path) -> int:
     Listens at once; the frontends connect and wait until the models are loaded. On SIGTERM
     (the supervisor sends it once every frontend has drained) it drains and stops.
     """
+    from service import shm
     from service.ipc.engine_server import EngineServer
     from service.metrics import Metrics
     from service.server import build_engine
@@ -61,7 +62,9 @@ async def run_engine(config: cfg.ServerConfig, socket_path: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     engine = build_engine(config, Metrics(multiprocess=True))
-    server = EngineServer(engine, socket_path)
+    # The system shared memory registrations of every frontend (service/ipc/shared_memory.py).
+    registrations = shm.Registrations() if config.allow_shared_memory else None
+    server = EngineServer(engine, socket_path, registrations)
     await server.start()
     load = asyncio.create_task(engine.start())
     stopping = asyncio.create_task(stop.wait())

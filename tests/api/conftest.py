@@ -47,15 +47,36 @@ class InProcessServer:
             if self.engine_process is None:
                 server = assemble(self.config)
             else:
-                metrics, client = self.engine_process.client()
-                server = assemble(self.config, metrics=metrics, engine=client)
+                server = self._frontend("0")
             await server.start()
             return server
 
+        #: Frontends besides ``server`` (``another_frontend``), shut down with it.
+        self.others: list = []
         self.server = self.call(build())
         self.metrics, self.engine, self.port = self.server.metrics, self.server.engine, self.server.port
         if load:
             self.call(self.server.load_models())
+
+    def _frontend(self, index: str):
+        from service.server import assemble
+
+        metrics, client = self.engine_process.client(index)
+        return assemble(self.config, metrics=metrics, engine=client, shared_memory=client.shared_memory)
+
+    def another_frontend(self) -> str:
+        """Start one more frontend of the same engine process on a port of its own (as
+        ``svertka serve --frontends N`` runs N on one port); its address."""
+        assert self.engine_process is not None, "another_frontend needs engine_process=True"
+
+        async def build():
+            server = self._frontend(str(len(self.others) + 1))
+            await server.start()
+            await server.load_models()
+            return server
+
+        self.others.append(self.call(build()))
+        return f"127.0.0.1:{self.others[-1].port}"
 
     @property
     def address(self) -> str:
@@ -69,7 +90,8 @@ class InProcessServer:
 
     def close(self, grace_s: float = 5.0) -> None:
         try:
-            self.call(self.server.shutdown(grace_s))
+            for server in (*self.others, self.server):
+                self.call(server.shutdown(grace_s))
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
@@ -99,14 +121,14 @@ class EngineProcess:
                 [sys.executable, "-m", "service.ipc.worker", "engine"], env=env, stdout=log, stderr=log
             )
 
-    def client(self):
+    def client(self, frontend: str = "0"):
         """The frontend's side: its metrics (statistics go to the engine) and its engine client."""
         from service.ipc.engine_client import EngineClient
         from service.metrics import Metrics
 
         metrics = Metrics()
         client = EngineClient(
-            self.socket_path, frontend="0", slab_bytes=16 << 20, decode_threads=2, metrics=metrics
+            self.socket_path, frontend=frontend, slab_bytes=16 << 20, decode_threads=2, metrics=metrics
         )
         metrics.statistics_sink = client.send_outcome
         return metrics, client

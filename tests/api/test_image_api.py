@@ -109,6 +109,30 @@ def test_python_client_and_classify_many(server, tmp_path):
         assert info.value.code == "NOT_FOUND"
 
 
+@pytest.mark.parametrize("connections", [1, 4])
+def test_python_client_takes_turns_on_its_own_connections(server, connections):
+    """``Client(connections=N)`` opens N TCP connections (what spreads calls over ``--frontends``,
+    which balance connections) and uses every one; channels with equal options would share one."""
+    import psutil
+
+    from service.client import Client
+
+    def connected_ports() -> set[int]:
+        return {
+            c.laddr.port
+            for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED
+        }
+
+    before = connected_ports()
+    with Client(server.address, connections=connections) as client:
+        tops = {client.classify(images.png(5), model="tiny").top for _ in range(2 * connections)}
+        assert len(tops) == 1
+        assert len(connected_ports() - before) == connections
+    with pytest.raises(ValueError, match="connections must be 1-64"):
+        Client(server.address, connections=0)
+
+
 def test_draining_ends_open_streams_after_answering_what_they_sent(make_server):
     """A stream that stays open during shutdown gets its answers, then UNAVAILABLE (not a hang, not CANCELLED)."""
     import threading

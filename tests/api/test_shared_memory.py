@@ -60,9 +60,13 @@ def objects():
         obj.remove()
 
 
-@pytest.fixture(scope="module")
-def shm_server(tiny_repository):
-    srv = InProcessServer(tiny_repository, allow_shared_memory=True)
+@pytest.fixture(scope="module", params=["one-process", "engine-process"])
+def shm_server(request, tiny_repository):
+    """With ``engine-process`` the registrations live in the engine process (as with
+    ``svertka serve --frontends N``) and this server is one frontend of it."""
+    srv = InProcessServer(
+        tiny_repository, allow_shared_memory=True, engine_process=request.param == "engine-process"
+    )
     yield srv
     srv.close()
 
@@ -204,6 +208,49 @@ def test_inference_through_shared_memory_matches_inline_inference(stub, objects)
     response = stub.ModelInfer(_request(3, out_region="out"), timeout=30)
     got = np.frombuffer(outputs.read(0, 3 * OUT_BYTES), "<f4").reshape(3, 10)
     np.testing.assert_allclose(got, expected[::-1], rtol=1e-6, atol=1e-6)
+
+
+def test_registrations_are_server_wide_across_frontends(tiny_repository, objects):
+    """With ``--frontends N`` a client's connections land on different processes, so a region
+    registered through one frontend is listed, used and unregistered through any other (Triton's
+    registrations are the server's, not a connection's)."""
+    srv = InProcessServer(tiny_repository, allow_shared_memory=True, engine_process=True)
+    try:
+        second = srv.another_frontend()
+        with srv.channel() as a_channel, grpc.insecure_channel(second) as b_channel:
+            a = pb_grpc.GRPCInferenceServiceStub(a_channel)
+            b = pb_grpc.GRPCInferenceServiceStub(b_channel)
+            x = np.random.default_rng(5).standard_normal((2, 3, 32, 32), dtype=np.float32)
+            inputs, outputs = objects(x.nbytes), objects(2 * OUT_BYTES)
+            inputs.write(0, x.tobytes())
+            _register(a, "in", inputs.key, x.nbytes)
+            _register(a, "out", outputs.key, 2 * OUT_BYTES)
+
+            status = b.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+            assert sorted(status.regions) == ["in", "out"]
+            assert status.regions["in"].key == inputs.key
+            # the second frontend reads the input and writes the output through its own descriptors
+            b.ModelInfer(_request(2, out_region="out"), timeout=30)
+            got = np.frombuffer(outputs.read(0, 2 * OUT_BYTES), "<f4").reshape(2, 10)
+            np.testing.assert_allclose(got, _inline_logits(a, x), rtol=1e-6, atol=1e-6)
+            # a name is taken server-wide
+            code, message = _error(
+                b.SystemSharedMemoryRegister,
+                pb.SystemSharedMemoryRegisterRequest(name="in", key=inputs.key, byte_size=8),
+            )
+            assert code == C.ALREADY_EXISTS, message
+
+            b.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="in"), timeout=10)
+            # known at once on the frontend that registered it: the reply waited for every frontend
+            code, message = _error(a.ModelInfer, _request(2))
+            assert code == C.INVALID_ARGUMENT and "'in' is not registered" in message, message
+            code, _ = _error(a.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest(name="in"))
+            assert code == C.NOT_FOUND
+            b.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(), timeout=10)
+            status = a.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+            assert not status.regions
+    finally:
+        srv.close()
 
 
 def test_bad_shared_memory_tensors_are_refused_before_compute(shm_server, stub, objects):
