@@ -11,7 +11,10 @@ One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
    tensors in the gRPC messages and in system shared memory; for fp32 also
    with ``padded_batch_sizes: []`` (shared memory), to show what padding changes;
 3. the image API with the benchmark's 1024x768 JPEGs, closed loop;
-4. whether the TensorRT execution provider loads.
+4. whether the TensorRT execution provider loads;
+5. ``svertka serve --frontends N`` for N in 1, 2, 4, 8, 12, on the null model
+   (``bench.models.null_model``: the serving path alone) and on the fp16
+   model: requests/s, server CPU per request, served/ceiling.
 
 Results go to ``OUT/gpu.json`` after every step (a run cut short keeps what it
 measured); ``--report-only`` turns results files into ``docs/benchmarks-gpu.md`` (with ``bench/gpu_findings.md``).
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import ceiling, images, loadgen, machine, perf, target
+from bench import ceiling, images, loadgen, machine, models, perf, target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +50,10 @@ class GpuPlan:
     concurrencies: tuple[int, ...]
     image_concurrencies: tuple[int, ...]
     load_s: float
+    #: ``svertka serve --frontends N`` for each N, at one concurrency, each perf_analyzer context on
+    #: a connection of its own (SO_REUSEPORT balances connections).
+    frontends: tuple[int, ...]
+    frontends_concurrency: int
 
 
 FULL = GpuPlan(
@@ -57,6 +64,8 @@ FULL = GpuPlan(
     concurrencies=(1, 4, 16, 64),
     image_concurrencies=(16, 64),
     load_s=3.0,
+    frontends=(1, 2, 4, 8, 12),
+    frontends_concurrency=128,
 )
 QUICK = GpuPlan(
     max_batch_size=8,
@@ -66,6 +75,8 @@ QUICK = GpuPlan(
     concurrencies=(1, 4),
     image_concurrencies=(4,),
     load_s=1.0,
+    frontends=(1, 2),
+    frontends_concurrency=4,
 )
 
 
@@ -258,6 +269,38 @@ def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...]
     return out
 
 
+def frontends_sweep(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...], workdir: Path,
+                    ceiling_images_per_s: float | None) -> list[dict]:  # fmt: skip
+    """``name`` served with each ``plan.frontends`` count in turn, perf_analyzer at one concurrency."""
+    from bench.frontends import SHARE_COUNT_ENV, _environment
+
+    repo = target.single_model_repository(path, name, workdir / "repos")
+    write_config(repo / name, plan, providers)
+    out = []
+    for count in plan.frontends:
+        log(f"{name}: svertka serve --frontends {count}, perf_analyzer c={plan.frontends_concurrency}")
+        with (
+            target.serve(repo, log_path=workdir / "logs" / f"svertka-{name}-f{count}.log",
+                         args=("--frontends", str(count))) as server,
+            _environment({SHARE_COUNT_ENV: "1"}),
+        ):  # fmt: skip
+            point = perf.run_level(server.grpc_url, name, plan.frontends_concurrency, plan.perf,
+                                   workdir / "perf-frontends" / str(count), server_pid=server.pid)  # fmt: skip
+        cpu = point.cpu or {}
+        rate = point.images_per_s
+        out.append({
+            "frontends": count,
+            "concurrency": plan.frontends_concurrency,
+            "images_per_s": rate,
+            "p50_ms": point.latency_ms.get("p50"),
+            "server_cpu_ms_per_request": 1e3 * cpu["server_s"] / cpu["images"] if cpu.get("images") else None,
+            "served_over_ceiling": rate / ceiling_images_per_s if rate and ceiling_images_per_s else None,
+            "error": point.error,
+        })  # fmt: skip
+        log(f"  {json.dumps(out[-1])}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".bench" / "gpu", help="results directory")
@@ -324,6 +367,22 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # keep the other model's numbers; the log has the traceback
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name}: failed: {entry['error']}")
+        save()
+    # Frontend processes: the null model (the serving path alone) and the fp16 model.
+    null = models.null_model(work / "models", image_size=args.image_size)
+    fp16 = next((m for m in results["models"] if m["name"].endswith("-fp16")), {})
+    fp16_ceiling = max(
+        (p["images_per_s"] for p in (fp16.get("ceiling") or {}).get("points", [])), default=None
+    )
+    results["frontends"] = {}
+    for name, path, ceiling_rate in ((null.name, null.path, None), (fp16.get("name"), made.get(fp16.get("name", "")), fp16_ceiling)):  # fmt: skip
+        if path is None:
+            continue
+        try:
+            results["frontends"][name] = frontends_sweep(name, path, plan, providers, work, ceiling_rate)
+        except Exception as exc:  # keep what was measured
+            results["frontends"][name] = [{"error": f"{type(exc).__name__}: {exc}"}]
+            log(f"{name}: frontends sweep failed: {exc}")
         save()
     results["meta"]["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     save()

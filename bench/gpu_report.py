@@ -177,7 +177,39 @@ def _run_section(index: int, results: dict) -> list[str]:
     ]
     for m in results["models"]:
         out += _model_section(m)
+    out += frontends_rows(results.get("frontends") or {})
     return out
+
+
+def frontends_rows(sweeps: dict[str, list[dict]]) -> list[str]:
+    """``svertka serve --frontends N`` per model: requests/s, its growth over N=1, CPU, served/ceiling."""
+    if not sweeps:
+        return []
+    out = [
+        "### Frontend processes (`svertka serve --frontends N`)",
+        "",
+        "perf_analyzer with every context on a connection of its own "
+        "(`TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT=1`). Growth: requests/s over those of one "
+        "process, against N.",
+        "",
+        "| model | frontends | concurrency | requests/s | growth (vs N) | p50 ms | server CPU ms/request "
+        "| served/ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, points in sweeps.items():
+        one = next((p.get("images_per_s") for p in points if p.get("frontends") == 1), None)
+        for p in points:
+            if "frontends" not in p:
+                out.append(f"| {name} | failed: {p.get('error')} | | | | | | |")
+                continue
+            rate = p.get("images_per_s")
+            growth = f"{rate / one:.2f} (vs {p['frontends']})" if rate and one else "–"
+            out.append(
+                f"| {name} | {p['frontends']} | {p['concurrency']} | {_f(rate)} | {growth} "
+                f"| {_f(p.get('p50_ms'), 2)} | {_f(p.get('server_cpu_ms_per_request'), 2)} "
+                f"| {_f(p.get('served_over_ceiling'), 2)} |"
+            )
+    return [*out, ""]
 
 
 def render(runs: list[dict], findings: Path | None = FINDINGS) -> str:

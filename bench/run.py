@@ -51,6 +51,10 @@ class Plan:
     #: The same rounds for the concurrency-1 target: onnxruntime's batch-1 p50, then the served p50 over these
     #: perf_analyzer modes ("unary", "streaming").
     paired_c1_modes: tuple[str, ...] = ()
+    #: ``--frontends 1`` against ``--frontends 2``: rounds of pairs per model (``bench.frontends``).
+    frontends_rounds: int = 0
+    #: How each client's calls spread over two frontends, at these concurrencies (none: skipped).
+    balance_concurrencies: tuple[int, ...] = ()
 
 
 FULL = Plan(
@@ -65,6 +69,8 @@ FULL = Plan(
     stream_concurrencies=(1, 4, 16),
     paired_rounds=5,
     paired_c1_modes=("unary", "streaming"),
+    frontends_rounds=3,
+    balance_concurrencies=(1, 2, 4, 8, 16),
 )
 QUICK = Plan(
     ceiling_s_per_batch=0.2,
@@ -78,6 +84,7 @@ QUICK = Plan(
     stream_concurrencies=(1,),
     paired_rounds=1,
     paired_c1_modes=("unary",),
+    frontends_rounds=1,
 )
 
 #: svertka under test lets perf_analyzer use system shared memory (it changes nothing for other requests).
@@ -365,6 +372,31 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
     return out
 
 
+def bench_processes(plan: Plan, names: list[str], available: dict, default_models: Path) -> dict:
+    """``svertka serve --frontends 1`` against ``--frontends 2`` in pairs (the digits models of the run
+    and, in a full run, the null model), and how each client's calls spread over two frontends."""
+    from bench import frontends
+
+    chosen = [available[n] for n in ("digits", "digits-int8") if n in names and n in available]
+    if "null" in names or plan.balance_concurrencies:
+        chosen.append(models.null_model(WORK / "models"))
+    out: dict = {"frontends": 2, "concurrency": frontends.DEFAULT_CONCURRENCY, "pairs": {}}
+    for m in chosen:
+        log(f"{m.label}: --frontends 1 against 2, {plan.frontends_rounds} round(s) in pairs")
+        out["pairs"][m.name] = frontends.measure(
+            m, 2, plan.frontends_rounds, frontends.DEFAULT_CONCURRENCY, plan.perf
+        )
+    if plan.balance_concurrencies:
+        log("how each client's calls spread over 2 frontends")
+        out["balance"] = frontends.balance(
+            2,
+            list(plan.balance_concurrencies),
+            plan.perf.measurement_interval_ms / 1000,
+            default_models,
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -452,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
     if not args.models or "null" in names:
         results["frontend"] = bench_frontend(plan, with_peer=with_peer, workdir=workdir)
+        results_path.write_text(json.dumps(results, indent=1))
+    if plan.frontends_rounds:
+        results["processes"] = bench_processes(plan, names, available, args.default_models)
         results_path.write_text(json.dumps(results, indent=1))
     meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     meta["duration_s"] = round((datetime.datetime.now(datetime.UTC) - started).total_seconds())

@@ -382,7 +382,8 @@ class ServerConfig:
     frontends: int | str = setting(
         "str",
         "gRPC frontend processes in front of one engine process (tensors pass through shared "
-        "memory); 1: one process, no IPC; auto: decided from the CPUs and the provider (default auto)",
+        "memory); 1: one process, no IPC; auto: the count measured fastest for the host, 1 on every "
+        "host measured so far (docs/engine.md, Processes) (default auto)",
         default="auto",
         metavar="N",
     )

@@ -9,8 +9,9 @@ One module per part of the page, in its order: ``head`` (what the page is, the
 headline, the targets, the machine, the method), ``per_model`` (each model's
 tables, and the profiles), ``frontend`` (the null model, shared memory and the
 streaming RPC), ``pairs`` (rounds measured in pairs), ``cpu`` (CPU time per
-image); ``numbers`` reads the results and prints cells and tables, ``plots``
-draws the PNGs.
+image), ``processes`` (``--frontends 1`` against 2, how clients spread);
+``numbers`` reads the results and prints cells and tables, ``plots`` draws
+the PNGs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import gpu_report
-from bench.report import cpu, frontend, head, pairs, per_model
+from bench.report import cpu, frontend, head, pairs, per_model, processes
 from bench.report.numbers import p99_at_throughput, summary
 from bench.report.plots import plot_batches, plot_latency, plot_throughput
 
@@ -47,6 +48,7 @@ def render(results: dict, img_rel: str, findings: Path | None = None) -> str:
     lines += pairs.paired_section(results)
     lines += pairs.paired_c1_section(results)
     lines += cpu.cpu_section(results)
+    lines += processes.processes_section(results)
     for model in results["models"]:
         lines += per_model.profile_section(model)
     lines += [

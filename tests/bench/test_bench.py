@@ -167,6 +167,17 @@ def test_quick_benchmark_writes_report_and_plots(tmp_path: Path) -> None:
     assert_measured([p for points in passes for p in points], "streaming")
     assert "## Throughput clients: the streaming RPC" in text
     assert "## CPU time per image" in text
+    # --frontends 1 against 2, one round in quick mode, on the digits models of the run
+    processes = results["processes"]
+    assert list(processes["pairs"]) == [n for n in ("digits", "digits-int8") if n in names]
+    for name, layouts in processes["pairs"].items():
+        for layout in ("1", "2"):
+            (window,) = layouts["windows"][layout]
+            assert window["images_per_s"] and window["server_cpu_ms_per_image"] > 0, (name, layout, window)
+        # both frontends of the two-process layout are running; the one-process layout has none
+        assert len(layouts["windows"]["2"][0]["frontend_shares"]) == 2
+        assert layouts["windows"]["1"][0]["frontend_shares"] == []
+    assert "## One process or several (`--frontends 1` against `2`)" in text
     assert "## Served over ceiling, measured in pairs" in text  # one round per model in quick mode
     assert "| image (JPEG) |" in text  # and its image-API row
     if any(m["svertka"]["paired_c1"]["summary"] for m in results["models"]):

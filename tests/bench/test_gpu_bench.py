@@ -48,8 +48,17 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
         assert all(r["completed"] > 0 and not r["errors"] for r in m["image"])
         precision = "fp16" if name.endswith("fp16") else "fp32"
         assert any(f'precision="{precision}"' in line for line in m["model_info"])
+    # svertka serve --frontends N on the null model and the fp16 model
+    sweeps = results["frontends"]
+    assert list(sweeps) == ["null", "resnet18-fp16"]
+    for name, points in sweeps.items():
+        assert [p["frontends"] for p in points] == list(gpu.QUICK.frontends), name
+        for p in points:
+            assert p["images_per_s"] and p["server_cpu_ms_per_request"] and not p["error"], (name, p)
+    assert all(p["served_over_ceiling"] for p in sweeps["resnet18-fp16"])
     page = (tmp_path / "benchmarks-gpu.md").read_text()
     assert "| resnet18 |" in page and "| resnet18-fp16 |" in page and "padded batch sizes off" in page
+    assert "--frontends N" in page and "| null | 2 |" in page
 
 
 def test_the_gpu_page_is_the_rendering_of_its_results_files() -> None:
