@@ -23,6 +23,7 @@ from bench.target import ServerProcess
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kgrpc
 from tests.helpers import ROOT
+from tests.helpers.layouts import LAYOUTS, layout_args  # noqa: F401  (the tests import them from here)
 
 #: The bundled default model, built by ``make model`` (SVERTKA_RELIABILITY_MODELS: another repository
 #: holding a ``digits`` model, e.g. one built with ``svertka build-default --repository DIR``).
@@ -32,16 +33,6 @@ DEFAULT_MODEL = "digits"
 
 def default_model_path() -> Path:
     return DEFAULT_REPOSITORY / DEFAULT_MODEL / "1" / "model.onnx"
-
-
-#: The server layouts the reliability tests that start a server run against: the whole server in
-#: one process, and a supervisor with one engine process and two frontend processes.
-LAYOUTS = ("one-process", "frontends-2")
-
-
-def layout_args(layout: str) -> tuple[str, ...]:
-    """``svertka serve`` flags for one of LAYOUTS."""
-    return () if layout == "one-process" else ("--frontends", "2", "--frontend-shm-mib", "64")
 
 
 def tree_rss(pid: int) -> int:

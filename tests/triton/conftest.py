@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.target import ServerProcess
+from tests.helpers.layouts import LAYOUTS, layout_args
 from tests.helpers.tinymodel import make_repository
 
 #: perf_analyzer needs libcudart.so.12 even for a CPU server (bundled by nvidia-cuda-runtime-cu12).
@@ -28,9 +29,16 @@ def repository(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def server(repository, tmp_path_factory) -> ServerProcess:
-    proc = ServerProcess(repository, tmp_path_factory.mktemp("logs") / "server.log", "--allow-shared-memory")
+@pytest.fixture(scope="session", params=LAYOUTS)
+def server(request, repository, tmp_path_factory) -> ServerProcess:
+    """The server in each layout: one process, and ``--frontends 2`` (tritonclient's and
+    perf_analyzer's connections then land on either frontend)."""
+    proc = ServerProcess(
+        repository,
+        tmp_path_factory.mktemp("logs") / "server.log",
+        "--allow-shared-memory",
+        *layout_args(request.param),
+    )
     proc.start().wait_serving()
     yield proc
     code = proc.stop()
