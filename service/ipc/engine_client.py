@@ -363,7 +363,14 @@ class RemoteModel:
 
     # -- inference ---------------------------------------------------------------------
     def _take(self, rows: int) -> int:
-        nbytes = rows * int(np.prod(self.meta.input_shape)) * 4
+        row_bytes = int(np.prod(self.meta.input_shape)) * 4
+        nbytes = rows * row_bytes
+        if nbytes > self._client.slab_bytes:  # would never fit: retrying cannot help
+            raise errors.InvalidInput(
+                f"{self.label}: {rows} rows are {nbytes >> 10} KiB, more than this server's shared "
+                f"memory per frontend ({self._client.slab_bytes >> 10} KiB, --frontend-shm-mib); "
+                f"send at most {self._client.slab_bytes // row_bytes} rows per request"
+            )
         offset = self._client.ranges.take(nbytes)
         if offset is None:
             raise errors.Overloaded(

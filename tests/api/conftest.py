@@ -29,7 +29,13 @@ class InProcessServer:
     """assemble(config) running on a private loop; ``call`` runs a coroutine there."""
 
     def __init__(
-        self, repository: Path, *, load: bool = True, engine_process: bool = False, **config_kwargs
+        self,
+        repository: Path,
+        *,
+        load: bool = True,
+        engine_process: bool = False,
+        slab_bytes: int = 16 << 20,
+        **config_kwargs,
     ) -> None:
         from service.server import assemble
 
@@ -40,7 +46,9 @@ class InProcessServer:
             model_repository=repository, host="127.0.0.1", grpc_port=0, metrics_port=0, **config_kwargs
         )
         #: With ``engine_process``: the engine runs in a process of its own, as with
-        #: ``svertka serve --frontends N``, and this server is one frontend of it.
+        #: ``svertka serve --frontends N``, and this server is one frontend of it, whose shared
+        #: memory slab holds ``slab_bytes``.
+        self.slab_bytes = slab_bytes
         self.engine_process = EngineProcess(self.config) if engine_process else None
 
         async def build():
@@ -61,7 +69,7 @@ class InProcessServer:
     def _frontend(self, index: str):
         from service.server import assemble
 
-        metrics, client = self.engine_process.client(index)
+        metrics, client = self.engine_process.client(index, self.slab_bytes)
         return assemble(self.config, metrics=metrics, engine=client, shared_memory=client.shared_memory)
 
     def another_frontend(self) -> str:
@@ -121,14 +129,14 @@ class EngineProcess:
                 [sys.executable, "-m", "service.ipc.worker", "engine"], env=env, stdout=log, stderr=log
             )
 
-    def client(self, frontend: str = "0"):
+    def client(self, frontend: str = "0", slab_bytes: int = 16 << 20):
         """The frontend's side: its metrics (statistics go to the engine) and its engine client."""
         from service.ipc.engine_client import EngineClient
         from service.metrics import Metrics
 
         metrics = Metrics()
         client = EngineClient(
-            self.socket_path, frontend=frontend, slab_bytes=16 << 20, decode_threads=2, metrics=metrics
+            self.socket_path, frontend=frontend, slab_bytes=slab_bytes, decode_threads=2, metrics=metrics
         )
         metrics.statistics_sink = client.send_outcome
         return metrics, client
