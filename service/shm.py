@@ -88,6 +88,11 @@ class Region:
     key: str
     offset: int
     byte_size: int
+    #: Which object was checked at registration (``st_dev``, ``st_ino``; 0: not yet opened). A
+    #: process that opens the region later (a frontend) opens that object or none: an object
+    #: deleted and made again under the same name after registration is refused.
+    device: int = dataclasses.field(default=0, compare=False, repr=False)
+    inode: int = dataclasses.field(default=0, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +136,15 @@ def open_region(region: Region, shm_dir: str = SHM_DIR) -> int:
     path = os.path.join(shm_dir, check_registration(region.name, region.key, region.byte_size))
     name, key = region.name, region.key
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # O_NONBLOCK: an object under a file lease (fcntl F_SETLEASE) would otherwise block this
+        # open for the kernel's lease-break time (45 s by default), with the event loop in it; a
+        # regular file's reads and writes do not block either way.
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except BlockingIOError:
+        raise errors.InvalidInput(
+            f"system shared memory region '{name}': {key!r} is leased or locked by another process "
+            "(it cannot be opened without waiting); release it and register again"
+        ) from None
     except FileNotFoundError:
         raise errors.InvalidInput(
             f"system shared memory region '{name}': no shared memory object {key!r} on this host "
@@ -144,6 +157,11 @@ def open_region(region: Region, shm_dir: str = SHM_DIR) -> int:
         ) from None
     try:
         info = os.fstat(fd)
+        if region.inode and (info.st_dev, info.st_ino) != (region.device, region.inode):
+            raise errors.InvalidInput(
+                f"system shared memory region '{name}': {key!r} is not the object that was registered "
+                "(it was deleted and made again); unregister the region and register it again"
+            )
         if not stat.S_ISREG(info.st_mode):
             raise errors.InvalidInput(
                 f"system shared memory region '{name}': {key!r} is not a shared memory object"
@@ -200,6 +218,8 @@ class Registrations:
                 )
             region = Region(name=name, key=key, offset=offset, byte_size=byte_size)
             fd = open_region(region, self._dir)
+            info = os.fstat(fd)
+            region = dataclasses.replace(region, device=info.st_dev, inode=info.st_ino)
             self._regions[name] = region
             return region, fd
 

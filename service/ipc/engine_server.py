@@ -148,10 +148,23 @@ class EngineServer:
         await self._until_acked(lambda c: c.acked >= wanted, timeout_s)
 
     async def synced_shared_memory(self, timeout_s: float | None = None) -> None:
-        """Return once every connected frontend has applied the latest ``shm`` message (or after
-        ``SYNC_TIMEOUT_S``): a registration is then known wherever the client calls next."""
+        """Return once every connected frontend has applied the latest ``shm`` message: a
+        registration is then known wherever the client calls next.
+
+        Applying one takes a frontend no longer than opening a few files without waiting, so a
+        frontend that has not acknowledged it within ``SYNC_TIMEOUT_S`` is stuck: it is
+        disconnected (and so restarted), never left serving without the change.
+        """
         wanted = self.shared_memory.generation
         await self._until_acked(lambda c: c.shm_acked >= wanted, timeout_s)
+        for connection in list(self._connections):
+            if connection.ready and connection.shm_acked < wanted:
+                log.error(
+                    "frontend %s did not apply a shared memory registration change; disconnecting it",
+                    connection.frontend,
+                )
+                connection.drop()
+                self._connections.discard(connection)
 
     def push_shared_memory(self, message: dict[str, Any]) -> None:
         for connection in list(self._connections):

@@ -22,6 +22,10 @@ On the engine socket (service/ipc/engine_server.py):
   ``shm_ack {generation}``. Its own counter: a change of models waits for the
   frontends' requests on a replaced version, a registration does not.
 
+Each region carries the device and inode of the object the engine checked, and
+a frontend opens that object or none (an object deleted and made again under
+the same name after registration is refused where a request names it).
+
 A frontend runs the checks that need no state (name, key, byte_size) itself
 before forwarding, with the same messages, so that nothing over a region
 name's length ever goes to the engine.
@@ -45,7 +49,14 @@ OPS = ("shm_register", "shm_unregister", "shm_status")
 
 
 def _describe(region: shm.Region) -> dict[str, Any]:
-    return {"name": region.name, "key": region.key, "offset": region.offset, "byte_size": region.byte_size}
+    return {
+        "name": region.name,
+        "key": region.key,
+        "offset": region.offset,
+        "byte_size": region.byte_size,
+        "device": region.device,
+        "inode": region.inode,
+    }
 
 
 def _region(described: dict[str, Any]) -> shm.Region:
@@ -54,6 +65,8 @@ def _region(described: dict[str, Any]) -> shm.Region:
         key=str(described["key"]),
         offset=int(described["offset"]),
         byte_size=int(described["byte_size"]),
+        device=int(described.get("device", 0)),
+        inode=int(described.get("inode", 0)),
     )
 
 

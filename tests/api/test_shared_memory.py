@@ -180,6 +180,28 @@ def test_a_symlink_in_dev_shm_is_not_followed(stub, objects, tmp_path):
     assert code == C.INVALID_ARGUMENT and "cannot open" in details
 
 
+def test_a_leased_object_is_refused_at_once_not_waited_for(stub, objects):
+    """A client's file lease on its object would hold the server's open for the lease-break time
+    (45 s by default), with the event loop in it: the open does not wait."""
+    import fcntl
+    import signal
+
+    obj = objects(4096)
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease break signals the holder
+    fd = os.open(obj.path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        code, message = _error(
+            stub.SystemSharedMemoryRegister,
+            pb.SystemSharedMemoryRegisterRequest(name="leased", key=obj.key, byte_size=4096),
+        )
+        assert code == C.INVALID_ARGUMENT and "leased or locked" in message, (code, message)
+    finally:
+        os.close(fd)
+        signal.signal(signal.SIGIO, previous)
+    _register(stub, "leased", obj.key, 4096)  # released: it registers
+
+
 def test_inference_through_shared_memory_matches_inline_inference(stub, objects):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
@@ -250,6 +272,41 @@ def test_registrations_are_server_wide_across_frontends(tiny_repository, objects
             status = a.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
             assert not status.regions
     finally:
+        srv.close()
+
+
+def test_a_frontend_that_does_not_apply_a_registration_is_disconnected(tiny_repository, objects):
+    """A register call waits for every frontend to apply it; a frontend stuck past the engine's
+    SYNC_TIMEOUT_S is disconnected (its supervisor restarts it), so the call neither hangs nor
+    leaves a frontend serving without the region."""
+    import socket
+
+    from service.ipc import framing
+    from service.ipc.slab import Slab
+
+    srv = InProcessServer(tiny_repository, allow_shared_memory=True, engine_process=True)
+    stuck = socket.socket(socket.AF_UNIX)
+    slab = Slab.create("svertka-test-stuck", 1 << 20)
+    try:
+        # A frontend that says hello and then never reads or acknowledges anything again.
+        stuck.connect(str(srv.engine_process.socket_path))
+        stuck.sendall(
+            framing.encode({"op": "hello", "frontend": "stuck", "slab": slab.name, "size": 1 << 20})
+        )
+        with srv.channel() as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            obj = objects(4096)
+            _register(stub, "first", obj.key, 4096)  # waits SYNC_TIMEOUT_S for the stuck one
+            stuck.settimeout(30)
+            while stuck.recv(1 << 16):  # what the engine sent it, then the end: disconnected
+                pass
+            _register(stub, "second", obj.key, 4096)
+            status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+            assert sorted(status.regions) == ["first", "second"]
+    finally:
+        stuck.close()
+        slab.unlink()
+        slab.close()
         srv.close()
 
 
@@ -349,3 +406,25 @@ def test_registry_bounds_its_regions(objects):
     finally:
         registry.close()
     assert len(registry) == 0
+
+
+def test_a_process_opening_a_registered_region_later_gets_the_same_object_or_none(objects):
+    """Frontends open a registered region themselves, after the engine checked it: an object
+    deleted and made again under the same name in between is refused, not silently used."""
+    registrations = shm.Registrations()
+    obj = objects(4096)
+    region, fd = registrations.register("r", obj.key, 0, 4096)
+    os.close(fd)
+    later = shm.OpenRegions()
+    try:
+        later.add(region)  # the same object: opened
+        later.check(shm.Slice("r", 0, 4096), "input")
+        later.close()
+        # Another object under the same name (made before the first goes, so it is a new inode).
+        replacement = objects(4096)
+        os.replace(replacement.path, obj.path)
+        later.add(region)
+        with pytest.raises(errors.InvalidInput, match="not the object that was registered"):
+            later.check(shm.Slice("r", 0, 4096), "input")
+    finally:
+        later.close()
