@@ -74,11 +74,14 @@ def batch_sizes(max_batch_size: int) -> list[int]:
     return sizes
 
 
-def ready_batches(shape: tuple[int, ...], sizes: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """(size, a ready float32 batch of ``shape`` items) for each size, made as they are asked for (seeded)."""
+def ready_batches(meta, sizes: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(size, a ready batch of the model's input: ``meta``'s shape and dtype) for each size, made as
+    they are asked for (seeded)."""
+    from service.engine.runtime import example_batch
+
     rng = np.random.default_rng(0)
     for b in sizes:
-        yield b, rng.standard_normal((b, *shape), dtype=np.float32)
+        yield b, example_batch(meta, b, rng)
 
 
 def time_batch(
@@ -128,7 +131,7 @@ def measure(
     settings = settings or config.ModelSettings.load(Path(path).parent.parent)
     session = runtime.Session(path, settings)
     points = []
-    for b, x in ready_batches(session.meta.input_shape, batch_sizes(settings.max_batch_size)):
+    for b, x in ready_batches(session.meta, batch_sizes(settings.max_batch_size)):
         points.append(time_batch(lambda x=x: session.run(x), b, seconds_per_batch, min_iterations))
     session.close()
     return Ceiling(model=model, provider=session.provider, intra_op_threads=session.threads, points=points)

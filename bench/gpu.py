@@ -1,7 +1,8 @@
 """``python -m bench.gpu``: the serving benchmark on a GPU (CUDA execution provider, IO binding).
 
 One run, on the GPU machine, for resnet50 fp32 and fp16 (``svertka export
---weights random --fp16``; speed does not depend on the weights):
+--weights random --fp16``; speed does not depend on the weights) and fp16 taking
+uint8 NHWC pixels (``--input uint8-nhwc``, a quarter of the bytes per request):
 
 1. the ceiling: the server's own session (``service.engine.runtime.Session``: CUDA,
    IO binding, one copy in and one out per batch) at batch 1, 2, 4, ...,
@@ -105,20 +106,26 @@ def gpu_description() -> dict:
 
 
 def make_models(repository: Path, arch: str, image_size: int) -> dict[str, Path]:
-    """``ARCH`` fp32 and ``ARCH-fp16`` with random weights, made once by svertka's own exporter."""
+    """``ARCH`` fp32 and ``ARCH-fp16`` with random weights, and ``ARCH-u8-fp16``, the fp16 model
+    taking uint8 NHWC pixels (``--input uint8-nhwc``: a quarter of the bytes per request), made
+    once by svertka's own exporter (the same seed, so the same weights)."""
     fp32 = repository / arch / "1" / "model.onnx"
     fp16 = repository / f"{arch}-fp16" / "1" / "model.onnx"
-    if not (fp32.is_file() and fp16.is_file()):
+    u8 = repository / "u8" / f"{arch}-u8-fp16" / "1" / "model.onnx"
+    for paths, name, extra in (((fp32, fp16), arch, ()), ((u8,), f"{arch}-u8", ("--input", "uint8-nhwc"))):
+        if all(p.is_file() for p in paths):
+            continue
+        target = repository if not extra else repository / "u8"
         cmd = [
             sys.executable, "-m", "service", "export", "--weights", "random", "--arch", arch,
             "--image-size", str(image_size), "--dataset", "random weights (benchmark)",
-            "--repository", str(repository), "--name", arch, "--version", "1", "--overwrite", "--fp16",
+            "--repository", str(target), "--name", name, "--version", "1", "--overwrite", "--fp16", *extra,
         ]  # fmt: skip
         result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         log(result.stdout.strip().splitlines()[-1])
-    return {arch: fp32, f"{arch}-fp16": fp16}
+    return {arch: fp32, f"{arch}-fp16": fp16, f"{arch}-u8-fp16": u8}
 
 
 def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...], *, padded: bool = True) -> None:

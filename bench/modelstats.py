@@ -26,13 +26,14 @@ def batch_counts(url: str, model: str, timeout_s: float = 10.0) -> dict[int, int
     return counts
 
 
-def model_input(url: str, model: str, timeout_s: float = 10.0) -> tuple[str, list[int]]:
-    """Name and per-request shape (batch dimension dropped) of the model's only input, from ModelMetadata."""
+def model_input(url: str, model: str, timeout_s: float = 10.0) -> tuple[str, list[int], str]:
+    """Name, per-request shape (batch dimension dropped) and datatype of the model's only input,
+    from ModelMetadata."""
     with grpc.insecure_channel(url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout_s)
     (inp,) = meta.inputs
-    return inp.name, [int(d) for d in inp.shape[1:]]
+    return inp.name, [int(d) for d in inp.shape[1:]], inp.datatype
 
 
 def difference(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:

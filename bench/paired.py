@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     session = runtime.Session(args.model_path, settings)
     if args.latency:
         args.api, args.concurrency, args.batches = "tensor", 1, [1]
-    inputs = dict(ceiling.ready_batches(session.meta.input_shape, args.batches))
+    inputs = dict(ceiling.ready_batches(session.meta, args.batches))
     jpegs = images.load_jpegs(REPO_ROOT / ".bench" / "images") if args.api == "image" else []
     perf_settings = perf.PerfSettings(round(args.served_s * 1000), 30, 6)
     repo = target.single_model_repository(args.model_path, args.name, WORK / "repos")

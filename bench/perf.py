@@ -92,7 +92,8 @@ def parse_csv(path: Path) -> dict[str, float]:
 
 
 def input_data_file(url: str, model: str, workdir: Path, *, seed: int = 0) -> Path:
-    """A perf_analyzer ``--input-data`` JSON file: one standard-normal FP32 image, the same for every server.
+    """A perf_analyzer ``--input-data`` JSON file: one standard-normal image (random pixels for a
+    UINT8 model), the same for every server.
 
     perf_analyzer's default random data is random *bytes*, which as FP32 include
     NaN and infinities; svertka rejects non-finite inputs (INVALID_ARGUMENT)
@@ -102,12 +103,15 @@ def input_data_file(url: str, model: str, workdir: Path, *, seed: int = 0) -> Pa
 
     import numpy as np
 
-    name, shape = modelstats.model_input(url, model)
-    path = workdir / f"input-{model}-{'x'.join(map(str, shape))}.json"
+    name, shape, datatype = modelstats.model_input(url, model)
+    path = workdir / f"input-{model}-{datatype}-{'x'.join(map(str, shape))}.json"
     if not path.is_file():
         workdir.mkdir(parents=True, exist_ok=True)
-        x = np.random.default_rng(seed).standard_normal(int(np.prod(shape)), dtype=np.float32)
-        content = [round(float(v), 4) for v in x]
+        rng = np.random.default_rng(seed)
+        if datatype == "UINT8":  # a model that takes pixels
+            content = rng.integers(0, 256, int(np.prod(shape))).tolist()
+        else:
+            content = [round(float(v), 4) for v in rng.standard_normal(int(np.prod(shape)), dtype=np.float32)]
         path.write_text(json.dumps({"data": [{name: {"content": content, "shape": shape}}]}))
     return path
 

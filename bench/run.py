@@ -213,7 +213,7 @@ def _paired(m: models.BenchModel, settings, url: str, levels: list[tuple[int, fl
     log(f"  paired rounds: the ceiling at batch {', '.join(str(p.batch_size) for p in fastest)}, then "
         f"{load} at concurrency {concurrency}; {plan.paired_rounds} rounds")  # fmt: skip
     session = runtime.Session(m.path, settings)
-    inputs = dict(ceiling.ready_batches(session.meta.input_shape, sorted(p.batch_size for p in fastest)))
+    inputs = dict(ceiling.ready_batches(session.meta, sorted(p.batch_size for p in fastest)))
 
     def served_rate() -> float | None:
         return paired.served_rate(url, m.name, concurrency, plan.perf, workdir / "perf" / "paired", jpegs=jpegs,
@@ -241,7 +241,7 @@ def _paired_c1(m: models.BenchModel, settings, url: str, plan: Plan, workdir: Pa
     log(f"  paired concurrency-1 rounds: onnxruntime alone at batch 1, then perf_analyzer at concurrency 1 "
         f"({', '.join(plan.paired_c1_modes)}); {plan.paired_rounds} rounds")  # fmt: skip
     session = runtime.Session(m.path, settings)
-    x = dict(ceiling.ready_batches(session.meta.input_shape, [1]))[1]
+    x = dict(ceiling.ready_batches(session.meta, [1]))[1]
 
     def served_p50(mode: str) -> float | None:
         return paired.served_p50(url, m.name, plan.perf, workdir / "perf" / "paired", mode)

@@ -159,6 +159,13 @@ def _add_export(sub: Any) -> None:
         action="store_true",
         help="also write NAME-fp16: fp16 weights and activations for GPUs, float32 input and output",
     )
+    p.add_argument(
+        "--input",
+        choices=("float32-nchw", "uint8-nhwc"),
+        default="float32-nchw",
+        help="the models' input: normalised float32 [N,3,H,W] (default), or the pixels as uint8 "
+        "[N,H,W,3] with the normalisation inside the graph (a quarter of the bytes per request)",
+    )
     _add_quant_options(p)
     _add_common(p)
     p.set_defaults(handler=_guarded(_export))

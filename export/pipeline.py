@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from export import data as datamod
-from export import half, models, verify
+from export import half, models, pixel_input, verify
 from export.errors import ExportError
 from export.onnx_export import EvalData, prepare_export
 from export.quantize import MIN_CALIBRATION_IMAGES, quantize
@@ -194,6 +194,9 @@ def export_command(args: argparse.Namespace) -> None:
         model, meta = _model_from_weights(args)
     if args.int8 and data is None:
         raise ExportError("--int8 needs --data (calibration and the accuracy gate use the dataset)")
+    pixels = getattr(args, "input", "float32-nchw") == "uint8-nhwc"
+    if pixels and args.int8:
+        raise ExportError("--int8 with --input uint8-nhwc is not supported yet: export them separately")
     dataset = _load_dataset(data, val_split, meta) if data is not None else None
     evaluation = _evaluation(dataset, meta)
     prepared = prepare_export(model, meta, evaluation, opset=args.opset)
@@ -222,8 +225,14 @@ def export_command(args: argparse.Namespace) -> None:
             force=args.force,
         )
         print(fp16.summary())
-    path = publish(args.repository, args.name, prepared.model_bytes, args.version, args.overwrite)
-    _print_written(path, prepared.meta)
+    model_bytes, model_meta = prepared.model_bytes, prepared.meta
+    if pixels:
+        model_bytes, model_meta = _pixel_input(model_bytes, model_meta, evaluation, verify.FP32_ATOL)
+        if fp16 is not None:
+            fp16_bytes, fp16_meta = _pixel_input(fp16.model_bytes, fp16.meta, evaluation, half.FP16_RTOL)
+            fp16 = dataclasses.replace(fp16, model_bytes=fp16_bytes, meta=fp16_meta)
+    path = publish(args.repository, args.name, model_bytes, args.version, args.overwrite)
+    _print_written(path, model_meta)
     if int8 is not None:
         int8_path = publish(
             args.repository, args.name + "-int8", int8.model_bytes, args.version, args.overwrite
@@ -234,6 +243,18 @@ def export_command(args: argparse.Namespace) -> None:
             args.repository, args.name + "-fp16", fp16.model_bytes, args.version, args.overwrite
         )
         _print_written(fp16_path, fp16.meta)
+
+
+def _pixel_input(
+    model_bytes: bytes, meta: ModelMeta, evaluation: EvalData, rtol: float
+) -> tuple[bytes, ModelMeta]:
+    """``model_bytes`` behind a uint8 NHWC input, proven against it on the evaluation images' pixels."""
+    wrapped, wrapped_meta = pixel_input.with_pixel_input(model_bytes, meta)
+    report = pixel_input.verify_parity(
+        model_bytes, wrapped, pixel_input.pixels_of(evaluation.images, meta), rtol=rtol
+    )
+    print(report.summary())
+    return wrapped, wrapped_meta
 
 
 def _print_written(path: Path, meta: ModelMeta) -> None:

@@ -15,7 +15,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+#: Version 1 files take float32 NCHW input; version 2 is written for any other input format
+#: (``input_dtype``, ``layout``), so that a server that knows only version 1 refuses such a file
+#: instead of feeding it normalised floats.
 SCHEMA_VERSION = 1
+INPUT_FORMAT_SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (SCHEMA_VERSION, INPUT_FORMAT_SCHEMA_VERSION)
 PREFIX = "svertka."
 
 INPUT_NAME = "input"
@@ -23,7 +28,12 @@ OUTPUT_NAME = "logits"
 
 PRECISIONS = ("fp32", "fp16", "int8")
 COLOR_ORDERS = ("RGB", "BGR")
-LAYOUTS = ("NCHW",)
+LAYOUTS = ("NCHW", "NHWC")
+#: The input tensor's element type. float32/float16: normalised values (``mean``, ``std``);
+#: uint8: the pixels as decoded, 0-255 in ``color_order``, the graph normalises them.
+INPUT_DTYPES = ("float32", "float16", "uint8")
+#: KServe v2 datatype of each input dtype.
+KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 #: ImageNet statistics (torchvision's reference training recipe).
@@ -42,7 +52,9 @@ class ModelMeta:
     Preprocessing is: decode, convert to ``color_order``, resize the shorter
     side to ``resize`` (keeping aspect ratio) with ``interpolation``, centre
     crop to ``crop`` (height, width), scale to [0, 1], subtract ``mean`` and
-    divide by ``std`` per channel, lay out as ``layout``.
+    divide by ``std`` per channel, lay out as ``layout``. With ``input_dtype``
+    uint8 the server stops after the crop (and the layout): scaling and
+    normalisation are in the graph, ``mean`` and ``std`` say which.
     """
 
     labels: tuple[str, ...]
@@ -61,6 +73,7 @@ class ModelMeta:
     exported_at: str = ""
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
+    input_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
@@ -88,6 +101,7 @@ class ModelMeta:
             ("layout", LAYOUTS),
             ("interpolation", INTERPOLATIONS),
             ("precision", PRECISIONS),
+            ("input_dtype", INPUT_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 raise MetadataError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -102,8 +116,31 @@ class ModelMeta:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """Shape of one image tensor without the batch dimension (C, H, W)."""
+        """Shape of one image tensor without the batch dimension: (C, H, W), or (H, W, C) for NHWC."""
+        if self.layout == "NHWC":
+            return (self.crop[0], self.crop[1], 3)
         return (3, self.crop[0], self.crop[1])
+
+    @property
+    def input_datatype(self) -> str:
+        """The input's KServe v2 datatype: FP32, FP16 or UINT8."""
+        return KSERVE_DATATYPES[self.input_dtype]
+
+    @property
+    def input_itemsize(self) -> int:
+        """Bytes per input element."""
+        return {"float32": 4, "float16": 2, "uint8": 1}[self.input_dtype]
+
+    @property
+    def normalized_in_graph(self) -> bool:
+        """Whether the model takes pixels as decoded (uint8) and normalises them itself."""
+        return self.input_dtype == "uint8"
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this file's metadata is written with."""
+        default_input = self.input_dtype == "float32" and self.layout == "NCHW"
+        return SCHEMA_VERSION if default_input else INPUT_FORMAT_SCHEMA_VERSION
 
     def replace(self, **changes: Any) -> ModelMeta:
         return dataclasses.replace(self, **changes)
@@ -111,7 +148,7 @@ class ModelMeta:
     def to_props(self) -> dict[str, str]:
         """Serialise to ONNX metadata_props (every value a string)."""
         values: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "labels": list(self.labels),
             "crop": list(self.crop),
             "resize": int(self.resize),
@@ -129,6 +166,8 @@ class ModelMeta:
             "input_name": self.input_name,
             "output_name": self.output_name,
         }
+        if self.input_dtype != "float32":  # version 1 files stay as they were
+            values["input_dtype"] = self.input_dtype
         return {PREFIX + k: json.dumps(v) for k, v in values.items()}
 
     def describe(self) -> dict[str, Any]:
@@ -160,9 +199,10 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
     if not values:
         raise MetadataError("model has no svertka metadata (was it exported with 'svertka export'?)")
     version = values.pop("schema_version", None)
-    if version != SCHEMA_VERSION:
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
         raise MetadataError(
-            f"metadata schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
+            f"metadata schema version {version!r} is not supported (expected one of "
+            f"{list(SUPPORTED_SCHEMA_VERSIONS)})"
         )
     missing = [k for k in _REQUIRED if k not in values]
     if missing:
@@ -170,11 +210,17 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
     known = {f.name for f in dataclasses.fields(ModelMeta)}
     kwargs = {k: v for k, v in values.items() if k in known}
     try:
-        return ModelMeta(**kwargs)
+        meta = ModelMeta(**kwargs)
     except MetadataError:
         raise
     except (TypeError, ValueError) as exc:
         raise MetadataError(f"metadata is malformed: {exc}") from None
+    if meta.schema_version > version:
+        raise MetadataError(
+            f"metadata schema version {version} cannot describe a {meta.input_dtype} {meta.layout} input "
+            f"(version {meta.schema_version} does)"
+        )
+    return meta
 
 
 def attach(model: Any, meta: ModelMeta) -> None:

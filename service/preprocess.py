@@ -1,4 +1,4 @@
-"""Encoded image bytes -> the float32 (3, H, W) tensor a model expects.
+"""Encoded image bytes -> the tensor row a model expects (float32 (3, H, W) for svertka's own exports).
 
 The pipeline is the one :class:`service.modelmeta.ModelMeta` describes and
 torchvision's reference recipe trains with (``Resize(shorter side)`` ->
@@ -163,9 +163,20 @@ class Preprocessor:
 
     # -- public -------------------------------------------------------------
     def __call__(self, data: bytes) -> np.ndarray:
-        """One encoded image -> float32 array of shape ``meta.input_shape``."""
+        """One encoded image -> the model's input row: ``meta.input_shape`` of ``meta.input_dtype``."""
         rgb = self.decode(data)
-        return self.normalize(rgb)
+        if self.meta.normalized_in_graph:
+            return self.pixels(rgb)
+        x = self.normalize(rgb)
+        if self.meta.layout == "NHWC":
+            x = np.ascontiguousarray(x.transpose(1, 2, 0))
+        return x if self.meta.input_dtype == "float32" else x.astype(self.meta.input_dtype)
+
+    def pixels(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) RGB -> uint8 pixels in the model's colour order and layout (a model that
+        normalises inside its graph)."""
+        x = rgb[:, :, ::-1] if self.bgr else rgb
+        return np.ascontiguousarray(x.transpose(2, 0, 1) if self.meta.layout == "NCHW" else x)
 
     def decode(self, data: bytes) -> np.ndarray:
         """One encoded image -> the uint8 (H, W, 3) RGB centre crop, before normalisation."""

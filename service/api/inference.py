@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
-                    name=meta.input_name, datatype="FP32", shape=[-1, *meta.input_shape]
+                    name=meta.input_name, datatype=meta.input_datatype, shape=[-1, *meta.input_shape]
                 )
             ],
             outputs=[
@@ -373,8 +373,8 @@ def model_config(model: Model) -> mc.ModelConfig:
     config.version_policy.latest.num_versions = 1
     config.input.add(
         name=meta.input_name,
-        data_type=mc.TYPE_FP32,
-        format=mc.ModelInput.FORMAT_NCHW,
+        data_type=mc.DataType.Value("TYPE_" + meta.input_datatype),
+        format=mc.ModelInput.FORMAT_NHWC if meta.layout == "NHWC" else mc.ModelInput.FORMAT_NCHW,
         dims=list(meta.input_shape),
     )
     config.output.add(name=meta.output_name, data_type=mc.TYPE_FP32, dims=[meta.num_classes])

@@ -61,7 +61,8 @@ MAX_RANK = 8
 class ParsedInput:
     """What a ModelInfer request asks the model to compute, before any inference.
 
-    Exactly one of ``tensor`` (float32, (n, 3, H, W)) and ``images`` (n encoded images) is set.
+    Exactly one of ``tensor`` (the model's input dtype and shape, e.g. float32 (n, 3, H, W)) and
+    ``images`` (n encoded images) is set.
     """
 
     tensor: np.ndarray | None
@@ -153,14 +154,14 @@ def parse_input(
 ) -> ParsedInput:
     """Validate a ModelInfer request's inputs against the model and extract the data.
 
-    Accepts one input named like the model's input, either FP32 ``[n, 3, H, W]``
-    (raw, ``fp32_contents`` or a system shared memory region) or BYTES ``[n]`` /
+    Accepts one input named like the model's input, either a tensor of the model's datatype and
+    shape (FP32 ``[n, 3, H, W]`` for svertka's own exports; raw, typed contents or a system shared
+    memory region) or BYTES ``[n]`` /
     ``[n, 1]`` holding encoded images, with 1 <= n <= ``max_rows`` (the model's
     max_rows_per_request, checked here before anything is read or split).
     ``shm_registry`` is None when the server does not allow shared memory.
     """
     expected_name = meta.input_name
-    chw = meta.input_shape
     if len(request.inputs) != 1:
         shown_names = ", ".join(errors.shown(i.name) for i in request.inputs[:4])
         more = ", ..." if len(request.inputs) > 4 else ""
@@ -189,9 +190,9 @@ def parse_input(
         )
     datatype = tensor.datatype
     shape = _shape_of(tensor, f"input '{tensor.name}'")
-    if datatype == "FP32":
-        count = _fp32_count(meta, shape, max_rows)
-        return _parse_fp32(tensor, raw[0] if raw else None, typed, shape, count)
+    if datatype == meta.input_datatype:
+        count = _tensor_count(meta, shape, max_rows)
+        return _parse_tensor(tensor, raw[0] if raw else None, typed, shape, count, datatype)
     if datatype == "BYTES":
         count = _bytes_count(tensor.name, shape, max_rows)
         return _parse_bytes(tensor, raw[0] if raw else None, typed, shape, count)
@@ -202,8 +203,8 @@ def parse_input(
         else f" (not a KServe datatype; known: {', '.join(KNOWN_DATATYPES)})"
     )
     raise errors.InvalidInput(
-        f"input '{tensor.name}': expected datatype FP32 (a [N,{chw[0]},{chw[1]},{chw[2]}] tensor) "
-        f"or BYTES (encoded images), got {what}{known}"
+        f"input '{tensor.name}': expected datatype {meta.input_datatype} (a "
+        f"{interface.input_dims_text(meta)} tensor) or BYTES (encoded images), got {what}{known}"
     )
 
 
@@ -211,37 +212,58 @@ def _check_rows(name: str, shape: list[int], max_rows: int) -> None:
     interface.check_rows(name, int(shape[0]), max_rows, _shape_text(shape))
 
 
-def _fp32_count(meta: modelmeta.ModelMeta, shape: list[int], max_rows: int) -> int:
-    """Elements of an FP32 ``[N, 3, H, W]`` input after checking its shape against the model."""
+#: Where a datatype's typed values go in InferTensorContents (FP16 has none: raw only) ...
+_TYPED_FIELDS = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
+#: ... and its numpy dtype on the wire (little-endian).
+_WIRE_DTYPES = {"FP32": "<f4", "FP16": "<f2", "UINT8": "u1"}
+
+
+def _tensor_count(meta: modelmeta.ModelMeta, shape: list[int], max_rows: int) -> int:
+    """Elements of a tensor input after checking its shape against the model."""
     interface.check_input_shape(meta, shape, _shape_text(shape))
     count = _element_count(meta.input_name, shape)  # rank <= MAX_RANK here: a few multiplications
     _check_rows(meta.input_name, shape, max_rows)
     return count
 
 
-def _parse_fp32(tensor, raw: bytes | None, typed: list[str], shape: list[int], count: int) -> ParsedInput:
+def _parse_tensor(
+    tensor, raw: bytes | None, typed: list[str], shape: list[int], count: int, datatype: str
+) -> ParsedInput:
     name = tensor.name
+    wire = np.dtype(_WIRE_DTYPES[datatype])
     if raw is not None:
-        want = count * 4
+        want = count * wire.itemsize
         if len(raw) != want:
             raise errors.InvalidInput(
-                f"input '{name}': expected FP32 with {want} bytes for shape {_shape_text(shape)}, "
+                f"input '{name}': expected {datatype} with {want} bytes for shape {_shape_text(shape)}, "
                 f"got {len(raw)} bytes"
             )
-        array = np.frombuffer(raw, dtype="<f4").reshape(shape)
+        array = np.frombuffer(raw, dtype=wire).reshape(shape)
     else:
-        if typed and typed != ["fp32_contents"]:
+        field = _TYPED_FIELDS.get(datatype)
+        if field is None:
             raise errors.InvalidInput(
-                f"input '{name}': datatype FP32 carries typed data in contents.fp32_contents, got contents.{typed[0]}"
+                f"input '{name}': datatype {datatype} has no typed contents; send it in raw_input_contents"
             )
-        values = tensor.contents.fp32_contents
+        if typed and typed != [field]:
+            raise errors.InvalidInput(
+                f"input '{name}': datatype {datatype} carries typed data in contents.{field}, got contents.{typed[0]}"
+            )
+        values = getattr(tensor.contents, field)
         if len(values) != count:
             raise errors.InvalidInput(
-                f"input '{name}': expected {count} FP32 values for shape {_shape_text(shape)}, "
-                f"got {len(values)} in contents.fp32_contents"
-                + ("" if values else " (and no raw_input_contents)")
+                f"input '{name}': expected {count} {datatype} values for shape {_shape_text(shape)}, "
+                f"got {len(values)} in contents.{field}" + ("" if values else " (and no raw_input_contents)")
             )
-        array = np.asarray(values, dtype=np.float32).reshape(shape)
+        if datatype == "UINT8":
+            wide = np.asarray(values, dtype=np.uint32)
+            if wide.size and int(wide.max()) > 255:
+                raise errors.InvalidInput(
+                    f"input '{name}': UINT8 values must be 0-255, got {int(wide.max())} in contents.{field}"
+                )
+            array = wide.astype(np.uint8).reshape(shape)
+        else:
+            array = np.asarray(values, dtype=np.float32).reshape(shape)
     return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
 
 
@@ -254,25 +276,26 @@ def _parse_shared_memory(
     max_rows: int,
 ) -> ParsedInput:
     name = tensor.name
-    chw = meta.input_shape
+    datatype = meta.input_datatype
     if inline:
         raise errors.InvalidInput(
             f"input '{name}': data given both in a shared memory region and in the request; send one"
         )
-    if tensor.datatype != "FP32":
+    if tensor.datatype != datatype:
         raise errors.InvalidInput(
-            f"input '{name}': a shared memory input must be FP32 [N,{chw[0]},{chw[1]},{chw[2]}], "
+            f"input '{name}': a shared memory input must be {interface.input_shape_text(meta)}, "
             f"got datatype {errors.shown(tensor.datatype) if tensor.datatype else 'none'}"
         )
     shape = _shape_of(tensor, f"input '{name}'")
     # Rows and byte count first: nothing is allocated or read for a request that would be refused.
-    count = _fp32_count(meta, shape, max_rows)
-    if where.byte_size != count * 4:
+    count = _tensor_count(meta, shape, max_rows)
+    need = count * meta.input_itemsize
+    if where.byte_size != need:
         raise errors.InvalidInput(
-            f"input '{name}': shared_memory_byte_size is {where.byte_size} but FP32 {_shape_text(shape)} "
-            f"needs {count * 4} bytes"
+            f"input '{name}': shared_memory_byte_size is {where.byte_size} but {datatype} "
+            f"{_shape_text(shape)} needs {need} bytes"
         )
-    array = shm_registry.read(where, "<f4", shape, f"input '{name}'")
+    array = shm_registry.read(where, _WIRE_DTYPES[datatype], shape, f"input '{name}'")
     return ParsedInput(tensor=array, images=None, rows=int(shape[0]))
 
 

@@ -72,17 +72,27 @@ class Timings:
             self.compute_output_s += info.output_s
 
 
+def input_dims_text(meta: modelmeta.ModelMeta) -> str:
+    """The model's input shape as messages show it: ``[N,3,224,224]``, ``[N,224,224,3]``."""
+    return f"[N,{','.join(str(d) for d in meta.input_shape)}]"
+
+
+def input_shape_text(meta: modelmeta.ModelMeta) -> str:
+    """The model's input datatype and shape: ``FP32 [N,3,224,224]``, ``UINT8 [N,224,224,3]``."""
+    return f"{meta.input_datatype} {input_dims_text(meta)}"
+
+
 def check_input_shape(meta: modelmeta.ModelMeta, shape: Sequence[int], shown: str) -> None:
-    """The rule for an FP32 input's shape: ``[N, C, H, W]`` with the model's C, H and W.
+    """The rule for a tensor input's shape: ``[N, C, H, W]`` (or ``[N, H, W, C]`` for an NHWC
+    model) with the model's sizes.
 
     ``shown`` is the shape as the message quotes it (the caller bounds a client's shape).
     Frontends check it on the shape a request declares, before reading its data; the engine
     on the array it is given.
     """
-    c, h, w = meta.input_shape
-    if len(shape) != 4 or tuple(shape[1:]) != (c, h, w):
+    if len(shape) != 4 or tuple(shape[1:]) != meta.input_shape:
         raise errors.InvalidInput(
-            f"input '{meta.input_name}': expected FP32 shape [N,{c},{h},{w}], got {shown}"
+            f"input '{meta.input_name}': expected {meta.input_datatype} shape {input_dims_text(meta)}, got {shown}"
         )
 
 

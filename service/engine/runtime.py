@@ -191,6 +191,10 @@ def _is_dynamic(dim: object) -> bool:
     return not isinstance(dim, int) or dim < 0
 
 
+#: onnxruntime's name of each input dtype the metadata can declare.
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "uint8": "tensor(uint8)"}
+
+
 def check_signature(session: ort.InferenceSession, meta: modelmeta.ModelMeta) -> None:
     """The graph's input and output must be what the metadata says, with a dynamic batch dim."""
     inputs = session.get_inputs()
@@ -204,8 +208,11 @@ def check_signature(session: ort.InferenceSession, meta: modelmeta.ModelMeta) ->
         raise ModelLoadError(
             f"the graph's input is named '{inp.name}' but the metadata says '{meta.input_name}'"
         )
-    if inp.type != "tensor(float)":
-        raise ModelLoadError(f"input '{inp.name}' has type {inp.type}; expected tensor(float) (FP32)")
+    want_type = _ORT_TYPES[meta.input_dtype]
+    if inp.type != want_type:
+        raise ModelLoadError(
+            f"input '{inp.name}' has type {inp.type}; the metadata says {want_type} ({meta.input_datatype})"
+        )
     shape = list(inp.shape)
     expected = list(meta.input_shape)
     if len(shape) != 4:
@@ -326,7 +333,7 @@ class Session:
             raise ModelLoadError(f"onnxruntime cannot load {self.path}: {_first_line(exc)}") from None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (n, 3, H, W) -> float32 (n, classes). Blocking."""
+        """The model's input rows (e.g. float32 (n, 3, H, W)) -> float32 (n, classes). Blocking."""
         n = len(batch)
         if not self.padded_sizes or n > self.padded_sizes[-1]:  # more rows than any size: run as they are
             return self._execute(self._session, batch)
@@ -360,7 +367,7 @@ class Session:
         rng = np.random.default_rng(0)
         timings: dict[int, float] = {}
         for n in sorted({1, max_batch_size, *self.padded_sizes}):  # every padded size's session once
-            x = rng.standard_normal((n, *self.meta.input_shape), dtype=np.float32)
+            x = example_batch(self.meta, n, rng)
             start = time.perf_counter()
             try:
                 y = self.run(x)
@@ -382,6 +389,14 @@ class Session:
         """Drop the sessions (onnxruntime frees each when the last reference goes)."""
         self._session = None  # type: ignore[assignment]
         self._by_size = {}
+
+
+def example_batch(meta: modelmeta.ModelMeta, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random rows of the model's input: standard normal values, or any pixels for uint8."""
+    shape = (n, *meta.input_shape)
+    if meta.input_dtype == "uint8":
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.standard_normal(shape, dtype=np.float32).astype(meta.input_dtype, copy=False)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -151,19 +151,21 @@ class ServedModel:
 
     # -- requests ------------------------------------------------------------------
     def check_tensor(self, batch: object) -> np.ndarray:
-        """The checks a float32 (n, 3, H, W) request must pass; returns it C-contiguous."""
+        """The checks a tensor request (the model's input dtype and shape) must pass; returns it
+        C-contiguous."""
         x = self._check_layout(batch)
-        if self.settings.reject_non_finite_inputs:
+        if self.settings.reject_non_finite_inputs and x.dtype.kind == "f":
             self._check_finite(x)
         return x
 
     def _check_layout(self, batch: object) -> np.ndarray:
         name = self.meta.input_name
         limit = self.settings.max_rows_per_request
+        datatype = self.meta.input_datatype
         if not isinstance(batch, np.ndarray):
-            raise self._invalid(f"input '{name}': expected an FP32 array, got {type(batch).__name__}")
-        if batch.dtype != np.float32:
-            raise self._invalid(f"input '{name}': expected FP32 data, got {batch.dtype}")
+            raise self._invalid(f"input '{name}': expected an {datatype} array, got {type(batch).__name__}")
+        if batch.dtype != np.dtype(self.meta.input_dtype):
+            raise self._invalid(f"input '{name}': expected {datatype} data, got {batch.dtype}")
         try:
             shown = "[" + ",".join(str(d) for d in batch.shape) + "]"
             interface.check_input_shape(self.meta, batch.shape, shown)
@@ -177,7 +179,8 @@ class ServedModel:
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
             raise self._invalid(
-                f"input '{self.meta.input_name}': {bad} values are NaN or infinite; expected finite FP32 values"
+                f"input '{self.meta.input_name}': {bad} values are NaN or infinite; expected finite "
+                f"{self.meta.input_datatype} values"
             )
 
     def warm_up_decode(self) -> None:

@@ -363,7 +363,7 @@ class RemoteModel:
 
     # -- inference ---------------------------------------------------------------------
     def _take(self, rows: int) -> int:
-        row_bytes = int(np.prod(self.meta.input_shape)) * 4
+        row_bytes = int(np.prod(self.meta.input_shape)) * self.meta.input_itemsize
         nbytes = rows * row_bytes
         if nbytes > self._client.slab_bytes:  # would never fit: retrying cannot help
             raise errors.InvalidInput(
@@ -416,14 +416,14 @@ class RemoteModel:
     ) -> np.ndarray:
         timings = timings if timings is not None else Timings()
         name = self.meta.input_name
-        if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
-            raise errors.InvalidInput(f"input '{name}': expected FP32 data")
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.dtype(self.meta.input_dtype):
+            raise errors.InvalidInput(f"input '{name}': expected {self.meta.input_datatype} data")
         shown = "[" + ",".join(str(d) for d in batch.shape) + "]"
         interface.check_input_shape(self.meta, batch.shape, shown)
         interface.check_rows(name, batch.shape[0], self.settings.max_rows_per_request, shown)
         offset = self._take(batch.shape[0])
         try:
-            self._client.slab.rows(offset, batch.shape)[...] = batch
+            self._client.slab.rows(offset, batch.shape, self.meta.input_dtype)[...] = batch
             # No await between resolving this version and sending: the engine still takes it.
             submitted = self._submit(offset, batch.shape[0], deadline)
         except BaseException:
@@ -463,7 +463,9 @@ class RemoteModel:
         """Decode every image, the good ones into consecutive slab rows at ``offset``: (one
         InvalidInput or None per image, how many rows were written)."""
         loop = asyncio.get_running_loop()
-        slab_rows = self._client.slab.rows(offset, (len(images), *self.meta.input_shape))
+        slab_rows = self._client.slab.rows(
+            offset, (len(images), *self.meta.input_shape), self.meta.input_dtype
+        )
         decoded = await asyncio.gather(
             *(loop.run_in_executor(self._client.decode_executor, self._decode, data) for data in images),
             return_exceptions=True,

@@ -296,7 +296,9 @@ class _Connection:
         timings = Timings()
         try:
             model = self.engine.live(str(header["model"]), int(header["version"]), str(header["sha256"]))
-            rows = self.slab.rows(int(header["offset"]), tuple(int(d) for d in header["shape"]))
+            rows = self.slab.rows(
+                int(header["offset"]), tuple(int(d) for d in header["shape"]), model.meta.input_dtype
+            )
             deadline = header.get("deadline")
             logits = await model.infer_tensor(rows, deadline=deadline, timings=timings)
         except asyncio.CancelledError:

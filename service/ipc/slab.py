@@ -87,12 +87,12 @@ class Slab:
             except FileNotFoundError:
                 pass
 
-    def rows(self, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` viewing the slab at ``offset`` (no copy)."""
+    def rows(self, offset: int, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+        """An array of ``shape`` and ``dtype`` viewing the slab at ``offset`` (no copy)."""
         count = int(np.prod(shape))
-        if offset < 0 or offset % ALIGN or offset + count * 4 > self.size:
+        if offset < 0 or offset % ALIGN or offset + count * np.dtype(dtype).itemsize > self.size:
             raise SlabError(f"rows of shape {list(shape)} at offset {offset} do not fit the slab")
-        return np.frombuffer(self.buf, np.float32, count, offset).reshape(shape)
+        return np.frombuffer(self.buf, dtype, count, offset).reshape(shape)
 
     def close(self) -> None:
         try:

@@ -34,7 +34,7 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
     results = json.loads((tmp_path / "gpu.json").read_text())
     assert results["meta"]["providers"] == ["cpu"] and results["meta"]["finished"]
     models = {m["name"]: m for m in results["models"]}
-    assert list(models) == ["resnet18", "resnet18-fp16"]
+    assert list(models) == ["resnet18", "resnet18-fp16", "resnet18-u8-fp16"]
     for name, m in models.items():
         assert "error" not in m, m.get("error")
         sizes = [p["batch_size"] for p in m["ceiling"]["points"]]

@@ -118,3 +118,38 @@ def test_unreadable_file_is_a_metadata_error(tmp_path):
     path.write_bytes(b"\x00not an onnx file\xff" * 10)
     with pytest.raises(MetadataError, match="not a readable ONNX model"):
         modelmeta.read_model_file(str(path))
+
+
+def test_a_float32_nchw_model_keeps_schema_version_1_and_its_keys():
+    props = _meta().to_props()
+    assert props["svertka.schema_version"] == "1" and "svertka.input_dtype" not in props
+    meta = modelmeta.from_props(props)
+    assert (meta.input_dtype, meta.layout, meta.input_datatype, meta.input_itemsize) == (
+        "float32",
+        "NCHW",
+        "FP32",
+        4,
+    )
+    assert not meta.normalized_in_graph
+
+
+def test_a_pixel_input_model_is_schema_version_2():
+    meta = _meta().replace(input_dtype="uint8", layout="NHWC")
+    props = meta.to_props()
+    assert props["svertka.schema_version"] == "2" and props["svertka.input_dtype"] == '"uint8"'
+    back = modelmeta.from_props(props)
+    assert back == meta and back.input_shape == (meta.crop[0], meta.crop[1], 3)
+    assert (back.input_datatype, back.input_itemsize, back.normalized_in_graph) == ("UINT8", 1, True)
+
+
+def test_version_1_cannot_declare_another_input_format():
+    """A version 1 reader would feed such a model normalised floats: the writer says version 2."""
+    props = _meta().replace(input_dtype="uint8", layout="NHWC").to_props()
+    props["svertka.schema_version"] = "1"
+    with pytest.raises(MetadataError, match="schema version 1 cannot describe a uint8 NHWC input"):
+        modelmeta.from_props(props)
+
+
+def test_unknown_input_dtypes_are_named():
+    with pytest.raises(MetadataError, match="input_dtype: expected one of"):
+        _meta().replace(input_dtype="int16")

@@ -156,16 +156,24 @@ def make_tiny_model(
     seed: int = 0,
     precision: str = "fp32",
     fail_above: float | None = None,
+    pixel_input: bool = False,
 ) -> modelmeta.ModelMeta:
     """Write a tiny classifier with svertka metadata to ``path``; returns its metadata.
 
     ``fail_above`` makes onnxruntime raise on any batch with an input value
-    above it (see :func:`build_tiny_model`).
+    above it (see :func:`build_tiny_model`). ``pixel_input``: the same graph behind a uint8
+    NHWC input that normalises the pixels itself (``svertka export --input uint8-nhwc``).
     """
     meta = tiny_meta(num_classes=num_classes, size=size, labels=labels, precision=precision)
     model = build_tiny_model(meta, seed=seed, fail_above=fail_above)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if pixel_input:
+        from export.pixel_input import with_pixel_input
+
+        data, meta = with_pixel_input(model.SerializeToString(), meta)
+        path.write_bytes(data)
+        return meta
     onnx.save(model, str(path))
     return meta
 
