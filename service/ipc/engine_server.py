@@ -304,16 +304,8 @@ class _Connection:
         except asyncio.CancelledError:
             self.send({"op": "result", "id": rid, "error": {"type": "Cancelled", "message": "cancelled"}})
             return
-        except errors.SvertkaError as exc:
-            self.send(
-                {"op": "result", "id": rid, "error": {"type": type(exc).__name__, "message": exc.message}}
-            )
-            return
-        except Exception:
-            log.exception("frontend %s: request %d failed in the engine", self.frontend, rid)
-            self.send(
-                {"op": "result", "id": rid, "error": {"type": "InferenceFailed", "message": "internal error"}}
-            )
+        except Exception as exc:
+            self._failed("result", rid, exc, "request")
             return
         self.send(
             {"op": "result", "id": rid, "shape": list(logits.shape), "timings": dataclasses.asdict(timings)},
@@ -351,29 +343,29 @@ class _Connection:
     async def _shared_memory(self, rid: int, header: dict[str, Any]) -> None:
         try:
             answer, change = self.server.shared_memory.handle(header)
-        except errors.SvertkaError as exc:
-            self.send(
-                {"op": "reply", "id": rid, "error": {"type": type(exc).__name__, "message": exc.message}}
-            )
-            return
-        except Exception:
-            log.exception("frontend %s: shared memory request %d failed", self.frontend, rid)
-            self.send(
-                {"op": "reply", "id": rid, "error": {"type": "InferenceFailed", "message": "internal error"}}
-            )
+        except Exception as exc:
+            self._failed("reply", rid, exc, "shared memory request")
             return
         if change is not None:
             self.server.push_shared_memory(change)
             await self.server.synced_shared_memory()
         self.send({"op": "reply", "id": rid, **answer})
 
+    def _failed(self, op: str, rid: int, exc: Exception, what: str) -> None:
+        """Answer request ``rid`` with its error: a ``service.errors`` class name and message for
+        the client, or (anything else, logged here with its traceback) an internal error."""
+        if isinstance(exc, errors.SvertkaError):
+            error = {"type": type(exc).__name__, "message": exc.message}
+        else:
+            log.error("frontend %s: %s %d failed in the engine", self.frontend, what, rid, exc_info=exc)
+            error = {"type": "InferenceFailed", "message": "internal error"}
+        self.send({"op": op, "id": rid, "error": error})
+
     async def _control(self, rid: int, work) -> None:
         try:
             status = await work
         except errors.SvertkaError as exc:
-            self.send(
-                {"op": "reply", "id": rid, "error": {"type": type(exc).__name__, "message": exc.message}}
-            )
+            self._failed("reply", rid, exc, "control request")
             return
         await self.server.synced()
         self.send(
