@@ -128,8 +128,7 @@ def _provider_options(
     name: str, meta: modelmeta.ModelMeta, max_batch_size: int
 ) -> dict[str, str | int | bool]:
     if name == TENSORRT:
-        c, h, w = meta.input_shape
-        shape = f"{meta.input_name}:{{n}}x{c}x{h}x{w}"
+        shape = f"{meta.input_name}:{{n}}x" + "x".join(str(d) for d in meta.input_shape)  # its layout's order
         TRT_CACHE_DIR.mkdir(parents=True, exist_ok=True)
         return {
             "device_id": 0,
