@@ -133,8 +133,6 @@ def test_incompatible_models_fail_with_a_reason(tmp_path, change, message):
 def test_tensorrt_profiles_cover_every_batch_in_the_input_layout(changes, dims):
     """TensorRT builds one optimisation profile from batch 1 to max_batch_size, in the input's own
     layout (an NHWC pixel model's profile is N x H x W x 3); checked without a GPU."""
-    from tests.helpers.tinymodel import tiny_meta
-
     options = runtime._provider_options(runtime.TENSORRT, tiny_meta().replace(**changes), 16)
     assert options["trt_profile_min_shapes"] == f"input:1x{dims}"
     assert options["trt_profile_opt_shapes"] == options["trt_profile_max_shapes"] == f"input:16x{dims}"
