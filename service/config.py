@@ -332,6 +332,13 @@ class ServerConfig:
         default=DEFAULT_MAX_CONNECTION_AGE_GRACE_S,
         metavar="SECONDS",
     )
+    trt_cache_dir: Path | None = setting(
+        "path",
+        "where TensorRT keeps the engines it builds, so a restart does not build them again "
+        "(default: svertka-trt-cache in the temporary directory; in a container, a volume)",
+        default=None,
+        metavar="DIR",
+    )
     repository_poll_s: float = setting(  # 0: no polling
         "float",
         "poll the repository for new/removed versions every N seconds; 0 disables",

@@ -328,6 +328,7 @@ def build_engine(config: cfg.ServerConfig, metrics: Metrics) -> Engine:
         metrics,
         poll_interval_s=config.repository_poll_s,
         cpu_budget=config.intra_op_threads,
+        trt_cache_dir=config.trt_cache_dir,
     )
 
 

@@ -48,14 +48,14 @@ def file_fingerprint(path: Path) -> str:
 
 
 def load_sessions(
-    path: Path, settings: config.ModelSettings, cpu_budget: int
+    path: Path, settings: config.ModelSettings, cpu_budget: int, trt_cache_dir: Path | None = None
 ) -> tuple[list[runtime.Session], str]:
     """The loader thread's work: the file's fingerprint, then the warmed-up sessions."""
     try:
         sha256 = file_fingerprint(path)
     except OSError as exc:
         raise runtime.ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return runtime.load_instances(path, settings, cpu_budget), sha256
+    return runtime.load_instances(path, settings, cpu_budget, trt_cache_dir), sha256
 
 
 def close_loaded(future: concurrent.futures.Future) -> None:

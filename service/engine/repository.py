@@ -82,11 +82,14 @@ class ModelRepository:
         executor: concurrent.futures.Executor | None = None,
         poll_interval_s: float = 0.0,
         cpu_budget: int = 0,
+        trt_cache_dir: Path | None = None,
     ) -> None:
         self.repository = Path(repository)
         self.metrics = metrics
         self.poll_interval_s = float(poll_interval_s)
         self.cpu_budget = int(cpu_budget) or config.default_intra_op_threads()
+        #: Where TensorRT's built engines go (None: runtime.TRT_CACHE_DIR).
+        self.trt_cache_dir = trt_cache_dir
         self._own_executor = executor is None
         self._decode_executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=self.cpu_budget, thread_name_prefix="svertka-decode"
@@ -237,7 +240,7 @@ class ModelRepository:
             self._set_status(entry, ModelStatus(name, version, LOADING, f"loading version {version}"))
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        loading = self._loader.submit(load_sessions, path, settings, self.cpu_budget)
+        loading = self._loader.submit(load_sessions, path, settings, self.cpu_budget, self.trt_cache_dir)
         try:
             sessions, sha256 = await asyncio.wrap_future(loading)
         except asyncio.CancelledError:

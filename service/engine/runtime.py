@@ -20,6 +20,7 @@ GPU provider the load fails with the reason.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -125,15 +126,24 @@ def resolve_providers(settings: config.ModelSettings, available: Sequence[str] |
 
 
 def _provider_options(
-    name: str, meta: modelmeta.ModelMeta, max_batch_size: int
+    name: str, meta: modelmeta.ModelMeta, max_batch_size: int, trt_cache_dir: Path | None = None
 ) -> dict[str, str | int | bool]:
     if name == TENSORRT:
         shape = f"{meta.input_name}:{{n}}x" + "x".join(str(d) for d in meta.input_shape)  # its layout's order
-        TRT_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        cache = Path(trt_cache_dir) if trt_cache_dir is not None else TRT_CACHE_DIR
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            if not os.access(cache, os.W_OK | os.X_OK):
+                raise PermissionError(13, "not writable by this process")
+        except OSError as exc:
+            raise ModelLoadError(
+                f"TensorRT engine cache {cache}: {exc.strerror or exc}; point --trt-cache-dir "
+                "(SVERTKA_TRT_CACHE_DIR) at a writable directory"
+            ) from None
         return {
             "device_id": 0,
             "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(TRT_CACHE_DIR),
+            "trt_engine_cache_path": str(cache),
             # QDQ (int8) graphs need the INT8 builder flag; fp32 graphs stay fp32.
             "trt_int8_enable": meta.precision == "int8",
             "trt_fp16_enable": meta.precision == "fp16",
@@ -258,6 +268,7 @@ class Session:
         threads: int | None = None,
         instance: int = 0,
         peeked: modelmeta.ModelMeta | None = None,
+        trt_cache_dir: Path | None = None,
     ) -> None:
         self.path = Path(path)
         self.instance = instance
@@ -281,7 +292,9 @@ class Session:
         if TENSORRT in chosen:
             # TensorRT's optimisation profile needs the input shape before the session exists.
             assert peeked is not None
-            provider_list = [(p, _provider_options(p, peeked, settings.max_batch_size)) for p in chosen]
+            provider_list = [
+                (p, _provider_options(p, peeked, settings.max_batch_size, trt_cache_dir)) for p in chosen
+            ]
         elif CUDA in chosen:
             provider_list = [(p, dict(CUDA_OPTIONS) if p == CUDA else {}) for p in chosen]
         self._options, self._provider_list = options, provider_list
@@ -409,7 +422,9 @@ def _first_line(exc: BaseException) -> str:
     return line
 
 
-def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget: int = 0) -> list[Session]:
+def load_instances(
+    path: str | Path, settings: config.ModelSettings, cpu_budget: int = 0, trt_cache_dir: Path | None = None
+) -> list[Session]:
     """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
     providers = resolve_providers(settings)
     threads = intra_op_threads(settings, cpu_budget)
@@ -418,7 +433,10 @@ def load_instances(path: str | Path, settings: config.ModelSettings, cpu_budget:
         for i in range(settings.instances):
             # The first session reads the file's metadata where its options need it; the others reuse it.
             peeked = sessions[0].meta if sessions else None
-            session = Session(path, settings, providers=providers, threads=threads, instance=i, peeked=peeked)
+            session = Session(
+                path, settings, providers=providers, threads=threads, instance=i, peeked=peeked,
+                trt_cache_dir=trt_cache_dir,
+            )  # fmt: skip
             sessions.append(session)
             session.warm_up(settings.max_batch_size)
     except BaseException:

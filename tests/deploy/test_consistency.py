@@ -296,6 +296,20 @@ def test_dev_shm_check_catches_mistakes(mutate):
     assert shared_memory_problems(objects, spec)
 
 
+def test_gpu_overlay_keeps_tensorrt_engines_on_a_volume_of_their_own():
+    """The server's --trt-cache-dir is a mounted emptyDir (it outlives container restarts), not the
+    small /tmp volume, and the ephemeral-storage limit holds it beside the base's 256Mi."""
+    objects, _, spec = workload("gpu", "Deployment")
+    container = m.server_container(spec)
+    cache = manifest_config(objects, container).trt_cache_dir
+    assert cache is not None and not str(cache).startswith("/tmp")
+    (mount,) = [v for v in container["volumeMounts"] if str(cache).startswith(v["mountPath"])]
+    volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+    size = m.quantity_bytes(volume["emptyDir"]["sizeLimit"])
+    limits = container["resources"]["limits"]
+    assert m.quantity_bytes(limits["ephemeral-storage"]) >= size + (256 << 20)
+
+
 def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
     deployment = m.find(m.rendered("gpu"), "Deployment")
     spec = m.pod_spec(deployment)

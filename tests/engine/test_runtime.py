@@ -137,3 +137,17 @@ def test_tensorrt_profiles_cover_every_batch_in_the_input_layout(changes, dims):
     assert options["trt_profile_min_shapes"] == f"input:1x{dims}"
     assert options["trt_profile_opt_shapes"] == options["trt_profile_max_shapes"] == f"input:16x{dims}"
     assert options["trt_engine_cache_enable"] and not options["trt_fp16_enable"]
+
+
+def test_the_tensorrt_engine_cache_goes_where_the_server_is_told(tmp_path):
+    """--trt-cache-dir (a volume in the GPU overlay): created if needed; a path that cannot be a
+    directory is the model's load error, naming the setting."""
+    options = runtime._provider_options(runtime.TENSORRT, tiny_meta(), 8, tmp_path / "trt" / "cache")
+    assert options["trt_engine_cache_path"] == str(tmp_path / "trt" / "cache")
+    assert (tmp_path / "trt" / "cache").is_dir()
+    assert runtime._provider_options(runtime.TENSORRT, tiny_meta(), 8)["trt_engine_cache_path"] == str(
+        runtime.TRT_CACHE_DIR
+    )
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(runtime.ModelLoadError, match="--trt-cache-dir"):
+        runtime._provider_options(runtime.TENSORRT, tiny_meta(), 8, tmp_path / "a-file")
