@@ -241,6 +241,15 @@ class Metrics:
             registry=r,
             multiprocess_mode=mode("livemostrecent"),
         )
+        self.model_load_seconds = Gauge(
+            "svertka_model_load_seconds",
+            "Seconds the loaded model version took from its file to ready: opening its sessions "
+            "(where TensorRT builds its engines, unless cached) and the warm-up at every padded "
+            "batch size.",
+            mv,
+            registry=r,
+            multiprocess_mode=mode("livemostrecent"),
+        )
         self.model_ready = Gauge(
             "svertka_model_ready",
             "1 when the model version is ready to serve, else 0.",
@@ -336,10 +345,21 @@ class Metrics:
             self._frontend_in_flight.dec()
 
     def set_model_info(
-        self, name: str, version: int, *, provider: str, precision: str, arch: str, sha256: str = ""
+        self,
+        name: str,
+        version: int,
+        *,
+        provider: str,
+        precision: str,
+        arch: str,
+        sha256: str = "",
+        load_seconds: float | None = None,
     ) -> None:
         """One series per loaded version; a reload (new provider, or new weights under the same
-        version: a new sha256) replaces it, so count(svertka_model_info) stays the loaded versions."""
+        version: a new sha256) replaces it, so count(svertka_model_info) stays the loaded versions.
+        ``load_seconds``: how long it took to load (``svertka_model_load_seconds``)."""
+        if load_seconds is not None:
+            self.model_load_seconds.labels(name, str(int(version))).set(load_seconds)
         key = (name, int(version))
         with self._lock:
             old = self._info_labels.pop(key, None)
@@ -361,7 +381,13 @@ class Metrics:
             # prometheus_client cannot delete from its files: the gauges are marked NaN, which the
             # supervisor leaves out; counters and histograms stay (summed, never reset; a reload of the
             # version continues them).
-            for gauge in (self.queue_depth, self.queue_capacity, self.in_flight, self.model_ready):
+            for gauge in (
+                self.queue_depth,
+                self.queue_capacity,
+                self.in_flight,
+                self.model_ready,
+                self.model_load_seconds,
+            ):
                 gauge.labels(name, str(key[1])).set(math.nan)
             if info is not None:
                 self.model_info.labels(name, str(key[1]), *info).set(math.nan)
@@ -383,6 +409,7 @@ class Metrics:
             self.rejections_total,
             self.model_info,
             self.model_ready,
+            self.model_load_seconds,
         ):
             metric.remove_by_labels(labels)
 

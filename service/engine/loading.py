@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from service import config, errors, layout
 from service.engine import runtime
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = layout.MODEL_FILE
 #: Hex digits of the model file's sha256 that identify the weights being served.
@@ -36,6 +39,19 @@ def relative_to(repository: Path, text: str) -> str:
     for root in {str(repository), str(repository.resolve())}:
         text = text.replace(root + "/", "").replace(root, "<repository>")
     return text
+
+
+def model_names(repository: Path) -> list[str]:
+    """The model directories of ``repository`` (valid names; hidden entries and files skipped)."""
+    names = []
+    for child in sorted(repository.iterdir()):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        if not layout.is_valid_name(child.name):
+            log.warning("ignoring %s: not a valid model name (%s)", child, layout.NAME_RULE)
+            continue
+        names.append(child.name)
+    return names
 
 
 def file_fingerprint(path: Path) -> str:

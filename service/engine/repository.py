@@ -36,6 +36,7 @@ from service.engine.loading import (
     close_loaded,
     desired_fingerprint,
     load_sessions,
+    model_names,
     parse_version,
     relative_to,
     repository_versions,
@@ -88,8 +89,7 @@ class ModelRepository:
         self.metrics = metrics
         self.poll_interval_s = float(poll_interval_s)
         self.cpu_budget = int(cpu_budget) or config.default_intra_op_threads()
-        #: Where TensorRT's built engines go (None: runtime.TRT_CACHE_DIR).
-        self.trt_cache_dir = trt_cache_dir
+        self.trt_cache_dir = trt_cache_dir  # None: runtime.TRT_CACHE_DIR
         self._own_executor = executor is None
         self._decode_executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=self.cpu_budget, thread_name_prefix="svertka-decode"
@@ -154,7 +154,7 @@ class ModelRepository:
         """Load and warm up every model in the repository; a bad one is UNAVAILABLE, the rest serve."""
         if not self.repository.is_dir():
             raise FileNotFoundError(f"model repository {self.repository} is not a directory")
-        for name in self._scan():
+        for name in model_names(self.repository):
             if self._draining or self._closed:
                 break  # shutdown during start-up: load nothing more
             await self.load(name)
@@ -280,9 +280,11 @@ class ModelRepository:
         entry.serving = served  # the swap: get() returns the new version from here on
         entry.serving_fingerprint = entry.attempted_fingerprint
         self._forget_unready(entry, keep=version)
+        loaded_s = time.perf_counter() - started
         self.metrics.set_model_info(
-            name, version, provider=served.provider, precision=meta.precision, arch=meta.arch, sha256=sha256
-        )
+            name, version, provider=served.provider, precision=meta.precision, arch=meta.arch, sha256=sha256,
+            load_seconds=loaded_s,
+        )  # fmt: skip
         self.metrics.set_model_ready(name, version, True)
         log.info(
             "model '%s' version %d ready on %s: %d instance(s) x %d threads, max batch %d, "
@@ -294,7 +296,7 @@ class ModelRepository:
             served.threads_per_instance,
             settings.max_batch_size,
             sha256,
-            time.perf_counter() - started,
+            loaded_s,
             f" (replacing version {old.version})" if old is not None else "",
         )
         status = self._set_status(entry, ModelStatus(name, version, READY, ""), swapped=True)
@@ -383,7 +385,7 @@ class ModelRepository:
 
     async def refresh(self) -> None:
         """Bring the served set in line with the repository (what polling runs)."""
-        on_disk = set(self._scan())
+        on_disk = set(model_names(self.repository))
         for name in sorted(on_disk | set(self._entries)):
             entry = self._entries.get(name)
             if entry is None:
@@ -405,17 +407,6 @@ class ModelRepository:
                 await self.refresh()
             except Exception:
                 log.exception("repository poll of %s failed", self.repository)
-
-    def _scan(self) -> list[str]:
-        names = []
-        for child in sorted(self.repository.iterdir()):
-            if not child.is_dir() or child.name.startswith("."):
-                continue
-            if not layout.is_valid_name(child.name):
-                log.warning("ignoring %s: not a valid model name (%s)", child, layout.NAME_RULE)
-                continue
-            names.append(child.name)
-        return names
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests with Draining; wait (up to ``timeout_s``) for everything accepted."""

@@ -438,7 +438,11 @@ def load_instances(
                 trt_cache_dir=trt_cache_dir,
             )  # fmt: skip
             sessions.append(session)
-            session.warm_up(settings.max_batch_size)
+            warmed = session.warm_up(settings.max_batch_size)
+            log.info(
+                "%s instance %d on %s: warm-up (kernels chosen, TensorRT engines built) took %s s per batch size",
+                path, i, session.provider, {n: round(s, 3) for n, s in warmed.items()},
+            )  # fmt: skip
     except BaseException:
         # A failed load keeps nothing: every session opened so far is closed, not left to the collector.
         for session in sessions:

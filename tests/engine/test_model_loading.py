@@ -222,6 +222,36 @@ def test_the_fingerprint_follows_a_file_replaced_in_place(tmp_path):
     assert seen[2] == (third, 1.0, None)
 
 
+def test_the_load_time_of_each_ready_version_is_exported_and_goes_with_it(tmp_path, caplog):
+    """svertka_model_load_seconds: file to ready (sessions, and the warm-up where TensorRT builds
+    its engines); the warm-up's time per batch size is logged."""
+    repo = make_repository(tmp_path, {"tiny": [1, 2]})
+    metrics = new_metrics()
+
+    def load_seconds(version: int) -> float | None:
+        return metrics.registry.get_sample_value(
+            "svertka_model_load_seconds", {"model": "tiny", "version": str(version)}
+        )
+
+    async def main():
+        manager = ModelRepository(repo, metrics)
+        with caplog.at_level("INFO", logger="service.engine.runtime"):
+            await manager.start()
+        loaded = load_seconds(2)
+        (repo / "tiny" / "2" / "model.onnx").unlink()
+        (repo / "tiny" / "2").rmdir()
+        await manager.refresh()  # version 1 takes over; version 2's series go once it retires
+        await until(lambda: load_seconds(2) is None, "version 2's load time removed")
+        after = (load_seconds(1), load_seconds(2))
+        await manager.close()
+        return loaded, after
+
+    loaded, (one, two) = run(main())
+    assert loaded is not None and loaded > 0 and one is not None and one > 0 and two is None
+    warm_ups = [r.getMessage() for r in caplog.records if "warm-up (kernels chosen" in r.getMessage()]
+    assert warm_ups and "per batch size" in warm_ups[0]
+
+
 def test_a_cancelled_load_closes_what_the_loader_thread_finishes(tmp_path, monkeypatch):
     import threading
 
