@@ -364,13 +364,35 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graph_meta(path: Path, missing: Exception):
+    """What the server serves of a file without svertka metadata (its graph), or ``missing``'s
+    error extended with the reason the server would give."""
+    import onnxruntime as ort
+
+    from service.engine import runtime
+    from service.modelmeta import MetadataError
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return runtime.graph_metadata(session)
+    except runtime.ModelLoadError as exc:
+        raise MetadataError(f"{missing}; and the server cannot serve its graph as it is: {exc}") from None
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from export.repository import resolve_model_file
-    from service.modelmeta import read_model_file
+    from service.modelmeta import MetadataError, read_model_file
 
     path = resolve_model_file(args.model)
-    meta = read_model_file(str(path))
+    try:
+        meta = read_model_file(str(path))
+    except MetadataError as exc:
+        if "has no svertka metadata" not in str(exc):
+            raise
+        meta = _graph_meta(path, exc)
     info = {"path": str(path), **meta.describe()}
+    if not meta.preprocessing_known:
+        info["image_api"] = "no: no svertka metadata, so the preprocessing is unknown (tensors only)"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

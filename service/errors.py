@@ -36,6 +36,10 @@ class ModelNotReady(SvertkaError):
     """The model exists but is not loaded (failed, loading or unloading)."""
 
 
+class FailedPrecondition(SvertkaError):
+    """The model cannot do what the request asks of it as it is (e.g. images, without preprocessing metadata)."""
+
+
 class Overloaded(SvertkaError):
     """The model's queue is full, or a message exceeds a size limit."""
 

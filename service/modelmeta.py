@@ -74,6 +74,9 @@ class ModelMeta:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     input_dtype: str = "float32"
+    #: False for a model file without svertka metadata (:func:`from_graph`): its input and output
+    #: come from the graph, its preprocessing is unknown, so it serves tensors only. Never written.
+    preprocessing_known: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
@@ -168,6 +171,8 @@ class ModelMeta:
         }
         if self.input_dtype != "float32":  # version 1 files stay as they were
             values["input_dtype"] = self.input_dtype
+        if not self.preprocessing_known:
+            raise MetadataError("a model without known preprocessing has no svertka metadata to write")
         return {PREFIX + k: json.dumps(v) for k, v in values.items()}
 
     def describe(self) -> dict[str, Any]:
@@ -207,7 +212,7 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
     missing = [k for k in _REQUIRED if k not in values]
     if missing:
         raise MetadataError(f"metadata is missing {', '.join(PREFIX + k for k in missing)}")
-    known = {f.name for f in dataclasses.fields(ModelMeta)}
+    known = {f.name for f in dataclasses.fields(ModelMeta)} - {"preprocessing_known"}
     kwargs = {k: v for k, v in values.items() if k in known}
     try:
         meta = ModelMeta(**kwargs)
@@ -221,6 +226,31 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
             f"(version {meta.schema_version} does)"
         )
     return meta
+
+
+def from_graph(
+    input_name: str, input_dtype: str, layout: str, size: tuple[int, int], output_name: str, classes: int
+) -> ModelMeta:
+    """What the server knows of an ONNX classifier without svertka metadata: its input and output as
+    the graph declares them, classes named by index ("0", "1", ...), preprocessing unknown."""
+    return ModelMeta(
+        labels=tuple(str(i) for i in range(classes)),
+        crop=size,
+        resize=min(size),
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        arch="unknown",
+        layout=layout,
+        input_name=input_name,
+        output_name=output_name,
+        input_dtype=input_dtype,
+        preprocessing_known=False,
+    )
+
+
+def has_metadata(props: Mapping[str, str]) -> bool:
+    """Whether metadata_props hold any svertka key."""
+    return any(key.startswith(PREFIX) for key in props)
 
 
 def attach(model: Any, meta: ModelMeta) -> None:

@@ -96,6 +96,16 @@ def check_input_shape(meta: modelmeta.ModelMeta, shape: Sequence[int], shown: st
         )
 
 
+def check_images_allowed(meta: modelmeta.ModelMeta, label: str) -> None:
+    """Images need the model's preprocessing; a model file without svertka metadata has none."""
+    if not meta.preprocessing_known:
+        raise errors.FailedPrecondition(
+            f"{label} has no svertka metadata, so its preprocessing is unknown and it takes tensors "
+            f"only (ModelInfer with {input_shape_text(meta)}); to send images, serve a file with "
+            "svertka's metadata (svertka export writes it)"
+        )
+
+
 def check_rows(input_name: str, rows: int, limit: int, shown: str = "") -> None:
     """The rule for the rows (images) of one request: 1 to ``max_rows_per_request``."""
     if rows < 1:

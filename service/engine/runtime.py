@@ -91,6 +91,16 @@ def _peek_metadata(
     try:
         return modelmeta.read_model_file(str(path))
     except modelmeta.MetadataError as exc:
+        if "has no svertka metadata" in str(exc):
+            try:  # what its graph says, from a session that only reads it (no optimisation, CPU)
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                reader = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                return graph_metadata(reader)
+            except Exception as graph_exc:  # ModelLoadError says why; anything else is onnxruntime's
+                if TENSORRT in providers:
+                    raise ModelLoadError(_first_line(graph_exc)) from None
+                return None
         if TENSORRT in providers:
             raise ModelLoadError(str(exc)) from None
         return None
@@ -190,10 +200,60 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def read_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
+    """The file's svertka metadata; for a file without any, what its graph says (tensors only)."""
+    props = session.get_modelmeta().custom_metadata_map
+    if not modelmeta.has_metadata(props):
+        return graph_metadata(session)
     try:
-        return modelmeta.from_props(session.get_modelmeta().custom_metadata_map)
+        return modelmeta.from_props(props)
     except modelmeta.MetadataError as exc:
         raise ModelLoadError(f"bad svertka metadata: {exc}") from None
+
+
+#: What a model without svertka metadata must be, said in every refusal.
+SUPPORTED_GRAPHS = (
+    "svertka serves classifiers with one image input ([N,3,H,W] or [N,H,W,3], FP32, FP16 or UINT8, "
+    "H and W fixed) and one [N, classes] FP32 output"
+)
+
+
+def graph_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
+    """A ModelMeta from the graph of a file without svertka metadata, or ModelLoadError saying why
+    svertka cannot serve it."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ModelLoadError(
+            f"the graph has {len(inputs)} inputs {[i.name for i in inputs][:8]}; {SUPPORTED_GRAPHS}"
+        )
+    (inp,) = inputs
+    dtype = {v: k for k, v in _ORT_TYPES.items()}.get(inp.type)
+    shape = list(inp.shape)
+    if dtype is None or len(shape) != 4:
+        raise ModelLoadError(f"input '{inp.name}' is {inp.type} {shape}; {SUPPORTED_GRAPHS}")
+    if shape[1] == 3 and shape[3] != 3:
+        layout, spatial = "NCHW", shape[2:4]
+    elif shape[3] == 3:
+        layout, spatial = "NHWC", shape[1:3]
+    else:
+        raise ModelLoadError(
+            f"input '{inp.name}' has shape {shape}: no axis of 3 colour channels after the batch "
+            f"(axis 1 or 3); {SUPPORTED_GRAPHS}"
+        )
+    if any(_is_dynamic(d) or d < 1 for d in spatial):
+        raise ModelLoadError(
+            f"input '{inp.name}' has shape {shape}: its height and width are not fixed in the graph; "
+            f"{SUPPORTED_GRAPHS}"
+        )
+    if len(outputs) != 1:
+        raise ModelLoadError(
+            f"the graph has {len(outputs)} outputs {[o.name for o in outputs][:8]}; {SUPPORTED_GRAPHS}"
+        )
+    (out,) = outputs
+    oshape = list(out.shape)
+    if len(oshape) != 2 or _is_dynamic(oshape[1]) or oshape[1] < 2:
+        raise ModelLoadError(f"output '{out.name}' has shape {oshape}; {SUPPORTED_GRAPHS}")
+    size = (int(spatial[0]), int(spatial[1]))
+    return modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]))
 
 
 def _is_dynamic(dim: object) -> bool:

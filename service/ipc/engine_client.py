@@ -307,7 +307,7 @@ class RemoteModel:
         self._described = described
         self.name = name
         self.version = int(described["version"])
-        self.meta = modelmeta.from_props(described["meta"])
+        self.meta = modelmeta.ModelMeta(**described["meta"])
         self.settings = config.ModelSettings.from_mapping(described["settings"])
         self.provider = str(described["provider"])
         self.instances = int(described["instances"])
@@ -435,6 +435,7 @@ class RemoteModel:
         self, images: Sequence[bytes], *, deadline: float | None = None, timings: Timings | None = None
     ) -> list[np.ndarray | errors.SvertkaError]:
         timings = timings if timings is not None else Timings()
+        interface.check_images_allowed(self.meta, self.label)
         n = len(images)
         interface.check_rows(self.meta.input_name, n, self.settings.max_rows_per_request)
         recorder = self._client.metrics.model(self.name, self.version)

@@ -76,7 +76,7 @@ def describe_served(served: ServedModel) -> dict[str, Any]:
     settings = dataclasses.asdict(served.settings)
     return {
         "version": served.version,
-        "meta": served.meta.to_props(),
+        "meta": dataclasses.asdict(served.meta),  # every field (a file's props lack some)
         "settings": settings,
         "provider": served.provider,
         "instances": served.instances,

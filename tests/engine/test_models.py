@@ -245,7 +245,7 @@ def test_corrupt_models_are_unavailable_with_a_reason_while_others_serve(tmp_pat
     repo = make_repository(tmp_path, {"good": [1]})
     write_corrupt_model(repo / "garbage/1/model.onnx", "garbage")
     write_corrupt_model(repo / "classes/1/model.onnx", "wrong_classes")
-    write_corrupt_model(repo / "nometa/1/model.onnx", "no_metadata")
+    write_corrupt_model(repo / "badmeta/1/model.onnx", "bad_metadata")
     (repo / "empty").mkdir()
     (repo / "badconfig/1").mkdir(parents=True)
     make_tiny_model(repo / "badconfig/1/model.onnx")
@@ -288,7 +288,7 @@ def test_corrupt_models_are_unavailable_with_a_reason_while_others_serve(tmp_pat
     expected = {
         "garbage": "Protobuf parsing failed",
         "classes": "output 'logits' has 10 classes but the metadata lists 3 labels",
-        "nometa": "model has no svertka metadata",
+        "badmeta": "bad svertka metadata: metadata is missing svertka.labels",
         "empty": "no versions: expected",
         "badconfig": "bad config: ",
         "gpu": "providers ['cuda'] were requested but this onnxruntime",

@@ -271,6 +271,37 @@ def test_inspect_bad_inputs(tmp_path, capsys):
     _in_process_error(capsys, "inspect", garbage, needles=("not a readable ONNX model",))
 
 
+def test_inspect_a_file_without_svertka_metadata_shows_what_is_served(tmp_path, capsys):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["img"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "w"], ["prob"], transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(np.ones((5, 3), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "plain.onnx")
+    code, out, err = main_in_process(capsys, "inspect", tmp_path / "plain.onnx", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["input_name"], info["output_name"], info["crop"], info["num_classes"]) == (
+        "img",
+        "prob",
+        [16, 16],
+        5,
+    )
+    assert info["preprocessing_known"] is False and info["image_api"].startswith("no: no svertka metadata")
+
+
 def test_build_default_into_a_file_path(tmp_path):
     target = tmp_path / "models"
     target.write_text("a file, not a directory")

@@ -203,7 +203,8 @@ def write_corrupt_model(path: str | Path, kind: str = "garbage") -> Path:
     """Write a model file that must fail to load, for fault tests.
 
     ``kind``: ``garbage`` (not ONNX at all), ``truncated`` (a valid tiny model
-    cut in half), ``no_metadata`` (valid ONNX without svertka metadata),
+    cut in half), ``bad_metadata`` (valid ONNX whose svertka metadata lacks the required keys;
+    a file with none at all is served as its graph says, tensors only),
     ``wrong_classes`` (metadata names 3 labels but the graph outputs 10).
     """
     path = Path(path)
@@ -213,9 +214,11 @@ def write_corrupt_model(path: str | Path, kind: str = "garbage") -> Path:
     elif kind == "truncated":
         data = build_tiny_model(tiny_meta()).SerializeToString()
         path.write_bytes(data[: len(data) // 2])
-    elif kind == "no_metadata":
+    elif kind == "bad_metadata":
         model = build_tiny_model(tiny_meta())
         del model.metadata_props[:]
+        entry = model.metadata_props.add()
+        entry.key, entry.value = modelmeta.PREFIX + "schema_version", "1"
         onnx.save(model, str(path))
     elif kind == "wrong_classes":
         model = build_tiny_model(tiny_meta(num_classes=10))

@@ -29,7 +29,7 @@ H = health_pb2.HealthCheckResponse
 BROKEN = {
     "garbage": "onnxruntime cannot load",
     "truncated": "onnxruntime cannot load",
-    "no_metadata": "bad svertka metadata",
+    "bad_metadata": "bad svertka metadata",
     "wrong_classes": "3 labels",
 }
 
