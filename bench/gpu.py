@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         (p["images_per_s"] for p in (fp16.get("ceiling") or {}).get("points", [])), default=None
     )
     results["frontends"] = {}
-    for name, path, ceiling_rate in ((null.name, null.path, None), (fp16.get("name"), made.get(fp16.get("name", "")), fp16_ceiling)):  # fmt: skip
+    sweeps = [(null.name, null.path, None), (fp16.get("name"), made.get(fp16.get("name", "")), fp16_ceiling)]
+    for name, path, ceiling_rate in sweeps if plan is FULL else sweeps[:1]:  # quick: the null model
         if path is None:
             continue
         try:

@@ -373,11 +373,14 @@ def bench_frontend(plan: Plan, *, with_peer: bool, workdir: Path) -> dict:
 
 
 def bench_processes(plan: Plan, names: list[str], available: dict, default_models: Path) -> dict:
-    """``svertka serve --frontends 1`` against ``--frontends 2`` in pairs (the digits models of the run
-    and, in a full run, the null model), and how each client's calls spread over two frontends."""
+    """``svertka serve --frontends 1`` against ``--frontends 2`` in pairs (the digits models of the run,
+    only fp32 in a quick run, and in a full run the null model), and how each client's calls
+    spread over two frontends."""
     from bench import frontends
 
-    chosen = [available[n] for n in ("digits", "digits-int8") if n in names and n in available]
+    # A quick run (it proves the pipeline, in the test suite) measures one model.
+    candidates = ("digits",) if plan.frontends_rounds == 1 else ("digits", "digits-int8")
+    chosen = [available[n] for n in candidates if n in names and n in available]
     if "null" in names or plan.balance_concurrencies:
         chosen.append(models.null_model(WORK / "models"))
     out: dict = {"frontends": 2, "concurrency": frontends.DEFAULT_CONCURRENCY, "pairs": {}}

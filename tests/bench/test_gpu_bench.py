@@ -50,12 +50,11 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
         assert any(f'precision="{precision}"' in line for line in m["model_info"])
     # svertka serve --frontends N on the null model and the fp16 model
     sweeps = results["frontends"]
-    assert list(sweeps) == ["null", "resnet18-fp16"]
+    assert list(sweeps) == ["null"]  # quick mode; a full run also sweeps the fp16 model
     for name, points in sweeps.items():
         assert [p["frontends"] for p in points] == list(gpu.QUICK.frontends), name
         for p in points:
             assert p["images_per_s"] and p["server_cpu_ms_per_request"] and not p["error"], (name, p)
-    assert all(p["served_over_ceiling"] for p in sweeps["resnet18-fp16"])
     page = (tmp_path / "benchmarks-gpu.md").read_text()
     assert "| resnet18 |" in page and "| resnet18-fp16 |" in page and "padded batch sizes off" in page
     assert "--frontends N" in page and "| null | 2 |" in page
