@@ -374,7 +374,7 @@ def _graph_meta(path: Path, missing: Exception):
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return runtime.graph_metadata(session)
+        return runtime.graph_metadata(session, path)
     except runtime.ModelLoadError as exc:
         raise MetadataError(f"{missing}; and the server cannot serve its graph as it is: {exc}") from None
 

@@ -35,6 +35,9 @@ INPUT_DTYPES = ("float32", "float16", "uint8")
 #: KServe v2 datatype of each input dtype.
 KSERVE_DATATYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8"}
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+#: What the output holds: logits (the server applies softmax for scores), or probabilities
+#: already (a graph ending in Softmax: scores are its values, never softmaxed twice).
+OUTPUT_KINDS = ("logits", "probabilities")
 
 #: ImageNet statistics (torchvision's reference training recipe).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,6 +77,7 @@ class ModelMeta:
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     input_dtype: str = "float32"
+    output: str = "logits"
     #: False for a model file without svertka metadata (:func:`from_graph`): its input and output
     #: come from the graph, its preprocessing is unknown, so it serves tensors only. Never written.
     preprocessing_known: bool = True
@@ -105,6 +109,7 @@ class ModelMeta:
             ("interpolation", INTERPOLATIONS),
             ("precision", PRECISIONS),
             ("input_dtype", INPUT_DTYPES),
+            ("output", OUTPUT_KINDS),
         ):
             if getattr(self, name) not in allowed:
                 raise MetadataError(f"{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -171,6 +176,8 @@ class ModelMeta:
         }
         if self.input_dtype != "float32":  # version 1 files stay as they were
             values["input_dtype"] = self.input_dtype
+        if self.output != "logits":
+            values["output"] = self.output
         if not self.preprocessing_known:
             raise MetadataError("a model without known preprocessing has no svertka metadata to write")
         return {PREFIX + k: json.dumps(v) for k, v in values.items()}
@@ -229,7 +236,13 @@ def from_props(props: Mapping[str, str]) -> ModelMeta:
 
 
 def from_graph(
-    input_name: str, input_dtype: str, layout: str, size: tuple[int, int], output_name: str, classes: int
+    input_name: str,
+    input_dtype: str,
+    layout: str,
+    size: tuple[int, int],
+    output_name: str,
+    classes: int,
+    output: str = "logits",
 ) -> ModelMeta:
     """What the server knows of an ONNX classifier without svertka metadata: its input and output as
     the graph declares them, classes named by index ("0", "1", ...), preprocessing unknown."""
@@ -244,6 +257,7 @@ def from_graph(
         input_name=input_name,
         output_name=output_name,
         input_dtype=input_dtype,
+        output=output,
         preprocessing_known=False,
     )
 

@@ -118,14 +118,20 @@ def check_rows(input_name: str, rows: int, limit: int, shown: str = "") -> None:
 
 
 def top_k(meta: modelmeta.ModelMeta, logits_row: np.ndarray, k: int) -> list[tuple[int, str, float]]:
-    """(index, label, softmax probability), best first; ties keep class order. k > classes: all."""
+    """(index, label, probability), best first; ties keep class order. k > classes: all.
+
+    The probability is the softmax of the logits, or the output itself for a model whose output
+    holds probabilities already (``meta.output``)."""
     if not isinstance(k, int | np.integer) or k < 1:
         raise errors.InvalidInput(f"top_k must be >= 1, got {k}")
     k = min(int(k), meta.num_classes)
     z = np.asarray(logits_row, np.float64).reshape(-1)
-    z = z - z.max()
-    p = np.exp(z)
-    p /= p.sum()
+    if meta.output == "probabilities":
+        p = z
+    else:
+        z = z - z.max()
+        p = np.exp(z)
+        p /= p.sum()
     order = np.argsort(-p, kind="stable")[:k]
     return [(int(i), meta.labels[i], float(p[i])) for i in order]
 

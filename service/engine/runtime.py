@@ -93,7 +93,7 @@ def _peek_metadata(
                 options = ort.SessionOptions()
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
                 reader = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                return graph_metadata(reader)
+                return graph_metadata(reader, path)
             except Exception as graph_exc:  # ModelLoadError says why; anything else is onnxruntime's
                 if TENSORRT in providers:
                     raise ModelLoadError(_first_line(graph_exc)) from None
@@ -247,7 +247,7 @@ class Session:
             raise
 
     def _check_and_open_sizes(self, settings: config.ModelSettings, chosen: list[str]) -> None:
-        self.meta = read_metadata(self._session)
+        self.meta = read_metadata(self._session, self.path)
         check_signature(self._session, self.meta)
         self.provider = self._session.get_providers()[0]
         if self.provider != chosen[0]:

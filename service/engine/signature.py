@@ -4,6 +4,8 @@ loaded session passes (``check_signature``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnxruntime as ort
 
 from service import modelmeta
@@ -13,11 +15,11 @@ class ModelLoadError(Exception):
     """The model file cannot be served; the message is the model's unavailability reason."""
 
 
-def read_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
+def read_metadata(session: ort.InferenceSession, path: str | Path | None = None) -> modelmeta.ModelMeta:
     """The file's svertka metadata; for a file without any, what its graph says (tensors only)."""
     props = session.get_modelmeta().custom_metadata_map
     if not modelmeta.has_metadata(props):
-        return graph_metadata(session)
+        return graph_metadata(session, path)
     try:
         return modelmeta.from_props(props)
     except modelmeta.MetadataError as exc:
@@ -31,9 +33,10 @@ SUPPORTED_GRAPHS = (
 )
 
 
-def graph_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
+def graph_metadata(session: ort.InferenceSession, path: str | Path | None = None) -> modelmeta.ModelMeta:
     """A ModelMeta from the graph of a file without svertka metadata, or ModelLoadError saying why
-    svertka cannot serve it."""
+    svertka cannot serve it. With the file's ``path``, an output made by a Softmax node is known to
+    hold probabilities."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise ModelLoadError(
@@ -67,7 +70,16 @@ def graph_metadata(session: ort.InferenceSession) -> modelmeta.ModelMeta:
     if len(oshape) != 2 or _is_dynamic(oshape[1]) or oshape[1] < 2:
         raise ModelLoadError(f"output '{out.name}' has shape {oshape}; {SUPPORTED_GRAPHS}")
     size = (int(spatial[0]), int(spatial[1]))
-    return modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]))
+    kind = "probabilities" if path is not None and _made_by_softmax(path, out.name) else "logits"
+    return modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]), kind)
+
+
+def _made_by_softmax(path: str | Path, output: str) -> bool:
+    """Whether the graph's node that writes ``output`` is a Softmax."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "Softmax" and output in node.output for node in graph.node)
 
 
 def _is_dynamic(dim: object) -> bool:

@@ -63,6 +63,10 @@ def plain_repository(tmp_path_factory) -> Path:
           [v("out", TensorProto.FLOAT, ["n", 4])],
           [helper.make_node("Cast", ["pixels"], ["f"], to=TensorProto.FLOAT),
            helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]), *nodes], init)  # fmt: skip
+    nodes, init = _head("data", "raw")
+    _save(root / "plainsoftmax" / "1" / "model.onnx", [v("data", TensorProto.FLOAT, ["n", 3, 8, 8])],
+          [v("prob", TensorProto.FLOAT, ["n", 4])],
+          [*nodes, helper.make_node("Softmax", ["raw"], ["prob"], axis=1)], init)  # fmt: skip
     nodes, init = _head("left", "y")
     _save(root / "twoinputs" / "1" / "model.onnx",
           [v("left", TensorProto.FLOAT, ["n", 3, 8, 8]), v("right", TensorProto.FLOAT, ["n", 3, 8, 8])],
@@ -120,6 +124,23 @@ def test_a_plain_classifier_is_served_as_its_graph_says(
     request.outputs.add(name=output).parameters["classification"].int64_param = 1
     top = stub.ModelInfer(request, timeout=30).raw_output_contents[0][4:].decode()  # "score:index:label"
     assert top.split(":")[1] == top.split(":")[2] == str(int(got[0].argmax()))
+
+
+def test_a_graph_ending_in_softmax_is_known_to_give_probabilities(plain_repository):
+    """Its scores are its values, never softmaxed a second time (what Classify reports once a
+    file's preprocessing is known; the tensor API's classification reports raw values, as Triton's)."""
+    from service.engine import interface, runtime
+
+    def meta(model: str):
+        path = plain_repository / model / "1" / "model.onnx"
+        return runtime.graph_metadata(ort.InferenceSession(str(path)), path)
+
+    softmax, plain = meta("plainsoftmax"), meta("plainnchw")
+    assert (softmax.output, plain.output) == ("probabilities", "logits")
+    row = np.asarray([0.1, 0.6, 0.2, 0.1], np.float32)
+    assert [round(p, 6) for _, _, p in interface.top_k(softmax, row, 2)] == [0.6, 0.2]
+    softmaxed = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+    assert [round(p, 6) for _, _, p in interface.top_k(plain, row, 1)] == [round(float(softmaxed[1]), 6)]
 
 
 def test_images_to_a_plain_classifier_say_why_not(plain_server, stub):

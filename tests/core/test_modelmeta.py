@@ -153,3 +153,12 @@ def test_version_1_cannot_declare_another_input_format():
 def test_unknown_input_dtypes_are_named():
     with pytest.raises(MetadataError, match="input_dtype: expected one of"):
         _meta().replace(input_dtype="int16")
+
+
+def test_an_output_of_probabilities_is_written_and_read_back():
+    meta = _meta().replace(output="probabilities")
+    props = meta.to_props()
+    assert props["svertka.output"] == '"probabilities"' and "svertka.output" not in _meta().to_props()
+    assert modelmeta.from_props(props).output == "probabilities"
+    with pytest.raises(MetadataError, match="output: expected one of"):
+        _meta().replace(output="scores")
