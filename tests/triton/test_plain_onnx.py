@@ -3,9 +3,6 @@ to tritonclient and perf_analyzer as Triton serves it: names, datatypes and shap
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from bench.target import ServerProcess
-from tests.triton.conftest import CUDART_DIR
+from tests.triton.conftest import run_perf_analyzer
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +60,5 @@ def test_tritonclient_gets_the_graphs_own_signature_and_onnxruntimes_logits(expo
 
 
 def test_perf_analyzer_runs_against_it(served, tmp_path):
-    binary = str(Path(sys.executable).parent / "perf_analyzer")
-    if not os.path.exists(binary):
-        pytest.skip("perf_analyzer is not installed (tritonclient[grpc]==2.41.0 bundles it)")
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{CUDART_DIR}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    report = tmp_path / "perf.csv"
-    command = [
-        binary, "-i", "grpc", "-u", served.address, "-m", "resnet18", "--concurrency-range", "1:2",
-        "--measurement-interval", "500", "--stability-percentage", "1000", "--max-trials", "10",
-        "-f", str(report),
-    ]  # fmt: skip
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = report.read_text().strip().splitlines()
-    assert sorted(int(r.split(",")[0]) for r in rows[1:]) == [1, 2] and all(
-        float(r.split(",")[1]) > 0 for r in rows[1:]
-    )
+    levels = run_perf_analyzer(served.address, "resnet18", "1:2", tmp_path / "perf.csv")
+    assert [c for c, _ in levels] == [1, 2] and all(rate > 0 for _, rate in levels)

@@ -6,8 +6,6 @@ import concurrent.futures
 import hashlib
 import os
 import queue
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.api import images
-from tests.triton.conftest import CUDART_DIR
+from tests.triton.conftest import run_perf_analyzer
 
 pytestmark = pytest.mark.triton
 
@@ -189,31 +187,11 @@ def test_tritonclient_system_shared_memory(client, session, shm_object):
     "mode", ["unary", "streaming", "shared-memory"], ids=["unary", "streaming", "shared-memory"]
 )
 def test_perf_analyzer_runs_against_the_server(server, tmp_path, mode):
-    binary = str(Path(sys.executable).parent / "perf_analyzer")
-    if not os.path.exists(binary):
-        pytest.skip("perf_analyzer is not installed (tritonclient[grpc]==2.41.0 bundles it)")
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{CUDART_DIR}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    report = tmp_path / "perf.csv"
-    command = [
-        binary, "-i", "grpc", "-u", server.address, "-m", MODEL,
-        "--concurrency-range", "1:4", "--measurement-interval", "500",
-        # This checks that perf_analyzer works against svertka, not how fast: accept any
-        # stability, so a busy CI machine (noisy windows) cannot fail it.
-        "--stability-percentage", "1000", "--max-trials", "10", "-f", str(report),
-        # No --input-data: perf_analyzer's default "random" FP32 data is random bytes, NaN and Inf
-        # included, which svertka computes like Triton does (reject_non_finite_inputs is off).
-    ]  # fmt: skip
-    if mode == "streaming":
-        command.append("--streaming")
-    if mode == "shared-memory":
-        command += ["--shared-memory", "system"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    rows = report.read_text().strip().splitlines()
-    assert rows[0].startswith("Concurrency,Inferences/Second")
-    # One row per concurrency level (perf_analyzer sorts them by throughput).
-    assert sorted(int(r.split(",")[0]) for r in rows[1:]) == [1, 2, 3, 4], run.stdout
-    assert all(float(r.split(",")[1]) > 0 for r in rows[1:])
+    # No --input-data: perf_analyzer's default "random" FP32 data is random bytes, NaN and Inf
+    # included, which svertka computes like Triton does (reject_non_finite_inputs is off).
+    extra = {"unary": (), "streaming": ("--streaming",), "shared-memory": ("--shared-memory", "system")}[mode]
+    levels = run_perf_analyzer(server.address, MODEL, "1:4", tmp_path / "perf.csv", *extra)
+    assert [c for c, _ in levels] == [1, 2, 3, 4] and all(rate > 0 for _, rate in levels)
 
 
 def test_default_model_infer_equals_onnxruntime_bit_for_bit(tmp_path):
