@@ -254,6 +254,7 @@ def from_graph(
         std=(1.0, 1.0, 1.0),
         arch="unknown",
         layout=layout,
+        precision="fp16" if input_dtype == "float16" else "fp32",  # as its input suggests
         input_name=input_name,
         output_name=output_name,
         input_dtype=input_dtype,
