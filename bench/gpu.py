@@ -9,10 +9,12 @@ uint8 NHWC pixels (``--input uint8-nhwc``, a quarter of the bytes per request):
    ``max_batch_size``; and the same graph with input and output left on the
    device (no host copies), which is what the GPU alone does;
 2. ``svertka serve`` on that model under perf_analyzer, closed loop, with the
-   tensors in the gRPC messages and in system shared memory; for fp32 also
-   with ``padded_batch_sizes: []`` (shared memory), to show what padding changes;
+   tensors in the gRPC messages and in system shared memory; then, for the fp16
+   model, the same server with one setting changed at a time (:data:`VARIANTS`:
+   padding off, pageable instead of pinned batch buffers, CUDA graphs on, the
+   TensorRT provider), each with its own ceiling and shared-memory sweep;
 3. the image API with the benchmark's 1024x768 JPEGs, closed loop;
-4. whether the TensorRT execution provider loads;
+4. whether the TensorRT execution provider loads (before the TensorRT variant);
 5. ``svertka serve --frontends N`` for N in 1, 2, 4, 8, 12, on the null model
    (``bench.models.null_model``: the serving path alone) and on the fp16
    model: requests/s, server CPU per request, served/ceiling.
@@ -20,7 +22,8 @@ uint8 NHWC pixels (``--input uint8-nhwc``, a quarter of the bytes per request):
 Results go to ``OUT/gpu.json`` after every step (a run cut short keeps what it
 measured); ``--report-only`` turns results files into ``docs/benchmarks-gpu.md`` (with ``bench/gpu_findings.md``).
 ``--providers cpu --arch resnet18 --image-size 64 --quick`` runs the same
-pipeline on a machine without a GPU, which is how it is tested.
+pipeline on a machine without a GPU, which is how it is tested (there the first
+model gets the one variant a CPU can run, padding off).
 """
 
 from __future__ import annotations
@@ -128,15 +131,33 @@ def make_models(repository: Path, arch: str, image_size: int) -> dict[str, Path]
     return {arch: fp32, f"{arch}-fp16": fp16, f"{arch}-u8-fp16": u8}
 
 
-def write_config(model_dir: Path, plan: GpuPlan, providers: tuple[str, ...], *, padded: bool = True) -> None:
-    """The model's config.yaml; ``padded=False`` turns padded batch sizes off (the comparison run)."""
-    lines = [
-        f"max_batch_size: {plan.max_batch_size}",
-        f"instances: {plan.instances}",
-        f"providers: [{', '.join(providers)}]",
-        *([] if padded else ["padded_batch_sizes: []"]),
-    ]
-    (model_dir / "config.yaml").write_text("\n".join(lines) + "\n")
+#: One setting changed from the baseline's config.yaml, and what the report calls it.
+VARIANTS = {
+    "unpadded": ({"padded_batch_sizes": "[]"}, "padded batch sizes off (`padded_batch_sizes: []`)"),
+    "pageable": ({"pinned_memory": "false"}, "batch buffers in pageable memory (`pinned_memory: false`)"),
+    "cuda_graphs": ({"cuda_graphs": "true"}, "CUDA graphs replayed per padded size (`cuda_graphs: true`)"),
+    "tensorrt": ({"providers": "[tensorrt, cuda]"}, "the TensorRT provider (`providers: [tensorrt, cuda]`)"),
+}
+
+
+def variants_for(name: str, index: int, providers: tuple[str, ...]) -> tuple[str, ...]:
+    """The variants a model is served with: all for the fp16 model on CUDA; padding off on a CPU."""
+    if "cuda" in providers:
+        return tuple(VARIANTS) if name.endswith("-fp16") and "-u8-" not in name else ()
+    return ("unpadded",) if index == 0 else ()
+
+
+def write_config(
+    model_dir: Path, plan: GpuPlan, providers: tuple[str, ...], changes: dict[str, str] | None = None
+) -> None:
+    """The model's config.yaml: the baseline, with ``changes`` (a variant's settings) applied."""
+    settings = {
+        "max_batch_size": str(plan.max_batch_size),
+        "instances": str(plan.instances),
+        "providers": f"[{', '.join(providers)}]",
+        **(changes or {}),
+    }
+    (model_dir / "config.yaml").write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
 
 
 def device_resident(path: Path, max_batch_size: int, seconds: float) -> list[dict]:
@@ -178,7 +199,8 @@ def tensorrt_attempt(path: Path) -> str:
     """
     code = (
         "import sys\n"
-        "from service import config, runtime\n"
+        "from service import config\n"
+        "from service.engine import runtime\n"
         "try:\n"
         "    runtime.Session(sys.argv[1], config.ModelSettings(providers=('tensorrt',)), threads=1)\n"
         "except runtime.ModelLoadError as exc:\n"
@@ -220,24 +242,11 @@ async def _image_api(url: str, model: str, jpegs: list[bytes], plan: GpuPlan) ->
 
 
 def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...], jpegs: list[bytes],
-                workdir: Path, save, *, compare_unpadded: bool = False) -> dict:  # fmt: skip
-    from service import config
-
+                workdir: Path, save, *, variants: tuple[str, ...] = (), tensorrt: str = "") -> dict:  # fmt: skip
     repo = target.single_model_repository(path, name, workdir / "repos")
     write_config(repo / name, plan, providers)
-    settings = config.ModelSettings.load(repo / name)
-    out: dict = {"name": name, "path": str(path), "settings": _asdict(settings)}
-    log(f"{name}: ceiling (the server's session, batch 1..{plan.max_batch_size})")
-    measured = ceiling.measure(
-        repo / name / "1" / "model.onnx",
-        model=name,
-        settings=settings,
-        seconds_per_batch=plan.ceiling_s_per_batch,
-    )
-    for p in measured.points:
-        log(f"  batch {p.batch_size:3d}: {p.images_per_s:8.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
-    out["ceiling"] = _asdict(measured)
-    save()
+    out: dict = {"name": name, "path": str(path)}
+    _ceiling(name, repo, plan, save, out)
     if "cuda" in providers:
         log(f"{name}: the graph alone on the GPU (input and output stay on the device)")
         out["device_resident"] = device_resident(path, plan.max_batch_size, plan.ceiling_s_per_batch)
@@ -261,19 +270,51 @@ def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...]
         info = [ln for ln in server.metrics_text().splitlines() if ln.startswith("svertka_model_info{")]
         out["model_info"] = info
         save()
-    if compare_unpadded:
-        # The same server with padded batch sizes off, minutes later: what padding changes.
-        write_config(repo / name, plan, providers, padded=False)
-        log(f"{name}: svertka serve with padded_batch_sizes: [] (the comparison)")
-        with target.serve(
-            repo, log_path=workdir / "logs" / f"svertka-{name}-unpadded.log", args=("--allow-shared-memory",)
-        ) as server:
-            points = perf.sweep(server.grpc_url, name, list(plan.concurrencies), plan.perf,
-                                workdir / "perf-unpadded", log, shared_memory=True)  # fmt: skip
-            out["unpadded_perf_shm"] = [_asdict(p) for p in points]
-        write_config(repo / name, plan, providers)
+    out["variants"] = {}
+    for variant in variants:
+        entry: dict = {"config": VARIANTS[variant][0]}
+        out["variants"][variant] = entry
+        if variant == "tensorrt" and tensorrt != "loaded":
+            entry["error"] = f"the TensorRT provider does not load here: {tensorrt}"
+            continue
+        # The same model with one setting changed, minutes after the baseline.
+        write_config(repo / name, plan, providers, VARIANTS[variant][0])
+        try:
+            _ceiling(name, repo, plan, save, entry)
+            log(f"{name}: svertka serve with {VARIANTS[variant][0]}")
+            with target.serve(
+                repo,
+                log_path=workdir / "logs" / f"svertka-{name}-{variant}.log",
+                args=("--allow-shared-memory",),
+            ) as server:
+                points = perf.sweep(server.grpc_url, name, list(plan.concurrencies), plan.perf,
+                                    workdir / f"perf-{variant}", log, shared_memory=True)  # fmt: skip
+                entry["perf_shm"] = [_asdict(p) for p in points]
+        except Exception as exc:  # keep the other variants' numbers; the log has the traceback
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} {variant}: failed: {entry['error']}")
         save()
+    write_config(repo / name, plan, providers)
     return out
+
+
+def _ceiling(name: str, repo: Path, plan: GpuPlan, save, out: dict) -> None:
+    """Into ``out``: the server's own session on the model's current config.yaml, batch 1..max_batch_size."""
+    from service import config
+
+    settings = config.ModelSettings.load(repo / name)
+    out["settings"] = _asdict(settings)
+    log(f"{name}: ceiling (the server's session, batch 1..{plan.max_batch_size})")
+    measured = ceiling.measure(
+        repo / name / "1" / "model.onnx",
+        model=name,
+        settings=settings,
+        seconds_per_batch=plan.ceiling_s_per_batch,
+    )
+    for p in measured.points:
+        log(f"  batch {p.batch_size:3d}: {p.images_per_s:8.1f} img/s  p50 {p.latency_ms['p50']:7.2f} ms")
+    out["ceiling"] = _asdict(measured)
+    save()
 
 
 def frontends_sweep(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...], workdir: Path,
@@ -364,13 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["tensorrt"] = tensorrt_attempt(made[args.arch])
         log(f"TensorRT: {results['meta']['tensorrt']}")
         save()
-    for name, path in made.items():
+    for index, (name, path) in enumerate(made.items()):
         entry: dict = {"name": name}
         results["models"].append(entry)
         try:
-            # fp32 (the first model) is served a second time without padded batch sizes.
             entry.update(bench_model(name, path, plan, providers, jpegs, work, save,
-                                     compare_unpadded=not results["models"][:-1]))  # fmt: skip
+                                     variants=variants_for(name, index, providers),
+                                     tensorrt=results["meta"].get("tensorrt", "")))  # fmt: skip
         except Exception as exc:  # keep the other model's numbers; the log has the traceback
             entry["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name}: failed: {entry['error']}")

@@ -62,6 +62,35 @@ def summary_rows(results: dict) -> list[str]:
     return rows
 
 
+def _best_rate(points: list[dict] | None) -> float | None:
+    best = _best(points or [])
+    return best and best["images_per_s"]
+
+
+def _variants_summary(m: dict, variants: dict, names: dict) -> list[str]:
+    """One row per variant: its best ceiling and its shared-memory rate per concurrency, over the baseline's."""
+    base = {p["concurrency"]: p.get("images_per_s") for p in m.get("perf_shm") or []}
+    levels = sorted(base)
+    out = [
+        "One setting changed from the baseline above, served minutes after it (ratios: variant over baseline, "
+        "tensors in system shared memory):",
+        "",
+        "| variant | ceiling, best img/s | over baseline | " + " | ".join(f"c={c}" for c in levels) + " |",
+        "|---|---|---|" + "---|" * len(levels),
+    ]
+    base_ceiling = _best_rate((m.get("ceiling") or {}).get("points"))
+    for variant, entry in variants.items():
+        if entry.get("error"):
+            out.append(f"| {names[variant][1]} | failed: `{entry['error']}` | |" + " |" * len(levels))
+            continue
+        best = _best_rate((entry.get("ceiling") or {}).get("points"))
+        rates = {p["concurrency"]: p.get("images_per_s") for p in entry.get("perf_shm") or []}
+        ratios = [_f(rates.get(c) / base[c], 2) if rates.get(c) and base.get(c) else "–" for c in levels]
+        over = _f(best / base_ceiling, 2) if best and base_ceiling else "–"
+        out.append(f"| {names[variant][1]} | {_f(best)} | {over} | " + " | ".join(ratios) + " |")
+    return [*out, ""]
+
+
 def _model_section(m: dict) -> list[str]:
     out = [f"#### {m['name']}", ""]
     if m.get("error"):
@@ -84,15 +113,26 @@ def _model_section(m: dict) -> list[str]:
                 f"{_f(a and a['images_per_s'])} | {_f(a and a['latency_ms']['p50'], 2)} |"
             )
         out.append("")
-    for key, title in (
-        ("perf", "tensors in the gRPC messages"),
-        ("perf_shm", "tensors in system shared memory"),
+    from bench.gpu import VARIANTS
+
+    tables = [
+        ("perf", "tensors in the gRPC messages", m.get("perf")),
+        ("perf_shm", "tensors in system shared memory", m.get("perf_shm")),
+        # runs before the variants: the one comparison they made
         (
-            "unpadded_perf_shm",
-            "tensors in system shared memory, padded batch sizes off (`padded_batch_sizes: []`)",
+            "unpadded",
+            f"tensors in system shared memory, {VARIANTS['unpadded'][1]}",
+            m.get("unpadded_perf_shm"),
         ),
-    ):
-        points = m.get(key) or []
+    ]
+    variants = m.get("variants") or {}
+    if variants:
+        out += _variants_summary(m, variants, VARIANTS)
+    for variant, entry in variants.items():
+        title = f"tensors in system shared memory, {VARIANTS[variant][1]}"
+        tables.append((variant, title, entry.get("perf_shm")))
+    for _key, title, points in tables:
+        points = points or []
         if not points:
             continue
         out += [

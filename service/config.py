@@ -146,6 +146,12 @@ class ModelSettings:
     #: session, so that no session ever sees a new input shape (service.engine.runtime.padded_sizes).
     #: "auto": powers of two up to max_batch_size, with the CUDA provider only; [] : never.
     padded_batch_sizes: tuple[int, ...] | str = "auto"
+    #: Each padded size's session captures a CUDA graph at warm-up and replays it for every batch
+    #: (the CUDA provider only; needs padded sizes). Off unless asked for.
+    cuda_graphs: bool = False
+    #: GPU providers: the instance's batch buffer is page-locked, so a batch goes to the GPU as one
+    #: DMA (service.engine.pinned). false copies from pageable memory (for comparison).
+    pinned_memory: bool = True
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     instances: int = 1
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
@@ -171,6 +177,14 @@ class ModelSettings:
         if self.padded_batch_sizes != "auto":
             _check_sizes(self, "padded_batch_sizes", allow_auto=True)
             object.__setattr__(self, "padded_batch_sizes", tuple(sorted(set(self.padded_batch_sizes))))
+        for flag in ("cuda_graphs", "pinned_memory"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}: expected true or false, got {_given(getattr(self, flag))}")
+        if self.cuda_graphs and self.padded_batch_sizes == ():
+            raise ConfigError(
+                "cuda_graphs: true needs padded batch sizes (a graph replays one input shape); "
+                "padded_batch_sizes is [] (use auto or a list of sizes)"
+            )
         _check_int(self, "max_queue_size", 1, MAX_INT_SETTING)
         _check_int(self, "instances", 1, MAX_INSTANCES)
         providers = self.providers

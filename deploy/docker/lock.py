@@ -13,9 +13,10 @@ The wheels are chosen for the interpreter that runs the script, so run it
 with the images' Python (CPython 3.11, Linux x86_64); it refuses otherwise.
 The GPU file adds onnxruntime-gpu's ``cuda`` and ``cudnn`` extras: the CUDA
 runtime, cuBLAS and cuDNN then come as pinned wheels rather than from a
-multi-gigabyte CUDA base image. TensorRT is not on PyPI as a wheel (only a
-placeholder that downloads from NVIDIA's index), so Dockerfile.gpu installs it
-separately; see its TENSORRT_SPEC build argument.
+multi-gigabyte CUDA base image. TensorRT's libraries are on PyPI too
+(``tensorrt-cu13-libs``), but they are more than a gigabyte and only the
+TensorRT provider needs them, so Dockerfile.gpu installs them in a layer of
+their own, chosen by its TENSORRT_SPEC build argument.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 :mod:`service.engine.batching` is the queue and its scheduling (admission, when a
 batch closes, which instance runs it, lifecycle); this module is what happens
-to a batch once it is formed: an instance's thread concatenates the requests'
-rows once on axis 0, runs the model once and splits the output by each
-request's row count (rows out != rows in fails the batch loudly), then hands
-the result back to the event loop. Neither knows gRPC, onnxruntime or metrics.
+to a batch once it is formed: an instance's thread stages the requests' rows
+(one copy on axis 0, into the instance's own buffer where it has one), runs the
+model once and splits the output by each request's row count (rows out != rows
+staged fails the batch loudly), then hands the result back to the event loop.
+Neither knows gRPC, onnxruntime or metrics.
 """
 
 from __future__ import annotations
@@ -15,11 +16,39 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
 RunFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Runner(Protocol):
+    """One instance as the batcher runs it (``service.engine.runtime.Session`` is one)."""
+
+    def stage(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """The batch's input from the requests' rows, in order (padding rows may follow)."""
+        ...
+
+    def run_staged(self, batch: np.ndarray) -> np.ndarray:
+        """One output row per row of ``batch``."""
+        ...
+
+
+class Concatenating:
+    """A bare run function as a :class:`Runner`: rows concatenated once, run as they are."""
+
+    def __init__(self, run: RunFn) -> None:
+        self.run_staged = run
+
+    @staticmethod
+    def stage(arrays: Sequence[np.ndarray]) -> np.ndarray:
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+
+
+def as_runner(run: RunFn | Runner) -> Runner:
+    return run if hasattr(run, "run_staged") else Concatenating(run)  # type: ignore[arg-type,return-value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +133,7 @@ class Worker:
     (``python -m bench.research.hop`` measures both).
     """
 
-    def __init__(self, run: RunFn, name: str) -> None:
+    def __init__(self, run: Runner, name: str) -> None:
         self._run = run
         self._name = name
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -149,21 +178,25 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def compute(run: RunFn, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], BatchInfo]:
-    """Runs in the instance's thread: concatenate once, run once, split by row counts."""
+def compute(run: Runner, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], BatchInfo]:
+    """Runs in the instance's thread: stage once, run once, split by row counts.
+
+    The batch's size in :class:`BatchInfo` is the requests' rows; padding rows are not counted.
+    """
     t0 = time.perf_counter()
-    batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    batch = run.stage(arrays)
     t1 = time.perf_counter()
-    out = run(batch)
+    out = run.run_staged(batch)
     t2 = time.perf_counter()
-    rows_in = batch.shape[0]
+    staged = batch.shape[0]
     rows_out = out.shape[0] if isinstance(out, np.ndarray) and out.ndim >= 1 else None
-    if rows_out != rows_in:
+    if rows_out != staged:
         raise RowMismatch(
-            f"the model returned {rows_out} rows for a batch of {rows_in} rows "
+            f"the model returned {rows_out} rows for a batch of {staged} rows "
             f"({len(arrays)} requests); no request in this batch is answered"
         )
-    bounds = np.cumsum([a.shape[0] for a in arrays])[:-1]
-    outputs = np.split(out, bounds, axis=0)
+    counts = [a.shape[0] for a in arrays]
+    rows_in = sum(counts)
+    outputs = np.split(out[:rows_in], np.cumsum(counts)[:-1], axis=0)
     t3 = time.perf_counter()
     return outputs, BatchInfo(size=rows_in, input_s=t1 - t0, infer_s=t2 - t1, output_s=t3 - t2)

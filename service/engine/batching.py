@@ -43,9 +43,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from service import errors
-from service.engine.batch_run import BatchInfo, Hooks, Reservation, Result, RowMismatch, RunFn, Worker
+from service.engine.batch_run import (
+    BatchInfo,
+    Hooks,
+    Reservation,
+    Result,
+    RowMismatch,
+    RunFn,
+    Runner,
+    Worker,
+    as_runner,
+)
 
-__all__ = ["BatchInfo", "Batcher", "Hooks", "Reservation", "Result", "RunFn"]
+__all__ = ["BatchInfo", "Batcher", "Hooks", "Reservation", "Result", "RunFn", "Runner"]
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +83,15 @@ class _Request:
 class Batcher:
     """A bounded queue of row blocks in front of one or more blocking run functions.
 
-    ``runners``: one callable per model instance; each gets its own thread and
-    at most one batch at a time. ``label`` prefixes client-facing messages
+    ``runners``: one per model instance, a :class:`Runner` (which stages a batch
+    itself) or a bare run function; each gets its own thread and at most one
+    batch at a time. ``label`` prefixes client-facing messages
     (e.g. ``"model 'digits' version 1"``).
     """
 
     def __init__(
         self,
-        runners: Sequence[RunFn],
+        runners: Sequence[RunFn | Runner],
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -104,7 +115,7 @@ class Batcher:
         self.dispatch_when_idle = dispatch_when_idle
         self.hooks = hooks or Hooks()
         self.label = label
-        self._workers = [Worker(run, f"svertka-run{i}") for i, run in enumerate(self._runners)]
+        self._workers = [Worker(as_runner(run), f"svertka-run{i}") for i, run in enumerate(self._runners)]
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0  # rows in live (QUEUED) requests
         self._reserved_rows = 0

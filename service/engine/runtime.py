@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import config, modelmeta
+from service.engine.binding import BatchFeed
 from service.engine.signature import ModelLoadError, check_signature, graph_metadata, read_metadata
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,17 @@ SPIN_MIN_INPUT_PIXELS = 112 * 112
 #: and 820 ms of compute per request; 322 images/s with HEURISTIC; docs/benchmarks-gpu.md, runs 1 and 2).
 CUDA_OPTIONS: dict[str, str | int | bool] = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
 
+#: Runs of each padded size at warm-up with CUDA graphs on: onnxruntime runs a session normally
+#: before it captures its graph, so that the capture (and the first replay) happen before the
+#: model is ready instead of in the first requests.
+CUDA_GRAPH_WARM_UP_RUNS = 3
+
 #: Where TensorRT keeps built engines so a restart does not rebuild them.
 TRT_CACHE_DIR = Path(tempfile.gettempdir()) / "svertka-trt-cache"
+
+
+class CudaGraphSettingError(ModelLoadError):
+    """``cuda_graphs: true`` where it cannot apply (no CUDA provider, no padded sizes): the setting is wrong."""
 
 
 def intra_op_threads(settings: config.ModelSettings, cpu_budget: int = 0) -> int:
@@ -209,6 +219,7 @@ class Session:
         instance: int = 0,
         peeked: modelmeta.ModelMeta | None = None,
         trt_cache_dir: Path | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.path = Path(path)
         self.instance = instance
@@ -237,8 +248,20 @@ class Session:
             ]
         elif CUDA in chosen:
             provider_list = [(p, dict(CUDA_OPTIONS) if p == CUDA else {}) for p in chosen]
+        #: Whether each padded size's session captures and replays a CUDA graph (settings.cuda_graphs).
+        self.cuda_graphs = settings.cuda_graphs if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and chosen[0] != CUDA:
+            raise CudaGraphSettingError(
+                f"cuda_graphs: true needs the CUDA execution provider and this model would run on {chosen[0]} "
+                "(set cuda_graphs: false, or providers: [cuda] on an onnxruntime-gpu build with a GPU)"
+            )
+        if self.cuda_graphs:
+            provider_list = [
+                (p, {**o, "enable_cuda_graph": True} if p == CUDA else o) for p, o in provider_list
+            ]
         self._options, self._provider_list = options, provider_list
         self._by_size: dict[int, ort.InferenceSession] = {}
+        self.feed: BatchFeed | None = None
         self._session = self._open()
         try:
             self._check_and_open_sizes(settings, chosen)
@@ -259,21 +282,39 @@ class Session:
             if explicit:
                 raise ModelLoadError(message)
             log.warning("%s: %s", self.path, message)
-        self._input = self.meta.input_name
         self._output = self.meta.output_name
-        self._device = self.provider in GPU_PROVIDERS
         #: Batch size -> the session that runs batches padded to it (empty: one session, any size).
         self.padded_sizes = padded_sizes(settings, self.provider)
+        if self.cuda_graphs and self.provider != CUDA:
+            raise CudaGraphSettingError(
+                f"cuda_graphs: true needs the CUDA execution provider, and onnxruntime runs this model on {self.provider}"
+            )
+        if self.cuda_graphs and not self.padded_sizes:
+            raise CudaGraphSettingError(
+                "cuda_graphs: true needs padded batch sizes (a graph replays one input shape): "
+                "set padded_batch_sizes to auto or a list of sizes"
+            )
         for b in self.padded_sizes:  # one at a time, so that close() finds those already open
             self._by_size[b] = self._session if b == self.padded_sizes[-1] else self._open()
+        try:
+            self.feed = BatchFeed(
+                self.meta, self._session, self._by_size, device=self.provider in GPU_PROVIDERS,
+                capacity=settings.max_batch_size, pin=settings.pinned_memory,
+                label=f"{self.path} instance {self.instance}",
+            )  # fmt: skip
+        except Exception as exc:  # onnxruntime's binding or device allocation failed
+            raise ModelLoadError(
+                f"binding {self.path}'s input and output failed: {_first_line(exc)}"
+            ) from None
         log.info(
-            "loaded %s instance %d on %s (%d intra-op threads, %s%s)",
+            "loaded %s instance %d on %s (%d intra-op threads, %s%s%s)",
             self.path,
             self.instance,
             self.provider,
             self.threads,
             "spinning" if self.spinning else "not spinning",
             f"; batches padded to {list(self.padded_sizes)}, one session each" if self.padded_sizes else "",
+            "; CUDA graphs captured per padded size" if self.cuda_graphs else "",
         )
 
     def _open(self) -> ort.InferenceSession:
@@ -286,30 +327,15 @@ class Session:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The model's input rows (e.g. float32 (n, 3, H, W)) -> float32 (n, classes). Blocking."""
-        n = len(batch)
-        if not self.padded_sizes or n > self.padded_sizes[-1]:  # more rows than any size: run as they are
-            return self._execute(self._session, batch)
-        size = next(b for b in self.padded_sizes if b >= n)
-        if size != n:  # the rows, then zero rows up to the size (each byte written once)
-            padded = np.empty((size, *batch.shape[1:]), dtype=batch.dtype)
-            padded[:n] = batch
-            padded[n:] = 0
-            batch = padded
-        return self._execute(self._by_size[size], batch)[:n]
+        return self.run_staged(self.stage([batch]))[: len(batch)]
 
-    def _execute(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-        if self._device:
-            return self._run_bound(session, batch)
-        return session.run([self._output], {self._input: batch})[0]
+    def stage(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """One batch's input from the requests' rows: gathered once, padded (:class:`BatchFeed`)."""
+        return self.feed.stage(arrays)
 
-    def _run_bound(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
-        """GPU: IO binding, so the input is copied to the device once and the output allocated there."""
-        binding = session.io_binding()
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda", 0)
-        binding.bind_ortvalue_input(self._input, value)
-        binding.bind_output(self._output, "cuda", 0)
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+    def run_staged(self, batch: np.ndarray) -> np.ndarray:
+        """The output rows of a staged batch, padding rows included. Blocking; one thread at a time."""
+        return self.feed.run(batch)
 
     def warm_up(self, max_batch_size: int) -> dict[int, float]:
         """Run batch 1, the largest batch and each padded size once (allocations, kernel choice, TensorRT engines).
@@ -322,7 +348,8 @@ class Session:
             x = example_batch(self.meta, n, rng)
             start = time.perf_counter()
             try:
-                y = self.run(x)
+                for _ in range(CUDA_GRAPH_WARM_UP_RUNS if self.cuda_graphs else 1):
+                    y = self.run(x)
             except Exception as exc:
                 raise ModelLoadError(f"warm-up with a batch of {n} failed: {_first_line(exc)}") from None
             timings[n] = time.perf_counter() - start
@@ -338,7 +365,9 @@ class Session:
         return timings
 
     def close(self) -> None:
-        """Drop the sessions (onnxruntime frees each when the last reference goes)."""
+        """Drop the sessions (onnxruntime frees each when the last reference goes) and the batch buffers."""
+        if self.feed is not None:
+            self.feed.close()
         self._session = None  # type: ignore[assignment]
         self._by_size = {}
 
@@ -365,20 +394,36 @@ def _first_line(exc: BaseException) -> str:
 def load_instances(
     path: str | Path, settings: config.ModelSettings, cpu_budget: int = 0, trt_cache_dir: Path | None = None
 ) -> list[Session]:
-    """Load and warm up ``settings.instances`` sessions of one model file (blocking)."""
+    """Load and warm up ``settings.instances`` sessions of one model file (blocking).
+
+    With ``cuda_graphs: true``, a model whose graph onnxruntime cannot capture (a node outside
+    the CUDA provider, say) fails its load or warm-up; it is then loaded again without graphs,
+    with a warning that says why, instead of not being served.
+    """
     providers = resolve_providers(settings)
     threads = intra_op_threads(settings, cpu_budget)
+    graphs = settings.cuda_graphs
     sessions: list[Session] = []
     try:
         for i in range(settings.instances):
             # The first session reads the file's metadata where its options need it; the others reuse it.
-            peeked = sessions[0].meta if sessions else None
-            session = Session(
-                path, settings, providers=providers, threads=threads, instance=i, peeked=peeked,
-                trt_cache_dir=trt_cache_dir,
-            )  # fmt: skip
+            options = {
+                "providers": providers, "threads": threads, "instance": i, "trt_cache_dir": trt_cache_dir,
+                "peeked": sessions[0].meta if sessions else None,
+            }  # fmt: skip
+            try:
+                session, warmed = _open_warm(path, settings, graphs, options)
+            except CudaGraphSettingError:
+                raise
+            except ModelLoadError as exc:
+                if not graphs:
+                    raise
+                log.warning(
+                    "%s: CUDA graphs are not possible for this model (%s); serving it without them", path, exc
+                )
+                graphs = False
+                session, warmed = _open_warm(path, settings, graphs, options)
             sessions.append(session)
-            warmed = session.warm_up(settings.max_batch_size)
             log.info(
                 "%s instance %d on %s: warm-up (kernels chosen, TensorRT engines built) took %s s per batch size",
                 path, i, session.provider, {n: round(s, 3) for n, s in warmed.items()},
@@ -389,3 +434,14 @@ def load_instances(
             session.close()
         raise
     return sessions
+
+
+def _open_warm(
+    path: str | Path, settings: config.ModelSettings, cuda_graphs: bool, options: dict
+) -> tuple[Session, dict[int, float]]:
+    session = Session(path, settings, cuda_graphs=cuda_graphs, **options)
+    try:
+        return session, session.warm_up(settings.max_batch_size)
+    except BaseException:
+        session.close()
+        raise

@@ -74,7 +74,7 @@ class ServedModel:
             )
             self.label = f"model '{name}' version {self.version}"
             self.batcher = Batcher(
-                [s.run for s in sessions],
+                sessions,
                 max_batch_size=settings.max_batch_size,
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_rows=settings.max_queue_size,

@@ -40,11 +40,17 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
         sizes = [p["batch_size"] for p in m["ceiling"]["points"]]
         assert sizes == ceiling.batch_sizes(gpu.QUICK.max_batch_size)
         assert m["ceiling"]["provider"] == "CPUExecutionProvider"
-        # fp32 is served a second time with padded batch sizes off
-        keys = ("perf", "perf_shm", "unpadded_perf_shm") if name == "resnet18" else ("perf", "perf_shm")
-        for key in keys:
-            assert [p["concurrency"] for p in m[key]] == list(gpu.QUICK.concurrencies)
-            assert_measured(m[key], f"{name} {key}")
+        # on a CPU, fp32 is served a second time with padded batch sizes off (on CUDA the fp16 model
+        # gets every variant)
+        variants = m["variants"]
+        assert list(variants) == (["unpadded"] if name == "resnet18" else [])
+        for key, points in [("perf", m["perf"]), ("perf_shm", m["perf_shm"])] + [
+            (v, e["perf_shm"]) for v, e in variants.items()
+        ]:
+            assert [p["concurrency"] for p in points] == list(gpu.QUICK.concurrencies)
+            assert_measured(points, f"{name} {key}")
+        for v, e in variants.items():
+            assert e["settings"]["padded_batch_sizes"] == [] and e["ceiling"]["points"], v
         assert all(r["completed"] > 0 and not r["errors"] for r in m["image"])
         precision = "fp16" if name.endswith("fp16") else "fp32"
         assert any(f'precision="{precision}"' in line for line in m["model_info"])
@@ -57,6 +63,7 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
             assert p["images_per_s"] and p["server_cpu_ms_per_request"] and not p["error"], (name, p)
     page = (tmp_path / "benchmarks-gpu.md").read_text()
     assert "| resnet18 |" in page and "| resnet18-fp16 |" in page and "padded batch sizes off" in page
+    assert "One setting changed from the baseline" in page
     assert "--frontends N" in page and "| null | 2 |" in page
 
 

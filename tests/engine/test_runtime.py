@@ -73,7 +73,7 @@ def test_a_padded_session_answers_every_batch_size_as_the_unpadded_one_does(tmp_
     assert len(sessions) == 3 and id(padded._session) in sessions
     assert set(padded.warm_up(8)) == {1, 2, 4, 8}
     x = np.random.default_rng(1).standard_normal((9, 3, 32, 32), dtype=np.float32)
-    for n in (1, 2, 3, 5, 8, 9):  # 9 rows: more than the largest size, run as they are
+    for n in (1, 2, 3, 5, 8, 9):  # 9 rows: more than the largest size, run as 8 + 1 (as 2)
         got, want = padded.run(x[:n]), plain.run(x[:n])
         assert got.shape == (n, 7) and got.dtype == np.float32
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
