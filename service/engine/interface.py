@@ -102,7 +102,7 @@ def check_images_allowed(meta: modelmeta.ModelMeta, label: str) -> None:
         raise errors.FailedPrecondition(
             f"{label} has no svertka metadata, so its preprocessing is unknown and it takes tensors "
             f"only (ModelInfer with {input_shape_text(meta)}); to send images, serve a file with "
-            "svertka's metadata (svertka export writes it)"
+            "svertka's metadata (svertka export writes it; svertka annotate adds it to a file made elsewhere)"
         )
 
 

@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 MODEL_FILE = layout.MODEL_FILE
 #: Hex digits of the model file's sha256 that identify the weights being served.
 FINGERPRINT_CHARS = 12
+#: Largest difference between an input's output alone and in a batch, relative to the largest output,
+#: that still counts as the same answer (runtime.Session.warm_up measures it). Numerical noise between
+#: kernels chosen for different batch sizes is far below it (float32: about 1e-6; float16: about
+#: 1e-3); a model whose rows depend on each other (a BatchNorm exported in training mode normalises
+#: with the batch's own statistics) is off by the order of the outputs themselves.
+INVARIANCE_TOLERANCE = 1e-2
 
 
 def check_name(name: str) -> str:
@@ -71,7 +77,22 @@ def load_sessions(
         sha256 = file_fingerprint(path)
     except OSError as exc:
         raise runtime.ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return runtime.load_instances(path, settings, cpu_budget, trt_cache_dir), sha256
+    sessions = runtime.load_instances(path, settings, cpu_budget, trt_cache_dir)
+    warn_if_batch_dependent(sessions[0], settings.max_batch_size)
+    return sessions, sha256
+
+
+def warn_if_batch_dependent(session: runtime.Session, max_batch_size: int) -> None:
+    """A WARNING when an input's output at warm-up depended on the other rows of its batch."""
+    difference = session.batch_difference
+    if max_batch_size > 1 and not difference <= INVARIANCE_TOLERANCE:  # NaN included
+        log.warning(
+            "%s: not batch-invariant: an input's output alone and in a batch of %d differ by %.3g of the "
+            "largest output (tolerance %g), so each answer depends on the other requests batched with it. "
+            "The classic cause is a BatchNorm exported in training mode (call model.eval() before "
+            "torch.onnx.export); the model is served as it is",
+            session.path, max_batch_size, difference, INVARIANCE_TOLERANCE,
+        )  # fmt: skip
 
 
 def close_loaded(future: concurrent.futures.Future) -> None:

@@ -8,13 +8,10 @@ wrong, so a bad file marks that model unavailable with a reason instead of
 failing requests later.
 
 Execution providers are tried in the order TensorRT -> CUDA -> CPU, keeping
-those the settings ask for and this onnxruntime build has. The provider that
-actually runs the model (``session.get_providers()[0]``) is logged and
-exposed as :attr:`Session.provider`. onnxruntime itself silently retries on
-CPU when a GPU provider fails to initialise; svertka never does so silently:
-with the default provider list the fallback is logged as a warning (and the
-provider shows in ``svertka_model_info``); with an explicit list that names a
-GPU provider the load fails with the reason.
+those the settings ask for and this onnxruntime build has; the one that runs
+the model is :attr:`Session.provider`. onnxruntime silently retries on CPU when
+a GPU provider fails to initialise; svertka logs that as a warning (default
+list) or fails the load with the reason (a list that names a GPU provider).
 """
 
 from __future__ import annotations
@@ -30,8 +27,9 @@ import numpy as np
 import onnxruntime as ort
 
 from service import config, modelmeta
+from service.engine import signature
 from service.engine.binding import BatchFeed
-from service.engine.signature import ModelLoadError, check_signature, graph_metadata, read_metadata
+from service.engine.signature import CudaGraphSettingError, ModelLoadError, graph_metadata
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +52,12 @@ SPIN_MIN_INPUT_PIXELS = 112 * 112
 #: and 820 ms of compute per request; 322 images/s with HEURISTIC; docs/benchmarks-gpu.md, runs 1 and 2).
 CUDA_OPTIONS: dict[str, str | int | bool] = {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC"}
 
-#: Runs of each padded size at warm-up with CUDA graphs on: onnxruntime runs a session normally
-#: before it captures its graph, so that the capture (and the first replay) happen before the
-#: model is ready instead of in the first requests.
+#: Runs of each padded size at warm-up with CUDA graphs on: onnxruntime runs normally before it captures,
+#: and the capture and first replay belong before readiness, not in the first requests.
 CUDA_GRAPH_WARM_UP_RUNS = 3
 
 #: Where TensorRT keeps built engines so a restart does not rebuild them.
 TRT_CACHE_DIR = Path(tempfile.gettempdir()) / "svertka-trt-cache"
-
-
-class CudaGraphSettingError(ModelLoadError):
-    """``cuda_graphs: true`` where it cannot apply (no CUDA provider, no padded sizes): the setting is wrong."""
 
 
 def intra_op_threads(settings: config.ModelSettings, cpu_budget: int = 0) -> int:
@@ -262,6 +255,7 @@ class Session:
         self._options, self._provider_list = options, provider_list
         self._by_size: dict[int, ort.InferenceSession] = {}
         self.feed: BatchFeed | None = None
+        self.batch_difference = float("nan")  # set by warm_up
         self._session = self._open()
         try:
             self._check_and_open_sizes(settings, chosen)
@@ -270,8 +264,8 @@ class Session:
             raise
 
     def _check_and_open_sizes(self, settings: config.ModelSettings, chosen: list[str]) -> None:
-        self.meta = read_metadata(self._session, self.path)
-        check_signature(self._session, self.meta)
+        self.meta = signature.read_metadata(self._session, self.path)
+        signature.check_signature(self._session, self.meta)
         self.provider = self._session.get_providers()[0]
         if self.provider != chosen[0]:
             explicit = tuple(settings.providers) != config.DEFAULT_PROVIDERS
@@ -341,11 +335,15 @@ class Session:
         """Run batch 1, the largest batch and each padded size once (allocations, kernel choice, TensorRT engines).
 
         Also proves the output really is (n, classes) float32 and finite; returns seconds per batch size.
+        Every batch starts with the same row, so :attr:`batch_difference` is how far that row's output
+        in the largest batch is from its output alone, relative to the largest (NaN: nothing compared).
         """
         rng = np.random.default_rng(0)
         timings: dict[int, float] = {}
+        first = example_batch(self.meta, 1, rng)
+        outputs = {}
         for n in sorted({1, max_batch_size, *self.padded_sizes}):  # every padded size's session once
-            x = example_batch(self.meta, n, rng)
+            x = np.concatenate([first, example_batch(self.meta, n - 1, rng)])
             start = time.perf_counter()
             try:
                 for _ in range(CUDA_GRAPH_WARM_UP_RUNS if self.cuda_graphs else 1):
@@ -362,6 +360,9 @@ class Session:
                 )
             if not np.isfinite(y).all():
                 raise ModelLoadError(f"warm-up with a batch of {n}: the model produced non-finite logits")
+            outputs[n] = y[0].astype(np.float64)
+        alone, batched = outputs[1], outputs[max(outputs)]
+        self.batch_difference = float(np.abs(batched - alone).max() / max(np.abs(alone).max(), 1e-12))
         return timings
 
     def close(self) -> None:

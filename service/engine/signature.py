@@ -15,6 +15,10 @@ class ModelLoadError(Exception):
     """The model file cannot be served; the message is the model's unavailability reason."""
 
 
+class CudaGraphSettingError(ModelLoadError):
+    """``cuda_graphs: true`` where it cannot apply (no CUDA provider, no padded sizes): the setting is wrong."""
+
+
 def read_metadata(session: ort.InferenceSession, path: str | Path | None = None) -> modelmeta.ModelMeta:
     """The file's svertka metadata; for a file without any, what its graph says (tensors only)."""
     props = session.get_modelmeta().custom_metadata_map
