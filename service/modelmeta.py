@@ -81,6 +81,10 @@ class ModelMeta:
     #: False for a model file without svertka metadata (:func:`from_graph`): its input and output
     #: come from the graph, its preprocessing is unknown, so it serves tensors only. Never written.
     preprocessing_known: bool = True
+    #: True when the graph's batch dimension is fixed at 1 (``torch.onnx.export`` without
+    #: ``dynamic_axes``): served as Triton serves ``max_batch_size: 0`` (each request's input is
+    #: exactly ``[1, ...]``, nothing batched). Read from the graph, never written.
+    fixed_batch: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))

@@ -18,6 +18,7 @@ import numpy as np
 from service import __version__, errors, layout, shm
 from service.api import accounting, error_codes, request_fields, streams, tensor_outputs, tensors
 from service.api.state import ServerState
+from service.engine import interface
 from service.engine.interface import Engine, Model
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -132,12 +133,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             inputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
-                    name=meta.input_name, datatype=meta.input_datatype, shape=[-1, *meta.input_shape]
+                    name=meta.input_name,
+                    datatype=meta.input_datatype,
+                    shape=interface.batch_shape(meta, *meta.input_shape),
                 )
             ],
             outputs=[
                 pb.ModelMetadataResponse.TensorMetadata(
-                    name=meta.output_name, datatype="FP32", shape=[-1, meta.num_classes]
+                    name=meta.output_name,
+                    datatype="FP32",
+                    shape=interface.batch_shape(meta, meta.num_classes),
                 )
             ],
         )
@@ -367,21 +372,24 @@ def model_config(model: Model) -> mc.ModelConfig:
         name=model.name,
         platform=PLATFORM,
         backend=BACKEND,
-        max_batch_size=settings.max_batch_size,
+        # A graph whose batch is fixed at 1 is Triton's max_batch_size 0: dims are the full shape.
+        max_batch_size=0 if meta.fixed_batch else settings.max_batch_size,
         default_model_filename=layout.MODEL_FILE,
     )
+    batch = [1] if meta.fixed_batch else []
     config.version_policy.latest.num_versions = 1
     config.input.add(
         name=meta.input_name,
         data_type=mc.DataType.Value("TYPE_" + meta.input_datatype),
         format=mc.ModelInput.FORMAT_NHWC if meta.layout == "NHWC" else mc.ModelInput.FORMAT_NCHW,
-        dims=list(meta.input_shape),
+        dims=[*batch, *meta.input_shape],
     )
-    config.output.add(name=meta.output_name, data_type=mc.TYPE_FP32, dims=[meta.num_classes])
-    batching = config.dynamic_batching
-    batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
-    batching.max_queue_delay_microseconds = round(settings.max_queue_delay_ms * 1000)
-    batching.default_queue_policy.max_queue_size = settings.max_queue_size
+    config.output.add(name=meta.output_name, data_type=mc.TYPE_FP32, dims=[*batch, meta.num_classes])
+    if not meta.fixed_batch:
+        batching = config.dynamic_batching
+        batching.preferred_batch_size.extend(settings.preferred_batch_sizes)
+        batching.max_queue_delay_microseconds = round(settings.max_queue_delay_ms * 1000)
+        batching.default_queue_policy.max_queue_size = settings.max_queue_size
     config.instance_group.add(
         name=f"{model.name}_{model.version}", kind=_kind(model.provider), count=settings.instances
     )

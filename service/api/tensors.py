@@ -221,6 +221,7 @@ _WIRE_DTYPES = {"FP32": "<f4", "FP16": "<f2", "UINT8": "u1"}
 def _tensor_count(meta: modelmeta.ModelMeta, shape: list[int], max_rows: int) -> int:
     """Elements of a tensor input after checking its shape against the model."""
     interface.check_input_shape(meta, shape, _shape_text(shape))
+    interface.check_request_batch(meta, shape, _shape_text(shape))
     count = _element_count(meta.input_name, shape)  # rank <= MAX_RANK here: a few multiplications
     _check_rows(meta.input_name, shape, max_rows)
     return count

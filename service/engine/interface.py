@@ -73,8 +73,14 @@ class Timings:
 
 
 def input_dims_text(meta: modelmeta.ModelMeta) -> str:
-    """The model's input shape as messages show it: ``[N,3,224,224]``, ``[N,224,224,3]``."""
-    return f"[N,{','.join(str(d) for d in meta.input_shape)}]"
+    """The model's input shape as messages show it: ``[N,3,224,224]``, ``[N,224,224,3]``, or
+    ``[1,3,224,224]`` for a graph whose batch is fixed at 1."""
+    return f"[{1 if meta.fixed_batch else 'N'},{','.join(str(d) for d in meta.input_shape)}]"
+
+
+def batch_shape(meta: modelmeta.ModelMeta, *dims: int) -> list[int]:
+    """A tensor's shape as ModelMetadata reports it: the batch dimension -1 (dynamic), or 1 when fixed."""
+    return [1 if meta.fixed_batch else -1, *dims]
 
 
 def input_shape_text(meta: modelmeta.ModelMeta) -> str:
@@ -93,6 +99,16 @@ def check_input_shape(meta: modelmeta.ModelMeta, shape: Sequence[int], shown: st
     if len(shape) != 4 or tuple(shape[1:]) != meta.input_shape:
         raise errors.InvalidInput(
             f"input '{meta.input_name}': expected {meta.input_datatype} shape {input_dims_text(meta)}, got {shown}"
+        )
+
+
+def check_request_batch(meta: modelmeta.ModelMeta, shape: Sequence[int], shown: str) -> None:
+    """A client's tensor for a graph whose batch is fixed at 1 must be exactly ``[1, ...]``, as Triton
+    requires for ``max_batch_size: 0``. (Rows the server makes itself, decoded images, run one by one.)"""
+    if meta.fixed_batch and shape[0] != 1:
+        raise errors.InvalidInput(
+            f"input '{meta.input_name}': expected {meta.input_datatype} shape {input_dims_text(meta)}, got "
+            f"{shown} (the graph's batch dimension is fixed at 1: max_batch_size 0, one input per request)"
         )
 
 

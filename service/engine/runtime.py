@@ -278,7 +278,8 @@ class Session:
             log.warning("%s: %s", self.path, message)
         self._output = self.meta.output_name
         #: Batch size -> the session that runs batches padded to it (empty: one session, any size).
-        self.padded_sizes = padded_sizes(settings, self.provider)
+        # A graph with a batch of 1 runs every batch as chunks of one row, each bound (binding.py).
+        self.padded_sizes = (1,) if self.meta.fixed_batch else padded_sizes(settings, self.provider)
         if self.cuda_graphs and self.provider != CUDA:
             raise CudaGraphSettingError(
                 f"cuda_graphs: true needs the CUDA execution provider, and onnxruntime runs this model on {self.provider}"
@@ -293,7 +294,8 @@ class Session:
         try:
             self.feed = BatchFeed(
                 self.meta, self._session, self._by_size, device=self.provider in GPU_PROVIDERS,
-                capacity=settings.max_batch_size, pin=settings.pinned_memory,
+                capacity=self.padded_sizes[-1] if self.padded_sizes else settings.max_batch_size,
+                pin=settings.pinned_memory,
                 label=f"{self.path} instance {self.instance}",
             )  # fmt: skip
         except Exception as exc:  # onnxruntime's binding or device allocation failed
@@ -342,6 +344,8 @@ class Session:
         timings: dict[int, float] = {}
         first = example_batch(self.meta, 1, rng)
         outputs = {}
+        if self.meta.fixed_batch:
+            max_batch_size = 1
         for n in sorted({1, max_batch_size, *self.padded_sizes}):  # every padded size's session once
             x = np.concatenate([first, example_batch(self.meta, n - 1, rng)])
             start = time.perf_counter()

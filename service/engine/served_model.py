@@ -75,7 +75,9 @@ class ServedModel:
             self.label = f"model '{name}' version {self.version}"
             self.batcher = Batcher(
                 sessions,
-                max_batch_size=settings.max_batch_size,
+                # A graph whose batch is fixed at 1: nothing is batched; an image request's rows run
+                # alone, one at a time (runtime.Session pads nothing and chunks by one).
+                max_batch_size=1 if meta.fixed_batch else settings.max_batch_size,
                 max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
                 max_queue_rows=settings.max_queue_size,
                 preferred_batch_sizes=settings.preferred_batch_sizes,

@@ -20,20 +20,29 @@ class CudaGraphSettingError(ModelLoadError):
 
 
 def read_metadata(session: ort.InferenceSession, path: str | Path | None = None) -> modelmeta.ModelMeta:
-    """The file's svertka metadata; for a file without any, what its graph says (tensors only)."""
+    """The file's svertka metadata; for a file without any, what its graph says (tensors only).
+
+    Either way ``fixed_batch`` is what the graph says: its first input's batch dimension is 1.
+    """
     props = session.get_modelmeta().custom_metadata_map
     if not modelmeta.has_metadata(props):
         return graph_metadata(session, path)
     try:
-        return modelmeta.from_props(props)
+        meta = modelmeta.from_props(props)
     except modelmeta.MetadataError as exc:
         raise ModelLoadError(f"bad svertka metadata: {exc}") from None
+    return meta.replace(fixed_batch=_batch_of_one(session))
+
+
+def _batch_of_one(session: ort.InferenceSession) -> bool:
+    inputs = session.get_inputs()
+    return bool(inputs) and len(inputs[0].shape) > 0 and inputs[0].shape[0] == 1
 
 
 #: What a model without svertka metadata must be, said in every refusal.
 SUPPORTED_GRAPHS = (
     "svertka serves classifiers with one image input ([N,3,H,W] or [N,H,W,3], FP32, FP16 or UINT8, "
-    "H and W fixed) and one [N, classes] FP32 output"
+    "H and W fixed, N dynamic or 1) and one [N, classes] FP32 output"
 )
 
 
@@ -75,7 +84,8 @@ def graph_metadata(session: ort.InferenceSession, path: str | Path | None = None
         raise ModelLoadError(f"output '{out.name}' has shape {oshape}; {SUPPORTED_GRAPHS}")
     size = (int(spatial[0]), int(spatial[1]))
     kind = "probabilities" if path is not None and _made_by_softmax(path, out.name) else "logits"
-    return modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]), kind)
+    meta = modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]), kind)
+    return meta.replace(fixed_batch=_batch_of_one(session))
 
 
 def _made_by_softmax(path: str | Path, output: str) -> bool:
@@ -118,10 +128,10 @@ def check_signature(session: ort.InferenceSession, meta: modelmeta.ModelMeta) ->
         raise ModelLoadError(
             f"input '{inp.name}' has shape {shape}; expected [batch, {', '.join(map(str, expected))}]"
         )
-    if not _is_dynamic(shape[0]):
+    if not _is_dynamic(shape[0]) and not (shape[0] == 1 and meta.fixed_batch):
         raise ModelLoadError(
-            f"input '{inp.name}' has a fixed batch dimension of {shape[0]}; re-export it with a dynamic "
-            "batch dimension so requests can be batched"
+            f"input '{inp.name}' has a fixed batch dimension of {shape[0]}; svertka serves a batch dimension "
+            "that is dynamic (batched) or 1 (each request alone): re-export it with a dynamic batch dimension"
         )
     for axis, (got, want) in enumerate(zip(shape[1:], expected, strict=True), start=1):
         if not _is_dynamic(got) and got != want:

@@ -101,7 +101,7 @@ def test_intra_op_spinning_follows_the_setting_or_the_input_size(tmp_path, size,
 @pytest.mark.parametrize(
     "change,message",
     [
-        ("fixed_batch", "input 'input' has a fixed batch dimension of 1; re-export it with a dynamic batch"),
+        ("fixed_batch", "input 'input' has a fixed batch dimension of 2; svertka serves a batch dimension that is"),
         ("input_name", "the graph's input is named 'input' but the metadata says 'pixels'"),
         ("output_name", "the graph has no output 'scores' (the metadata's output name); it has ['logits']"),
         ("crop", "input 'input' has shape ['batch', 3, 32, 32]; the metadata implies [batch, 3, 24, 24]"),
@@ -112,7 +112,7 @@ def test_incompatible_models_fail_with_a_reason(tmp_path, change, message):
     meta = tiny_meta()
     model = build_tiny_model(meta)
     if change == "fixed_batch":
-        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # 1 is served: test_fixed_batch.py
     elif change == "input_name":
         modelmeta.attach(model, meta.replace(input_name="pixels"))
     elif change == "output_name":

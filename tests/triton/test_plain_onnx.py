@@ -1,5 +1,9 @@
-"""A torchvision classifier exported with plain ``torch.onnx.export`` (no svertka metadata), served
-to tritonclient and perf_analyzer as Triton serves it: names, datatypes and shapes from the graph."""
+"""torchvision classifiers exported with plain ``torch.onnx.export`` (no svertka metadata), served
+to tritonclient and perf_analyzer as Triton serves them: names, datatypes and shapes from the graph.
+
+resnet18 with a dynamic batch dimension (batched); mobilenet_v3_small as ``torch.onnx.export``
+writes it by default, its batch fixed at 1 (Triton's ``max_batch_size: 0``: nothing batched,
+shapes reported whole)."""
 
 from __future__ import annotations
 
@@ -19,21 +23,24 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
-    """torchvision resnet18 (random weights, 10 classes, 64x64 to keep it quick), as its users export it."""
+    """Random weights, 10 classes, 64x64 to keep it quick, exported as their users export them."""
     import torch
     import torchvision
 
     repo = tmp_path_factory.mktemp("byo")
-    path = repo / "resnet18" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.randn(2, 3, 64, 64),), str(path), input_names=["x"], output_names=["y"],
-            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
-        )  # fmt: skip
+    for name, model, dynamic in (
+        ("resnet18", torchvision.models.resnet18(num_classes=10), {"x": {0: "batch"}, "y": {0: "batch"}}),
+        ("mobilenet", torchvision.models.mobilenet_v3_small(num_classes=10), None),
+    ):
+        path = repo / name / "1" / "model.onnx"
+        path.parent.mkdir(parents=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (torch.randn(1, 3, 64, 64),), str(path), input_names=["x"], output_names=["y"],
+                dynamic_axes=dynamic, dynamo=False,
+            )  # fmt: skip
     return repo
 
 
@@ -44,21 +51,27 @@ def served(exported, tmp_path_factory):
     assert server.stop() == 0
 
 
-def test_tritonclient_gets_the_graphs_own_signature_and_onnxruntimes_logits(exported, served):
-    session = ort.InferenceSession(str(exported / "resnet18" / "1" / "model.onnx"))
+@pytest.mark.parametrize("model, batch, rows", [("resnet18", "-1", 3), ("mobilenet", "1", 1)])
+def test_tritonclient_gets_the_graphs_own_signature_and_onnxruntimes_logits(
+    exported, served, model, batch, rows
+):
+    session = ort.InferenceSession(str(exported / model / "1" / "model.onnx"))
     with grpcclient.InferenceServerClient(served.address) as client:
-        meta = client.get_model_metadata("resnet18", as_json=True)
+        meta = client.get_model_metadata(model, as_json=True)
         assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
-            ("x", "FP32", ["-1", "3", "64", "64"])
+            ("x", "FP32", [batch, "3", "64", "64"])
         ]
-        assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [("y", ["-1", "10"])]
-        x = np.random.default_rng(0).standard_normal((3, 3, 64, 64), dtype=np.float32)
+        assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [("y", [batch, "10"])]
+        config = client.get_model_config(model, as_json=True)["config"]
+        assert int(config.get("max_batch_size", 0)) == (0 if batch == "1" else 32)
+        x = np.random.default_rng(0).standard_normal((rows, 3, 64, 64), dtype=np.float32)
         tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
-        got = client.infer("resnet18", [tensor]).as_numpy("y")
+        got = client.infer(model, [tensor]).as_numpy("y")
     np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
-def test_perf_analyzer_runs_against_it(served, tmp_path):
-    levels = run_perf_analyzer(served.address, "resnet18", "1:2", tmp_path / "perf.csv")
+@pytest.mark.parametrize("model", ["resnet18", "mobilenet"])
+def test_perf_analyzer_runs_against_it(served, tmp_path, model):
+    levels = run_perf_analyzer(served.address, model, "1:2", tmp_path / "perf.csv")
     assert [c for c, _ in levels] == [1, 2] and all(rate > 0 for _, rate in levels)
