@@ -257,6 +257,14 @@ class Metrics:
             registry=r,
             multiprocess_mode=mode("livemostrecent"),
         )
+        self.model_reload_failed = Gauge(
+            "svertka_model_reload_failed",
+            "1 while the model's newest reload failed (a config.yaml or model file the server "
+            "refused) and an older version keeps serving; the reason is in RepositoryIndex and the log.",
+            ("model",),
+            registry=r,
+            multiprocess_mode=mode("livemostrecent"),
+        )
         self.latency_slo = Gauge(
             "svertka_latency_slo_seconds",
             "The request latency SLO the buckets and alerts are built around.",
@@ -367,6 +375,9 @@ class Metrics:
                 self._remove_gauge(self.model_info, name, str(key[1]), *old)
             self._info_labels[key] = (provider, precision, arch, sha256)
         self.model_info.labels(name, str(key[1]), provider, precision, arch, sha256).set(1)
+
+    def set_reload_failed(self, name: str, failed: bool) -> None:
+        self.model_reload_failed.labels(name).set(1 if failed else 0)
 
     def set_model_ready(self, name: str, version: int, ready: bool) -> None:
         self.model_ready.labels(name, str(int(version))).set(1 if ready else 0)

@@ -116,6 +116,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # The bool alone cannot say why; the reason travels as trailing metadata.
             context.set_trailing_metadata((("svertka-reason", _metadata_text(exc.message)),))
             return pb.ModelReadyResponse(ready=False)
+        # Ready, on an older version: the repository's newest config or file was refused.
+        status = next((s for s in self._engine.statuses() if s.name == request.name), None)
+        if status is not None and status.reason.startswith(interface.RELOAD_FAILED):
+            context.set_trailing_metadata((("svertka-reload-failed", _metadata_text(status.reason)),))
         return pb.ModelReadyResponse(ready=True)
 
     @rpc

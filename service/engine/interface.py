@@ -31,6 +31,10 @@ UNAVAILABLE = "UNAVAILABLE"
 UNLOADING = "UNLOADING"
 
 
+#: How a READY status's reason starts while the newest reload failed and an older version serves.
+RELOAD_FAILED = "reload failed: "
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelStatus:
     """The state of one model as health checks and RepositoryIndex see it."""
@@ -38,7 +42,7 @@ class ModelStatus:
     name: str
     version: int | None
     state: str  # READY | LOADING | UNAVAILABLE | UNLOADING
-    reason: str  # "" when READY, else a human-readable cause
+    reason: str  # "" when READY (or RELOAD_FAILED and why), else a human-readable cause
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import config, errors, layout
-from service.engine import runtime
+from service.engine import interface, runtime
 from service.engine.interface import LOADING, READY, UNAVAILABLE, UNLOADING, ModelStatus, resolve
 from service.engine.loading import (
     MODEL_FILE,
@@ -299,6 +299,7 @@ class ModelRepository:
             loaded_s,
             f" (replacing version {old.version})" if old is not None else "",
         )
+        self.metrics.set_reload_failed(name, False)
         status = self._set_status(entry, ModelStatus(name, version, READY, ""), swapped=True)
         if old is not None:
             self._retiring_models.append(old)  # at once: live() finds it from the swap on
@@ -324,9 +325,13 @@ class ModelRepository:
         reason = relative_to(self.repository, reason)
         if entry.serving is not None:
             log.error("model '%s': %s; still serving version %d", entry.name, reason, entry.serving.version)
-            return ModelStatus(
-                entry.name, version, UNAVAILABLE, f"{reason} (still serving version {entry.serving.version})"
-            )
+            text = f"{reason} (still serving version {entry.serving.version})"
+            # Monitoring sees it too: svertka_model_reload_failed, and the served status's reason
+            # (RepositoryIndex, ModelReady's trailing metadata), until a reload succeeds.
+            self.metrics.set_reload_failed(entry.name, True)
+            served = ModelStatus(entry.name, entry.serving.version, READY, f"{interface.RELOAD_FAILED}{text}")
+            self._set_status(entry, served)
+            return ModelStatus(entry.name, version, UNAVAILABLE, text)
         log.error("model '%s' unavailable: %s", entry.name, reason)
         # Operators see it as svertka_model_ready == 0 (and its alert), under the version it tried.
         shown = version if version is not None else (entry.versions[-1] if entry.versions else None)
@@ -365,6 +370,7 @@ class ModelRepository:
 
     async def _unload_locked(self, entry: _Entry, reason: str) -> None:
         self._forget_unready(entry)
+        self.metrics.set_reload_failed(entry.name, False)
         old = entry.serving
         entry.serving = None
         entry.serving_fingerprint = None

@@ -501,7 +501,8 @@ def test_failed_reload_keeps_the_serving_version(tmp_path):
     assert status.state == "UNAVAILABLE" and status.version == 2
     assert "still serving version 1" in status.reason
     assert version == 1 and out.shape == (1, 10)
-    assert listed == [ModelStatus("tiny", 1, "READY", "")]
+    # still READY on version 1, saying why version 2 is not served (RepositoryIndex shows the reason)
+    assert listed == [ModelStatus("tiny", 1, "READY", f"reload failed: {status.reason}")]
 
 
 def test_repository_refresh_follows_the_disk(tmp_path):

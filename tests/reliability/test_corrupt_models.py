@@ -107,3 +107,40 @@ def test_broken_models_are_unavailable_with_a_reason_and_the_rest_serve(tmp_path
         # Polling does not retry the same broken file over and over (one error, not one per poll).
         assert server.log().count("version 2: onnxruntime cannot load") == 1
         channel.close()
+
+
+@pytest.mark.parametrize("server_layout", harness.LAYOUTS)
+def test_a_config_refused_on_reload_shows_in_monitoring_until_fixed(tmp_path, server_layout):
+    """The old version keeps serving, and RepositoryIndex, ModelReady and /metrics all say so."""
+    repo = make_repository(tmp_path / "repo", {"tiny": [1]})
+    with harness.running_server(
+        repo, tmp_path / "server.log", *harness.layout_args(server_layout), "--repository-poll-s", "0.2"
+    ) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = kgrpc.GRPCInferenceServiceStub(channel)
+
+        def failed() -> float:
+            return harness.sample(
+                harness.scrape(server.metrics_port), "svertka_model_reload_failed", model="tiny"
+            )
+
+        def entry() -> kpb.RepositoryIndexResponse.ModelIndex:
+            (tiny,) = stub.RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=10).models
+            return tiny
+
+        assert failed() == 0 and entry().reason == ""
+        (repo / "tiny" / "config.yaml").write_text("max_batch_size: 0\n")
+        harness.wait_until(lambda: failed() == 1, what="svertka_model_reload_failed to be 1")
+        tiny = entry()
+        assert tiny.state == "READY" and tiny.version == "1", tiny
+        assert tiny.reason.startswith("reload failed: bad config: ") and "got 0" in tiny.reason, tiny.reason
+        assert tiny.reason.endswith("(still serving version 1)"), tiny.reason
+        ready, call = stub.ModelReady.with_call(kpb.ModelReadyRequest(name="tiny"), timeout=10)
+        assert ready.ready and dict(call.trailing_metadata())["svertka-reload-failed"] == tiny.reason
+        assert stub.ModelInfer(harness.tensor_request(model="tiny"), timeout=30).model_version == "1"
+        (repo / "tiny" / "config.yaml").write_text("max_batch_size: 4\n")
+        harness.wait_until(lambda: failed() == 0, what="svertka_model_reload_failed back to 0")
+        assert entry().reason == "" and entry().state == "READY"
+        _, call = stub.ModelReady.with_call(kpb.ModelReadyRequest(name="tiny"), timeout=10)
+        assert "svertka-reload-failed" not in dict(call.trailing_metadata())
+        channel.close()
