@@ -1,4 +1,4 @@
-"""``svertka train | export | quantize | inspect | build-default``.
+"""``svertka train | export | quantize | annotate | inspect | build-default``.
 
 This module is imported by every ``svertka`` invocation, including ``svertka
 serve`` on installs without torch: it must not import torch, torchvision or
@@ -39,6 +39,7 @@ def register(subparsers: Any) -> None:
     _add_train(subparsers)
     _add_export(subparsers)
     _add_quantize(subparsers)
+    _add_annotate(subparsers)
     _add_inspect(subparsers)
     _add_build_default(subparsers)
 
@@ -59,6 +60,17 @@ def _floats(value: str) -> tuple[float, ...]:
         return tuple(float(v) for v in value.replace(",", " ").split())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 0.5,0.5,0.5, got {value!r}") from None
+
+
+def _crop(value: str) -> tuple[int, int]:
+    parts = value.replace(",", " ").replace("x", " ").split()
+    try:
+        sizes = tuple(int(v) for v in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or H,W (positive integers), got {value!r}")
+    return (sizes[0], sizes[-1])
 
 
 def _positive_int(value: str) -> int:
@@ -203,6 +215,49 @@ def _add_quantize(sub: Any) -> None:
     _add_quant_options(p)
     _add_common(p)
     p.set_defaults(handler=_guarded(_quantize))
+
+
+def _add_annotate(sub: Any) -> None:
+    from export.annotate import PRESETS
+    from service.modelmeta import COLOR_ORDERS, INTERPOLATIONS, LAYOUTS
+
+    p = sub.add_parser(
+        "annotate",
+        help="write labels and preprocessing into an ONNX classifier made elsewhere (for the image API)",
+        description="Write svertka's metadata into MODEL (atomically, in place or into --out): the labels "
+        "and preprocessing given here, the input and output as its graph declares them, each checked "
+        "against the graph. Then Classify serves it.",
+    )
+    p.add_argument("model", type=Path, help="an ONNX file (or a model/version directory: its newest version)")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="class labels, one per line in the output's order (blank lines are skipped)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="imagenet: torchvision's ImageNet evaluation transform (resize 256, crop 224, bilinear, "
+        "ImageNet mean and std, RGB); the flags below override its values",
+    )
+    p.add_argument("--resize", type=_positive_int, help="shorter side before the centre crop")
+    p.add_argument("--crop", type=_crop, help="H or H,W: must be the input's size (default: the graph's)")
+    p.add_argument("--mean", type=_floats, help="a,b,c on pixels scaled to [0, 1] (needed for float inputs)")
+    p.add_argument("--std", type=_floats, help="a,b,c (needed for float inputs)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter (default bilinear)")
+    p.add_argument("--color-order", choices=COLOR_ORDERS, help="channel order the model takes (default RGB)")
+    p.add_argument(
+        "--layout", choices=LAYOUTS, help="checked against the graph's input (default: the graph's)"
+    )
+    p.add_argument("--out", type=Path, help="write an annotated copy here; MODEL is left as it is")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace svertka metadata MODEL already has, or an existing --out",
+    )
+    _add_common(p)
+    p.set_defaults(handler=_guarded(_annotate))
 
 
 def _add_inspect(sub: Any) -> None:
@@ -364,6 +419,31 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate(args: argparse.Namespace) -> int:
+    from export import annotate
+
+    pre = annotate.Preprocessing(
+        resize=args.resize,
+        crop=args.crop,
+        mean=args.mean,
+        std=args.std,
+        interpolation=args.interpolation,
+        color_order=args.color_order,
+    )
+    request = annotate.Request(
+        model=args.model,
+        labels=args.labels,
+        preprocessing=pre,
+        preset=args.preset,
+        layout=args.layout,
+        out=args.out,
+        force=args.force,
+    )
+    path, meta = annotate.annotate(request)
+    print(annotate.summary(path, meta))
+    return 0
+
+
 def _graph_meta(path: Path, missing: Exception):
     """What the server serves of a file without svertka metadata (its graph), or ``missing``'s
     error extended with the reason the server would give."""
@@ -392,7 +472,16 @@ def _inspect(args: argparse.Namespace) -> int:
         meta = _graph_meta(path, exc)
     info = {"path": str(path), **meta.describe()}
     if not meta.preprocessing_known:
-        info["image_api"] = "no: no svertka metadata, so the preprocessing is unknown (tensors only)"
+        from export.annotate import GRAPH_FIELDS, SUPPLIED_FIELDS
+
+        # What the graph says, then what it does not: the fields annotate supplies would show
+        # as placeholders (labels "0", "1", ..., mean 0, std 1) that the server never uses.
+        info = {"path": str(path), **{k: info[k] for k in GRAPH_FIELDS}, "preprocessing_known": False}
+        info["missing"] = list(SUPPLIED_FIELDS)
+        info["image_api"] = (
+            "no: no svertka metadata, so the preprocessing is unknown (tensors only); "
+            f"'svertka annotate {path} --labels FILE --preset imagenet' (or --resize, --mean, --std) adds it"
+        )
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

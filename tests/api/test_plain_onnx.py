@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from export import annotate
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.svertka.v1 import classifier_pb2 as cpb
@@ -27,6 +28,7 @@ from tests.api import images
 from tests.api.conftest import InProcessServer
 
 SUPPORTED = "svertka serves classifiers with one image input"
+ANNOTATED_LABELS = ("ant", "bee", "cat", "dog")
 
 
 def _save(path: Path, inputs, outputs, nodes, initializers=()) -> None:
@@ -58,6 +60,13 @@ def plain_repository(tmp_path_factory) -> Path:
     nodes, init = _head("data", "scores")
     _save(root / "plainnchw" / "1" / "model.onnx", [v("data", TensorProto.FLOAT, ["n", 3, 8, 8])],
           [v("scores", TensorProto.FLOAT, ["n", 4])], nodes, init)  # fmt: skip
+    # The same graph annotated (svertka annotate --out): a fully known model, images included.
+    labels = root / "labels.txt"
+    labels.write_text("".join(f"{label}\n" for label in ANNOTATED_LABELS))
+    (root / "annotated" / "1").mkdir(parents=True)
+    pre = annotate.Preprocessing(resize=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    out = root / "annotated" / "1" / "model.onnx"
+    annotate.annotate(annotate.Request(root / "plainnchw" / "1" / "model.onnx", labels, pre, out=out))
     nodes, init = _head("nchw", "out")
     _save(root / "plainu8" / "1" / "model.onnx", [v("pixels", TensorProto.UINT8, ["n", 8, 8, 3])],
           [v("out", TensorProto.FLOAT, ["n", 4])],
@@ -152,6 +161,7 @@ def test_images_to_a_plain_classifier_say_why_not(plain_server, stub):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "has no svertka metadata" in info.value.details()
     assert "ModelInfer with FP32 [N,3,8,8]" in info.value.details(), info.value.details()
+    assert "svertka annotate adds it" in info.value.details()
     request = pb.ModelInferRequest(model_name="plainu8")
     tensor = request.inputs.add(name="pixels", datatype="BYTES", shape=[1])
     tensor.contents.bytes_contents.append(images.png(1))
@@ -175,3 +185,18 @@ def test_what_svertka_cannot_serve_is_unavailable_with_the_reason(stub, model, r
     assert reason in entry.reason and SUPPORTED in entry.reason, entry.reason
     ready = stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=10)
     assert not ready.ready
+
+
+def test_an_annotated_copy_classifies_images_as_its_metadata_says(plain_server, plain_repository):
+    """``svertka annotate --out`` made ``annotated`` from ``plainnchw``'s graph: Classify serves it
+    with its labels, on the server's preprocessing of the image and onnxruntime's logits."""
+    image = images.png(3, size=24)
+    with plain_server.channel() as channel:
+        response = cpb_grpc.ImageClassifierStub(channel).Classify(
+            cpb.ClassifyRequest(model="annotated", image=image, top_k=4), timeout=30
+        )
+    batch = images.preprocess(plain_repository, "annotated", 1, image)[None]
+    expected = images.softmax(images.offline_logits(plain_repository, "annotated", 1, batch))[0]
+    got = {p.label: p.score for p in response.predictions}
+    assert got == pytest.approx(dict(zip(ANNOTATED_LABELS, expected.tolist(), strict=True)), abs=1e-5)
+    assert response.predictions[0].label == ANNOTATED_LABELS[int(expected.argmax())]
