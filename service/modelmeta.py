@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 #: Version 1 files take float32 NCHW input; version 2 is written for any other input format
 #: (``input_dtype``, ``layout``), so that a server that knows only version 1 refuses such a file
@@ -85,12 +87,20 @@ class ModelMeta:
     #: ``dynamic_axes``): served as Triton serves ``max_batch_size: 0`` (each request's input is
     #: exactly ``[1, ...]``, nothing batched). Read from the graph, never written.
     fixed_batch: bool = False
+    #: The graph's other outputs, served as Triton serves them (tensor API; ``(name, numpy dtype,
+    #: dims after the batch)`` each, in graph order). Read from the graph, never written.
+    extra_outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         object.__setattr__(self, "crop", tuple(int(x) for x in self.crop))
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        object.__setattr__(
+            self,
+            "extra_outputs",
+            tuple((str(n), str(d), tuple(int(x) for x in dims)) for n, d, dims in self.extra_outputs),
+        )
         if len(self.labels) < 2:
             raise MetadataError(f"labels: need at least 2 classes, got {len(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
@@ -132,6 +142,12 @@ class ModelMeta:
         if self.layout == "NHWC":
             return (self.crop[0], self.crop[1], 3)
         return (3, self.crop[0], self.crop[1])
+
+    @property
+    def row_width(self) -> int:
+        """Float32 columns of one row of the engine's output: the classes, then each extra output's
+        bytes padded to 4 (:func:`pack_outputs`)."""
+        return self.num_classes + sum(-(-_row_bytes(d, dims) // 4) for _, d, dims in self.extra_outputs)
 
     @property
     def input_datatype(self) -> str:
@@ -192,6 +208,52 @@ class ModelMeta:
         out["labels"] = list(self.labels)
         out["num_classes"] = self.num_classes
         return out
+
+
+#: The KServe datatype of each dtype an extra output may have.
+OUTPUT_DATATYPES = {
+    "float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+    "int8": "INT8", "uint8": "UINT8", "bool": "BOOL",
+}  # fmt: skip
+
+
+def _row_bytes(dtype: str, dims: tuple[int, ...]) -> int:
+    return int(np.dtype(dtype).itemsize * int(np.prod(dims, dtype=np.int64)))
+
+
+def pack_outputs(meta: ModelMeta, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The outputs of one run as one float32 ``(rows, meta.row_width)`` array: the classifier's
+    columns as they are, then each extra output's bytes. Batches are split and requests answered
+    by rows, so every output travels the engine's one-array path; :func:`extra_output` reads one
+    back. A model without extra outputs gives its logits unchanged."""
+    logits = arrays[0]
+    if not meta.extra_outputs:
+        return logits
+    rows = logits.shape[0]
+    packed = np.zeros((rows, meta.row_width), np.float32)
+    packed[:, : meta.num_classes] = logits
+    raw = packed.view(np.uint8)
+    column = meta.num_classes * 4
+    for (name, dtype, dims), array in zip(meta.extra_outputs, arrays[1:], strict=True):
+        if array.shape != (rows, *dims):
+            raise ValueError(f"output '{name}' has shape {array.shape}, expected {(rows, *dims)}")
+        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).reshape(rows, -1)
+        width = data.view(np.uint8).shape[1]
+        raw[:, column : column + width] = data.view(np.uint8)
+        column += -(-width // 4) * 4
+    return packed
+
+
+def extra_output(meta: ModelMeta, packed: np.ndarray, index: int) -> np.ndarray:
+    """Extra output ``index`` of ``packed`` rows (:func:`pack_outputs`), little-endian, ``(rows, *dims)``."""
+    column = meta.num_classes * 4
+    for _, dtype, dims in meta.extra_outputs[:index]:
+        column += -(-_row_bytes(dtype, dims) // 4) * 4
+    _, dtype, dims = meta.extra_outputs[index]
+    raw = np.ascontiguousarray(packed, np.float32).view(np.uint8)
+    width = _row_bytes(dtype, dims)
+    block = np.ascontiguousarray(raw[:, column : column + width])
+    return block.view(np.dtype(dtype).newbyteorder("<")).reshape(packed.shape[0], *dims)
 
 
 _REQUIRED = ("labels", "crop", "resize", "mean", "std", "arch")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service import __version__, errors, layout, shm
+from service import __version__, errors, layout, modelmeta, shm
 from service.api import accounting, error_codes, request_fields, streams, tensor_outputs, tensors
 from service.api.state import ServerState
 from service.engine import interface
@@ -147,7 +147,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     name=meta.output_name,
                     datatype="FP32",
                     shape=interface.batch_shape(meta, meta.num_classes),
-                )
+                ),
+                *(
+                    pb.ModelMetadataResponse.TensorMetadata(
+                        name=name,
+                        datatype=modelmeta.OUTPUT_DATATYPES[dtype],
+                        shape=interface.batch_shape(meta, *dims),
+                    )
+                    for name, dtype, dims in meta.extra_outputs
+                ),
             ],
         )
 
@@ -360,7 +368,7 @@ def _stack_image_results(results, input_name: str):
     for i, result in enumerate(results):
         if isinstance(result, errors.SvertkaError):
             raise type(result)(f"input '{input_name}' element {i}: {result.message}")
-    return np.stack([np.asarray(r, dtype=np.float32) for r in results])
+    return np.stack([np.asarray(r, dtype=np.float32) for r in results])  # rows, extra outputs included
 
 
 def _kind(provider: str) -> int:
@@ -389,6 +397,9 @@ def model_config(model: Model) -> mc.ModelConfig:
         dims=[*batch, *meta.input_shape],
     )
     config.output.add(name=meta.output_name, data_type=mc.TYPE_FP32, dims=[*batch, meta.num_classes])
+    for name, dtype, dims in meta.extra_outputs:
+        datatype = mc.DataType.Value("TYPE_" + modelmeta.OUTPUT_DATATYPES[dtype])
+        config.output.add(name=name, data_type=datatype, dims=[*batch, *dims])
     if not meta.fixed_batch:
         batching = config.dynamic_batching
         batching.preferred_batch_size.extend(settings.preferred_batch_sizes)

@@ -2,7 +2,10 @@
 
 Raw FP32 logits in ``raw_output_contents`` (as Triton's gRPC endpoint sends
 them), Triton's classification extension (top k as BYTES
-``"score:index:label"``), or written to a system shared memory region.
+``"score:index:label"``), or written to a system shared memory region. A
+graph's other outputs (``meta.extra_outputs``) come raw, in their own
+datatypes, unpacked from the rows the engine answers with
+(``modelmeta.extra_output``).
 """
 
 from __future__ import annotations
@@ -54,15 +57,16 @@ def requested_outputs(
     request: pb.ModelInferRequest, meta: modelmeta.ModelMeta, shm_registry: shm.SharedMemory | None = None
 ) -> list[RequestedOutput]:
     """The outputs to return: every output (raw) when none are named."""
+    names = [meta.output_name, *(name for name, _, _ in meta.extra_outputs)]
     if not request.outputs:
-        return [RequestedOutput(meta.output_name, None)]
+        return [RequestedOutput(name, None) for name in names]
     result = []
     seen = set()
     for out in request.outputs:
-        if out.name != meta.output_name:
+        if out.name not in names:
+            listed = f"one output, '{names[0]}'" if len(names) == 1 else f"outputs {names[:16]}"
             raise errors.InvalidInput(
-                f"unknown output {errors.shown(out.name)}: model '{request.model_name}' has one output, "
-                f"'{meta.output_name}'"
+                f"unknown output {errors.shown(out.name)}: model '{request.model_name}' has {listed}"
             )
         if out.name in seen:
             raise errors.InvalidInput(f"output '{out.name}' requested twice")
@@ -74,6 +78,11 @@ def requested_outputs(
                 raise errors.InvalidInput(
                     f"output '{out.name}': parameter 'classification' must be an integer >= 1 (top k), "
                     f"got {_param_text(out.parameters[CLASSIFICATION_PARAM])}"
+                )
+            if out.name != meta.output_name:
+                raise errors.InvalidInput(
+                    f"output '{out.name}': parameter 'classification' applies to the classifier's "
+                    f"output '{meta.output_name}' only"
                 )
         where = shared_memory_slice(f"output '{out.name}'", out.parameters, shm_registry)
         if where is not None and k is not None:
@@ -105,14 +114,26 @@ def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) ->
     return out
 
 
+def _output_spec(meta: modelmeta.ModelMeta, name: str) -> tuple[int | None, str, tuple[int, ...]]:
+    """(index among the extra outputs or None for the classifier's, numpy dtype, dims after the batch)."""
+    for index, (extra, dtype, dims) in enumerate(meta.extra_outputs):
+        if extra == name:
+            return index, dtype, dims
+    return None, "float32", (meta.num_classes,)
+
+
 def check_output_room(outputs: Sequence[RequestedOutput], rows: int, meta: modelmeta.ModelMeta) -> None:
-    """Refuse, before any compute, a shared memory output too small for ``rows`` rows of logits."""
-    need = rows * meta.num_classes * 4
+    """Refuse, before any compute, a shared memory output too small for ``rows`` rows of it."""
     for requested in outputs:
-        if requested.shared_memory is not None and requested.shared_memory.byte_size < need:
+        if requested.shared_memory is None:
+            continue
+        _, dtype, dims = _output_spec(meta, requested.name)
+        need = rows * int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if requested.shared_memory.byte_size < need:
+            shape = ",".join(str(d) for d in (rows, *dims))
             raise errors.InvalidInput(
-                f"output '{requested.name}': FP32 [{rows},{meta.num_classes}] needs {need} bytes "
-                f"but shared_memory_byte_size is {requested.shared_memory.byte_size}"
+                f"output '{requested.name}': {modelmeta.OUTPUT_DATATYPES[dtype]} [{shape}] needs {need} "
+                f"bytes but shared_memory_byte_size is {requested.shared_memory.byte_size}"
             )
 
 
@@ -127,12 +148,15 @@ def build_outputs(
     or written to the shared memory region an output names (then the response holds its
     name, datatype and shape, and an empty raw_output_contents entry)."""
     rows = logits.shape[0]
+    packed, logits = logits, logits[:, : meta.num_classes]  # the graph's other outputs follow
     for requested in outputs:
         tensor = response.outputs.add(name=requested.name)
         if requested.classification_k is None:
-            tensor.datatype = "FP32"
-            tensor.shape.extend(logits.shape)
-            data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+            index, dtype, _ = _output_spec(meta, requested.name)
+            value = logits if index is None else modelmeta.extra_output(meta, packed, index)
+            tensor.datatype = modelmeta.OUTPUT_DATATYPES[dtype]
+            tensor.shape.extend(value.shape)
+            data = np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
             if requested.shared_memory is not None:
                 shm_registry.write(requested.shared_memory, data, f"output '{requested.name}'")
                 # An empty entry keeps raw_output_contents aligned with outputs, as Triton does:

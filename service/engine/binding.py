@@ -46,7 +46,7 @@ class _Bound:
     binding: ort.IOBinding
     host_input: ort.OrtValue | None  # CPU: a view of the staging buffer
     device_input: ort.OrtValue | None  # GPU: updated from the staging buffer per batch
-    device_output: ort.OrtValue | None
+    device_outputs: tuple[ort.OrtValue, ...] = ()
 
 
 class BatchFeed:
@@ -63,8 +63,10 @@ class BatchFeed:
         label: str,
         pin: bool = True,
     ) -> None:
-        self._input, self._output = meta.input_name, meta.output_name
-        self._classes = meta.num_classes
+        self._meta = meta
+        self._input = meta.input_name
+        #: The classifier's output, then the graph's others (packed into one array per run).
+        self._outputs = [meta.output_name, *(name for name, _, _ in meta.extra_outputs)]
         self._default = default
         self._by_size = dict(by_size)
         self._device = device
@@ -102,16 +104,19 @@ class BatchFeed:
         if not self._device:
             host = ort.OrtValue.ortvalue_from_numpy(self._staging[:size])  # shares the staging memory
             binding.bind_ortvalue_input(self._input, host)
-            binding.bind_output(self._output, "cpu")
-            return _Bound(binding, host, None, None)
+            for name in self._outputs:
+                binding.bind_output(name, "cpu")
+            return _Bound(binding, host, None)
         shape = (size, *meta.input_shape)
         device_input = ort.OrtValue.ortvalue_from_shape_and_type(shape, self._staging.dtype, "cuda", 0)
-        device_output = ort.OrtValue.ortvalue_from_shape_and_type(
-            (size, self._classes), np.float32, "cuda", 0
-        )
         binding.bind_ortvalue_input(self._input, device_input)
-        binding.bind_ortvalue_output(self._output, device_output)
-        return _Bound(binding, None, device_input, device_output)
+        specs = [(meta.output_name, "float32", (meta.num_classes,)), *meta.extra_outputs]
+        device_outputs = []
+        for name, dtype, dims in specs:
+            value = ort.OrtValue.ortvalue_from_shape_and_type((size, *dims), np.dtype(dtype), "cuda", 0)
+            binding.bind_ortvalue_output(name, value)
+            device_outputs.append(value)
+        return _Bound(binding, None, device_input, tuple(device_outputs))
 
     def padded_size(self, rows: int) -> int:
         """The size a batch of ``rows`` runs at: the next padded size, or ``rows`` itself."""
@@ -135,7 +140,8 @@ class BatchFeed:
         return batch
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """The output rows for ``batch`` (as many as it has, padding included). Blocking."""
+        """The output rows for ``batch`` (as many as it has, padding included): float32 logits, with
+        the graph's other outputs packed after them (``modelmeta.pack_outputs``). Blocking."""
         staged, self._staged = self._staged, None
         if batch is not staged and self._staging is not None:
             if len(batch) > len(self._staging):
@@ -147,10 +153,10 @@ class BatchFeed:
             if bound.device_input is not None:
                 bound.device_input.update_inplace(batch)
             self._by_size[len(batch)].run_with_iobinding(bound.binding)
-            return bound.binding.copy_outputs_to_cpu()[0]
+            return modelmeta.pack_outputs(self._meta, bound.binding.copy_outputs_to_cpu())
         if self._device:
             return self._run_on_device(self._default, batch)
-        return self._default.run([self._output], {self._input: batch})[0]
+        return modelmeta.pack_outputs(self._meta, self._default.run(self._outputs, {self._input: batch}))
 
     def _run_chunks(self, batch: np.ndarray) -> np.ndarray:
         step = len(self._staging)  # type: ignore[arg-type]
@@ -164,9 +170,10 @@ class BatchFeed:
         """A batch of any size on the GPU: copied from (pinned) host memory, output allocated there."""
         binding = session.io_binding()
         binding.bind_ortvalue_input(self._input, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
-        binding.bind_output(self._output, "cuda", 0)
+        for name in self._outputs:
+            binding.bind_output(name, "cuda", 0)
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return modelmeta.pack_outputs(self._meta, binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
         """Drop the bindings and sessions, then unlock the staging buffer."""

@@ -145,7 +145,7 @@ def top_k(meta: modelmeta.ModelMeta, logits_row: np.ndarray, k: int) -> list[tup
     if not isinstance(k, int | np.integer) or k < 1:
         raise errors.InvalidInput(f"top_k must be >= 1, got {k}")
     k = min(int(k), meta.num_classes)
-    z = np.asarray(logits_row, np.float64).reshape(-1)
+    z = np.asarray(logits_row, np.float64).reshape(-1)[: meta.num_classes]  # extra outputs follow
     if meta.output == "probabilities":
         p = z
     else:

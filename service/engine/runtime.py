@@ -355,16 +355,16 @@ class Session:
             except Exception as exc:
                 raise ModelLoadError(f"warm-up with a batch of {n} failed: {_first_line(exc)}") from None
             timings[n] = time.perf_counter() - start
-            expected = (n, self.meta.num_classes)
+            expected = (n, self.meta.row_width)
             if not isinstance(y, np.ndarray) or y.shape != expected or y.dtype != np.float32:
                 got = getattr(y, "shape", None), getattr(y, "dtype", None)
                 raise ModelLoadError(
                     f"warm-up with a batch of {n}: output '{self._output}' is {got}, expected float32 {expected} "
                     f"({self.meta.num_classes} labels in the metadata)"
                 )
-            if not np.isfinite(y).all():
+            if not np.isfinite(y[:, : self.meta.num_classes]).all():
                 raise ModelLoadError(f"warm-up with a batch of {n}: the model produced non-finite logits")
-            outputs[n] = y[0].astype(np.float64)
+            outputs[n] = y[0, : self.meta.num_classes].astype(np.float64)
         alone, batched = outputs[1], outputs[max(outputs)]
         self.batch_difference = float(np.abs(batched - alone).max() / max(np.abs(alone).max(), 1e-12))
         return timings

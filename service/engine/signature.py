@@ -31,7 +31,9 @@ def read_metadata(session: ort.InferenceSession, path: str | Path | None = None)
         meta = modelmeta.from_props(props)
     except modelmeta.MetadataError as exc:
         raise ModelLoadError(f"bad svertka metadata: {exc}") from None
-    return meta.replace(fixed_batch=_batch_of_one(session))
+    return meta.replace(
+        fixed_batch=_batch_of_one(session), extra_outputs=_extra_outputs(session, meta.output_name)
+    )
 
 
 def _batch_of_one(session: ort.InferenceSession) -> bool:
@@ -42,8 +44,39 @@ def _batch_of_one(session: ort.InferenceSession) -> bool:
 #: What a model without svertka metadata must be, said in every refusal.
 SUPPORTED_GRAPHS = (
     "svertka serves classifiers with one image input ([N,3,H,W] or [N,H,W,3], FP32, FP16 or UINT8, "
-    "H and W fixed, N dynamic or 1) and one [N, classes] FP32 output"
+    "H and W fixed, N dynamic or 1) and an [N, classes] FP32 output (the first such; other outputs "
+    "[N, ...] of fixed sizes are served beside it)"
 )
+
+#: The numpy dtype of each onnxruntime output type an extra output may have.
+_OUTPUT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}  # fmt: skip
+
+
+def _extra_outputs(
+    session: ort.InferenceSession, classifier: str
+) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """Every output but the classifier's, as (name, numpy dtype, dims after the batch); or why not."""
+    extras = []
+    for out in session.get_outputs():
+        if out.name == classifier:
+            continue
+        dtype, shape = _OUTPUT_TYPES.get(out.type), list(out.shape)
+        if dtype is None:
+            raise ModelLoadError(
+                f"output '{out.name}' is {out.type}; besides the classifier's, svertka serves outputs of "
+                f"types {sorted(modelmeta.OUTPUT_DATATYPES.values())}"
+            )
+        if not shape or any(_is_dynamic(d) or d < 1 for d in shape[1:]):
+            raise ModelLoadError(
+                f"output '{out.name}' has shape {shape}; besides the classifier's, svertka serves outputs "
+                "[N, ...] whose sizes after the batch are fixed in the graph"
+            )
+        extras.append((out.name, dtype, tuple(int(d) for d in shape[1:])))
+    return tuple(extras)
 
 
 def graph_metadata(session: ort.InferenceSession, path: str | Path | None = None) -> modelmeta.ModelMeta:
@@ -74,18 +107,21 @@ def graph_metadata(session: ort.InferenceSession, path: str | Path | None = None
             f"input '{inp.name}' has shape {shape}: its height and width are not fixed in the graph; "
             f"{SUPPORTED_GRAPHS}"
         )
-    if len(outputs) != 1:
+    out = next((o for o in outputs if o.type == "tensor(float)" and _classes(o.shape) >= 2), None)
+    if out is None:
+        shown = [f"{o.name} {o.type} {list(o.shape)}" for o in outputs[:8]]
         raise ModelLoadError(
-            f"the graph has {len(outputs)} outputs {[o.name for o in outputs][:8]}; {SUPPORTED_GRAPHS}"
+            f"the graph's outputs are {shown}: none is [N, classes] FP32; {SUPPORTED_GRAPHS}"
         )
-    (out,) = outputs
-    oshape = list(out.shape)
-    if len(oshape) != 2 or _is_dynamic(oshape[1]) or oshape[1] < 2:
-        raise ModelLoadError(f"output '{out.name}' has shape {oshape}; {SUPPORTED_GRAPHS}")
     size = (int(spatial[0]), int(spatial[1]))
     kind = "probabilities" if path is not None and _made_by_softmax(path, out.name) else "logits"
-    meta = modelmeta.from_graph(inp.name, dtype, layout, size, out.name, int(oshape[1]), kind)
-    return meta.replace(fixed_batch=_batch_of_one(session))
+    meta = modelmeta.from_graph(inp.name, dtype, layout, size, out.name, _classes(out.shape), kind)
+    return meta.replace(fixed_batch=_batch_of_one(session), extra_outputs=_extra_outputs(session, out.name))
+
+
+def _classes(shape: list) -> int:
+    """The class count of an [N, classes] output shape; 0 for any other shape."""
+    return int(shape[1]) if len(shape) == 2 and not _is_dynamic(shape[1]) else 0
 
 
 def _made_by_softmax(path: str | Path, output: str) -> bool:

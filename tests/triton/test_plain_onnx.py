@@ -75,3 +75,50 @@ def test_tritonclient_gets_the_graphs_own_signature_and_onnxruntimes_logits(
 def test_perf_analyzer_runs_against_it(served, tmp_path, model):
     levels = run_perf_analyzer(served.address, model, "1:2", tmp_path / "perf.csv")
     assert [c for c, _ in levels] == [1, 2] and all(rate > 0 for _, rate in levels)
+
+
+def test_tritonclient_reads_every_output_of_a_graph_with_several(tmp_path_factory):
+    """A classifier with its features and its argmax beside the logits: each in its own datatype."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    repo = tmp_path_factory.mktemp("multi")
+    w = numpy_helper.from_array(np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["features"]),
+            helper.make_node("Gemm", ["features", "w"], ["logits"], transB=1),
+            helper.make_node("ArgMax", ["logits"], ["top"], axis=1, keepdims=0),
+        ],
+        "multi",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("top", TensorProto.INT64, ["n"]),
+        ],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = repo / "multi" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+    x = np.random.default_rng(2).standard_normal((4, 3, 16, 16), dtype=np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})
+    server = ServerProcess(repo, tmp_path_factory.mktemp("logs") / "server.log").start().wait_serving()
+    try:
+        with grpcclient.InferenceServerClient(server.address) as client:
+            meta = client.get_model_metadata("multi", as_json=True)
+            assert [(o["name"], o["datatype"]) for o in meta["outputs"]] == [
+                ("logits", "FP32"), ("features", "FP32"), ("top", "INT64")
+            ]  # fmt: skip
+            tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer("multi", [tensor])
+            for name, expected in zip(("logits", "features", "top"), want, strict=True):
+                np.testing.assert_allclose(result.as_numpy(name), expected, rtol=1e-5, atol=1e-6)
+            assert result.as_numpy("top").dtype == np.int64
+    finally:
+        assert server.stop() == 0
