@@ -72,6 +72,10 @@ def plain_repository(tmp_path_factory) -> Path:
           [v("out", TensorProto.FLOAT, ["n", 4])],
           [helper.make_node("Cast", ["pixels"], ["f"], to=TensorProto.FLOAT),
            helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2]), *nodes], init)  # fmt: skip
+    nodes, init = _head("data32", "scores16")  # an FP16 input, cast to float inside the graph
+    _save(root / "plainfp16" / "1" / "model.onnx", [v("data", TensorProto.FLOAT16, ["n", 3, 8, 8])],
+          [v("scores16", TensorProto.FLOAT, ["n", 4])],
+          [helper.make_node("Cast", ["data"], ["data32"], to=TensorProto.FLOAT), *nodes], init)  # fmt: skip
     nodes, init = _head("data", "raw")
     _save(root / "plainsoftmax" / "1" / "model.onnx", [v("data", TensorProto.FLOAT, ["n", 3, 8, 8])],
           [v("prob", TensorProto.FLOAT, ["n", 4])],
@@ -110,7 +114,11 @@ def _infer(stub, model: str, name: str, datatype: str, x: np.ndarray) -> pb.Mode
 
 @pytest.mark.parametrize(
     "model, name, datatype, shape, output",
-    [("plainnchw", "data", "FP32", [3, 8, 8], "scores"), ("plainu8", "pixels", "UINT8", [8, 8, 3], "out")],
+    [
+        ("plainnchw", "data", "FP32", [3, 8, 8], "scores"),
+        ("plainu8", "pixels", "UINT8", [8, 8, 3], "out"),
+        ("plainfp16", "data", "FP16", [3, 8, 8], "scores16"),
+    ],
 )
 def test_a_plain_classifier_is_served_as_its_graph_says(
     stub, plain_repository, model, name, datatype, shape, output
@@ -121,7 +129,9 @@ def test_a_plain_classifier_is_served_as_its_graph_says(
     assert (out.name, out.datatype, list(out.shape)) == (output, "FP32", [-1, 4])
     rng = np.random.default_rng(2)
     x = (rng.integers(0, 256, (5, *shape), dtype=np.uint8) if datatype == "UINT8"
-         else rng.standard_normal((5, *shape), dtype=np.float32))  # fmt: skip
+         else rng.standard_normal((5, *shape), dtype=np.float32).astype(datatype.lower().replace("fp", "float")))  # fmt: skip
+    config = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=10).config
+    assert config.parameters["precision"].string_value == ("fp16" if datatype == "FP16" else "fp32")
     response = _infer(stub, model, name, datatype, x)
     got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(5, 4)
     session = ort.InferenceSession(str(plain_repository / model / "1" / "model.onnx"))
