@@ -15,6 +15,7 @@ from service.clierrors import CommandError
 
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
+    from service.health_cli import register as register_health
     from service.server_cli import register as register_server
 
     parser = argparse.ArgumentParser(prog="svertka", description=__doc__.splitlines()[0])
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_export(sub)
     register_server(sub)
+    register_health(sub)
     return parser
 
 

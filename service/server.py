@@ -141,8 +141,8 @@ class Server:
 
     async def start(self) -> None:
         """Open the port (health NOT_SERVING until ``load_models`` finishes)."""
+        await self.health.start()  # first: the servicer itself starts with "" SERVING
         await self.grpc_server.start()
-        await self.health.start()
 
     async def load_models(self) -> None:
         """Load and warm up the repository, then report SERVING."""
@@ -184,6 +184,7 @@ class Server:
             self.abandoned = self.gate.unanswered(accepted)
             final_grace = 0.0
         half_open = self.gate.waiting_for_request
+        await self.health.stop()  # liveness too, now that the drain is over
         stopping = asyncio.create_task(self.grpc_server.stop(final_grace))
         await asyncio.sleep(RELEASE_AFTER_S)
         self.gate.release()

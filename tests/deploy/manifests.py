@@ -35,13 +35,33 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "cpu": (("overlays/cpu",), ()),
     "gpu": (("overlays/gpu",), ()),
     "kind": (("overlays/kind",), ()),
+    "canary": (("overlays/canary",), ()),
     "monitoring": (("overlays/monitoring",), ()),
     "kserve": (("kserve",), ()),
     "cpu+image-volume": (("overlays/cpu",), ("components/image-volume",)),
     "gpu+model-init": (("overlays/gpu",), ("components/model-init",)),
+    "gpu+canary": (("overlays/gpu",), ("components/canary",)),
 }
-#: Targets holding the svertka Deployment.
-WORKLOAD_TARGETS = ("base", "cpu", "gpu", "kind", "cpu+image-volume", "gpu+model-init")
+#: What one namespace holds when targets are applied side by side, each with a
+#: `kubectl apply -k` of its own (as docs/deploy.md says to apply a canary):
+#: name -> the targets. (One kustomization listing both as resources would not
+#: do: kustomize then rewrites the stable track's references to the canary's
+#: names, both coming from the same base.)
+SIDE_BY_SIDE: dict[str, tuple[str, ...]] = {"cpu+canary": ("cpu", "canary")}
+#: Targets holding one svertka Deployment.
+WORKLOAD_TARGETS = (
+    "base",
+    "cpu",
+    "gpu",
+    "kind",
+    "canary",
+    "cpu+image-volume",
+    "gpu+model-init",
+    "gpu+canary",
+)
+#: Targets whose Deployment is a canary: it runs next to a stable track and
+#: its Services (svertka.io/track: canary; deploy/k8s/components/canary).
+CANARY_TARGETS = ("canary", "gpu+canary")
 
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_v1_servicemonitor.json",
@@ -69,25 +89,33 @@ def kustomize(directory: Path) -> str:
     return proc.stdout
 
 
+def compose(directory: Path, resources: list[Path], components: list[Path] = (), **fields) -> Path:
+    """Write a kustomization in ``directory`` of these resources and components (any
+    directories; kustomize wants them relative) and further ``fields``; the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(r, directory) for r in resources],
+                "components": [os.path.relpath(c, directory) for c in components],
+                **fields,
+            }
+        )
+    )
+    return directory
+
+
 @functools.cache
 def rendered_text(target: str) -> str:
+    if target in SIDE_BY_SIDE:
+        return "---\n".join(rendered_text(part) for part in SIDE_BY_SIDE[target])
     resources, components = TARGETS[target]
     if not components and len(resources) == 1:
         return kustomize(K8S / resources[0])
     with tempfile.TemporaryDirectory(prefix="svertka-kustomize-") as tmp:
-        rel = [os.path.relpath(K8S / r, tmp) for r in resources]
-        comps = [os.path.relpath(K8S / c, tmp) for c in components]
-        Path(tmp, "kustomization.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                    "kind": "Kustomization",
-                    "resources": rel,
-                    "components": comps,
-                }
-            )
-        )
-        return kustomize(Path(tmp))
+        return kustomize(compose(Path(tmp), [K8S / r for r in resources], [K8S / c for c in components]))
 
 
 def rendered(target: str) -> list[dict]:
@@ -122,6 +150,29 @@ def pod_spec(obj: dict) -> dict:
     if obj["kind"] == "InferenceService":
         return obj["spec"]["predictor"]
     raise AssertionError(f"no pod spec in a {obj['kind']}")
+
+
+def pod_labels(obj: dict) -> dict[str, str]:
+    """The labels the pods of a Deployment or InferenceService get.
+
+    KServe (RawDeployment) gives the predictor's pods the InferenceService's
+    labels, the predictor's own, and its name, component and app labels.
+    """
+    if obj["kind"] == "Deployment":
+        return obj["spec"]["template"]["metadata"]["labels"]
+    name = obj["metadata"]["name"]
+    return {
+        **obj["metadata"].get("labels", {}),
+        **obj["spec"]["predictor"].get("labels", {}),
+        "serving.kserve.io/inferenceservice": name,
+        "component": "predictor",
+        "app": f"isvc.{name}-predictor",
+    }
+
+
+def kserve_deployment_name(isvc: dict) -> str:
+    """The Deployment KServe makes for an InferenceService's (unnamed) predictor."""
+    return isvc["metadata"]["name"] + "-predictor"
 
 
 def workloads(target: str) -> Iterator[dict]:

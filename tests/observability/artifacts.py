@@ -91,13 +91,97 @@ def rule_exprs() -> list[str]:
     return [r["expr"] for r in rules()]
 
 
+def variable_default(name: str) -> str:
+    """The value a dashboard variable has when the dashboard opens."""
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["name"] == name]
+    return variable["current"]["value"]
+
+
 def concrete(expr: str, rate_interval: str = "30s") -> str:
-    """A dashboard expression with Grafana's variables filled in as 'All' would."""
+    """A dashboard expression with Grafana's variables filled in as the dashboard opens:
+    the default job, every model and instance ('All')."""
     return (
         expr.replace("$__rate_interval", rate_interval)
+        .replace('=~"$job"', f'="{variable_default("job")}"')
         .replace('=~"$model"', '=~".*"')
         .replace('=~"$instance"', '=~".*"')
     )
+
+
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_MATCHER = re.compile(rf"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*({_STRING})")
+#: Label lists after these keywords are label names, not selectors.
+_GROUPING = {"by", "without", "on", "ignoring", "group_left", "group_right"}
+
+
+def _skip_string(expr: str, i: int) -> int:
+    """Index just past the string literal starting at ``i``."""
+    match = re.compile(_STRING).match(expr, i)
+    assert match, f"unterminated string at {i}: {expr}"
+    return match.end()
+
+
+def _closing(expr: str, i: int, open_: str, close: str) -> int:
+    """Index just past the bracket that closes the one at ``i`` (strings skipped)."""
+    depth = 0
+    while i < len(expr):
+        c = expr[i]
+        if c == '"':
+            i = _skip_string(expr, i)
+            continue
+        depth += (c == open_) - (c == close)
+        i += 1
+        if depth == 0:
+            return i
+    raise AssertionError(f"unbalanced {open_} in {expr}")
+
+
+def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Every series selector of a PromQL expression: (metric name, [(label, op, "value")]).
+
+    A small scanner for the expressions we write: function and aggregation
+    calls, grouping clauses, ranges, numbers and durations are not selectors;
+    an identifier that is none of those is a metric name, with the matchers in
+    the braces that follow it, if any. A selector of braces alone has name "".
+    """
+    found = []
+    i = 0
+    while i < len(expr):
+        c = expr[i]
+        if c == '"':
+            i = _skip_string(expr, i)
+        elif c == "[":
+            i = _closing(expr, i, "[", "]")  # a range or subquery: durations, Grafana's intervals
+        elif c == "{":
+            end = _closing(expr, i, "{", "}")
+            found.append(("", [tuple(m) for m in _MATCHER.findall(expr[i:end])]))
+            i = end
+        elif c == "$":  # a Grafana variable outside a string
+            i = re.compile(r"\$\{?\w+\}?").match(expr, i).end()
+        elif re.match(r"[a-zA-Z_:]", c) and not (i and re.match(r"[a-zA-Z0-9_.:]", expr[i - 1])):
+            name = _IDENT.match(expr, i).group(0)
+            j = _IDENT.match(expr, i).end()
+            rest = expr[j:].lstrip()
+            k = len(expr) - len(rest)
+            if name.lower() in _GROUPING and rest.startswith("("):
+                i = _closing(expr, k, "(", ")")
+            elif rest.startswith("(") or name.lower() in _FUNCS_AND_KEYWORDS:
+                i = j
+            elif rest.startswith("{"):
+                end = _closing(expr, k, "{", "}")
+                found.append((name, [tuple(m) for m in _MATCHER.findall(expr[k:end])]))
+                i = end
+            else:
+                found.append((name, []))
+                i = j
+        else:
+            i += 1
+    return found
+
+
+def unscoped(expr: str, job: tuple[str, str]) -> list[str]:
+    """The selectors of ``expr`` without the job matcher ``job`` (operator, quoted value)."""
+    return [name or "{...}" for name, matchers in selectors(expr) if ("job", *job) not in matchers]
 
 
 #: Series Prometheus itself adds to every scrape, not the server.
