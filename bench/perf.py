@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from bench import cpu, modelstats
-
-VENV = Path(sys.prefix)
+from service.perf_cli import environment, perf_analyzer_path  # as ``svertka perf`` runs it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +52,6 @@ class PerfPoint:
     error: str = ""
     #: CPU the measured run cost (``bench.cpu.CpuUse`` fields), when the server's pid was given.
     cpu: dict | None = None
-
-
-def perf_analyzer_path() -> Path:
-    """The tritonclient wheel's binary in this venv, or ``PERF_ANALYZER`` (a machine without the venv)."""
-    return Path(os.environ.get("PERF_ANALYZER") or VENV / "bin" / "perf_analyzer")
-
-
-def environment() -> dict[str, str]:
-    """perf_analyzer links libcudart.so.12 even for CPU-only gRPC runs: nvidia-cuda-runtime-cu12 ships it."""
-    env = dict(os.environ)
-    if os.environ.get("PERF_ANALYZER"):
-        return env  # the caller set LD_LIBRARY_PATH for its own binary
-    import nvidia.cuda_runtime  # noqa: F401  (installed with the dev extra)
-
-    lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(lib), *filter(None, [env.get("LD_LIBRARY_PATH")])])
-    return env
 
 
 def version() -> str:

@@ -400,7 +400,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     if cfg.weights is not None:
-        train.load_state_dict_file(cfg.weights)  # fail before scanning a large dataset
+        train.load_state_dict_file(cfg.weights, cfg.arch)  # fail before scanning a large dataset
     train.main(cfg)
     return 0
 

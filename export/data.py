@@ -115,6 +115,9 @@ def scan_image_folder(root: str | os.PathLike[str], strict: bool = False) -> Ima
 class Splits:
     train: ImageFolder
     val: ImageFolder
+    #: The unreadable files skipped while scanning, of both splits: the split halves of one scanned
+    #: folder (``--val-split``) are subsets, which hold none of their own.
+    skipped: tuple[tuple[Path, str], ...] = ()
 
 
 def load_splits(
@@ -132,7 +135,7 @@ def load_splits(
                 f"{root}: train/ and val/ have different class folders "
                 f"({list(train.classes)} vs {list(val.classes)})"
             )
-        return Splits(train, val)
+        return Splits(train, val, train.skipped + val.skipped)
     if val_split is None:
         raise DatasetError(f"{root}: has no train/ and val/ subfolders; pass --val-split (e.g. 0.2)")
     if not 0.0 < val_split < 1.0:
@@ -142,7 +145,7 @@ def load_splits(
     train_idx, val_idx = stratified_split(full.targets, val_split, seed)
     if not val_idx or not train_idx:
         raise DatasetError(f"{root}: too few images ({len(full.samples)}) for --val-split {val_split}")
-    return Splits(full.subset(train_idx), full.subset(val_idx))
+    return Splits(full.subset(train_idx), full.subset(val_idx), full.skipped)
 
 
 def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -125,7 +125,7 @@ def _model_from_weights(args: argparse.Namespace) -> tuple[Any, ModelMeta]:
         raise ExportError("--weights FILE needs --labels FILE (one class label per line)")
     state = None
     if args.weights != "random":
-        state = train.load_state_dict_file(Path(args.weights))
+        state = train.load_state_dict_file(Path(args.weights), args.arch)
         fc = state.get("fc.weight")
         if fc is not None and fc.shape[0] != len(labels):
             raise ExportError(

@@ -43,11 +43,6 @@ CHECKPOINT_FORMAT = "svertka-checkpoint"
 CHECKPOINT_VERSION = 1
 AUGMENTATIONS = ("standard", "affine")
 
-TORCHVISION_WEIGHTS_HINT = (
-    "nothing is downloaded at run time: fetch the torchvision weights file on a machine with internet "
-    "(e.g. https://download.pytorch.org/models/resnet18-f37072fd.pth) and pass its path"
-)
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -201,11 +196,43 @@ def compute_mean_std(
     return tuple(round(float(v), 4) for v in mean), tuple(max(round(float(v), 4), 1e-4) for v in std)
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A torchvision-format state dict (or a svertka checkpoint's weights) from a local file."""
+def weights_url(arch: str) -> str | None:
+    """Where torchvision publishes ``arch``'s ImageNet weights, or None (the small-image archs).
+
+    IMAGENET1K_V1: evaluated at resize 256, crop 224, svertka's default preprocessing for a 224
+    crop (resnet50's newer V2 file was evaluated at resize 232).
+    """
+    if arch not in models.IMAGENET_ARCHS:
+        return None
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch).IMAGENET1K_V1.url
+
+
+def weights_hint(arch: str | None = None) -> str:
+    """What to do about a missing weights file, naming ``arch``'s own file when it has one."""
+    url = weights_url(arch) if arch else None
+    if url is not None:
+        where = f"{arch}'s torchvision weights file on a machine with internet ({url})"
+    elif arch:
+        return (
+            f"nothing is downloaded at run time, and torchvision publishes no {arch} weights: "
+            "pass a svertka train checkpoint (last.pt)"
+        )
+    else:
+        where = (
+            "your --arch's torchvision weights file on a machine with internet "
+            "(torchvision.models.get_model_weights(ARCH).IMAGENET1K_V1.url names it)"
+        )
+    return f"nothing is downloaded at run time: fetch {where} and pass its path"
+
+
+def load_state_dict_file(path: Path, arch: str | None = None) -> dict[str, torch.Tensor]:
+    """A torchvision-format state dict (or a svertka checkpoint's weights) from a local file;
+    ``arch``, when known, names its torchvision file in the error for a missing one."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: no such weights file ({TORCHVISION_WEIGHTS_HINT})")
+        raise ExportError(f"{path}: no such weights file ({weights_hint(arch)})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -476,7 +503,7 @@ def _main(cfg: TrainConfig, resume: Path | None) -> TrainResult:
         len(labels),
         len(splits.train.samples),
         len(splits.val.samples),
-        len(splits.train.skipped) + len(splits.val.skipped),
+        len(splits.skipped),
         list(cfg.mean),
         list(cfg.std),
     )
@@ -495,7 +522,7 @@ def _main(cfg: TrainConfig, resume: Path | None) -> TrainResult:
 
     model = models.build_model(cfg.arch, len(labels))
     if cfg.weights is not None and state is None:
-        apply_weights(model, load_state_dict_file(cfg.weights), cfg.arch, cfg.weights)
+        apply_weights(model, load_state_dict_file(cfg.weights, cfg.arch), cfg.arch, cfg.weights)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     decay, no_decay = [], []
     for p in model.parameters():

@@ -16,6 +16,7 @@ from service.clierrors import CommandError
 def build_parser() -> argparse.ArgumentParser:
     from export.cli import register as register_export
     from service.health_cli import register as register_health
+    from service.perf_cli import register as register_perf
     from service.server_cli import register as register_server
 
     parser = argparse.ArgumentParser(prog="svertka", description=__doc__.splitlines()[0])
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_export(sub)
     register_server(sub)
     register_health(sub)
+    register_perf(sub)
     return parser
 
 

@@ -135,40 +135,92 @@ def default_intra_op_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _bound(n: int) -> str:
+    """An upper bound as the settings table writes it: 2^31-1, 3,600,000, 1024."""
+    if n > 10**6 and (n + 1) & n == 0:
+        return f"2^{n.bit_length()}-1"
+    return f"{n:,}"
+
+
+def model_setting(default: Any, accepted: str, *, default_note: str = "") -> Any:
+    """A ModelSettings field, with its row of the settings table (``settings_table``).
+
+    ``accepted``: what the setting takes, as the table's third column says it; ``default_note``
+    follows the default in parentheses (alone when the default is None).
+    """
+    return dataclasses.field(default=default, metadata={"accepted": accepted, "default_note": default_note})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    """Per-model settings, from ``<repo>/<model>/config.yaml|json`` or defaults."""
+    """Per-model settings, from ``<repo>/<model>/config.yaml|json`` or defaults.
 
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS
-    preferred_batch_sizes: tuple[int, ...] = ()
+    Each field is one ``config.yaml`` key; docs/engine.md's table of them is ``settings_table()``
+    (``python -m service.config --table``), checked by tests/core/test_config.py.
+    """
+
+    max_batch_size: int = model_setting(DEFAULT_MAX_BATCH_SIZE, f"integer 1 .. {_bound(MAX_INT_SETTING)}")
+    max_queue_delay_ms: float = model_setting(
+        DEFAULT_MAX_QUEUE_DELAY_MS, f"finite number 0 .. {_bound(int(MAX_QUEUE_DELAY_MS))}"
+    )
+    preferred_batch_sizes: tuple[int, ...] = model_setting((), "list of integers 1 .. `max_batch_size`")
     #: Batches are padded up to the next of these sizes, each of which gets its own onnxruntime
     #: session, so that no session ever sees a new input shape (service.engine.runtime.padded_sizes).
     #: "auto": powers of two up to max_batch_size, with the CUDA provider only; [] : never.
-    padded_batch_sizes: tuple[int, ...] | str = "auto"
+    padded_batch_sizes: tuple[int, ...] | str = model_setting(
+        "auto", "`auto` or a list of integers 1 .. `max_batch_size` (Runtime, above)"
+    )
     #: Each padded size's session captures a CUDA graph at warm-up and replays it for every batch
     #: (the CUDA provider only; needs padded sizes). Off unless asked for.
-    cuda_graphs: bool = False
+    cuda_graphs: bool = model_setting(
+        False, "`true` or `false`; `true` needs padded sizes and the CUDA provider (Runtime, above)"
+    )
     #: GPU providers: the instance's batch buffer is page-locked, so a batch goes to the GPU as one
     #: DMA (service.engine.pinned). false copies from pageable memory (for comparison).
-    pinned_memory: bool = True
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    instances: int = 1
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    intra_op_threads: int = 0  # 0: the server's CPU budget divided among instances
+    pinned_memory: bool = model_setting(
+        True, "`true` or `false`: page-lock each instance's batch buffer on a GPU provider (Runtime, above)"
+    )
+    max_queue_size: int = model_setting(
+        DEFAULT_MAX_QUEUE_SIZE, f"integer 1 .. {_bound(MAX_INT_SETTING)} (rows)"
+    )
+    instances: int = model_setting(1, f"integer 1 .. {MAX_INSTANCES}")
+    providers: tuple[str, ...] = model_setting(
+        DEFAULT_PROVIDERS, "non-empty list from " + ", ".join(f"`{p}`" for p in PROVIDER_NAMES)
+    )
+    intra_op_threads: int = model_setting(  # 0: the server's CPU budget divided among instances
+        0, f"integer 0 .. {MAX_INTRA_OP_THREADS}", default_note="the CPU budget ÷ instances"
+    )
     #: Whether idle onnxruntime worker threads spin-wait (true), sleep (false), or "auto":
     #: decided from the model's input size (service.engine.runtime.spinning).
-    intra_op_spinning: bool | str = "auto"
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    intra_op_spinning: bool | str = model_setting("auto", "`true`, `false` or `auto`")
+    max_image_pixels: int = model_setting(
+        DEFAULT_MAX_IMAGE_PIXELS, f"integer 1 .. {_bound(MAX_IMAGE_PIXELS_SETTING)}"
+    )
     #: The pixel limit for images decoded at full size: all but single-scan sequential JPEGs, which are
     #: decoded downscaled and get max_image_pixels (service.preprocess, service.imagescan).
     #: "auto": from the model's input size (auto_decoded_pixels); or an integer.
-    max_decoded_pixels: int | str = "auto"
-    max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST
-    version: int | None = None  # serve this version instead of the newest
+    max_decoded_pixels: int | str = model_setting(
+        "auto",
+        f"`auto` or an integer 1 .. {_bound(MAX_IMAGE_PIXELS_SETTING)}: the pixel limit for images decoded "
+        'at full size (PNG, WebP, GIF, BMP, progressive JPEG; Preprocessing, "Costly images")',
+        default_note=f"{AUTO_DECODED_PIXELS_PER_INPUT_PIXEL} × resize², within "
+        f"{math.isqrt(AUTO_DECODED_PIXELS_FLOOR)}×{math.isqrt(AUTO_DECODED_PIXELS_FLOOR)} .. "
+        f"{math.isqrt(DEFAULT_MAX_DECODED_PIXELS)}×{math.isqrt(DEFAULT_MAX_DECODED_PIXELS)}",
+    )
+    max_rows_per_request: int = model_setting(
+        DEFAULT_MAX_ROWS_PER_REQUEST,
+        f"integer 1 .. {_bound(MAX_INT_SETTING)} (a tensor-API request in typed `bytes_contents` holds at "
+        "most about 4,000 images whatever this says: every request is refused unparsed beyond 4,096 "
+        "protobuf fields; raw BYTES and FP32 are not limited by it)",
+    )
+    version: int | None = model_setting(  # serve this version instead of the newest
+        None, f"integer 1 .. {_bound(layout.MAX_VERSION)}", default_note="newest"
+    )
     #: Refuse FP32 tensor requests holding NaN or +-Inf (INVALID_ARGUMENT). Off by default, as in
     #: Triton, which computes whatever it is sent (perf_analyzer's default random data included).
-    reject_non_finite_inputs: bool = False
+    reject_non_finite_inputs: bool = model_setting(
+        False, "`true` or `false`: refuse FP32 tensors holding NaN/Inf (Request path)"
+    )
 
     def __post_init__(self) -> None:
         _check_int(self, "max_batch_size", 1, MAX_INT_SETTING)
@@ -270,6 +322,34 @@ class ModelSettings:
                 raise ConfigError(f"{path}: cannot parse ({exc})") from None
             return cls.from_mapping(data or {}, source=str(path))
         return cls()
+
+
+def _shown_default(field: dataclasses.Field) -> str:
+    """A default as config.yaml would spell it: `true`, `auto`, `[tensorrt, cuda, cpu]`, 40,000,000, 2."""
+    value, note = field.default, field.metadata["default_note"]
+    if value is None:
+        return note
+    if isinstance(value, bool):
+        shown = f"`{str(value).lower()}`"
+    elif isinstance(value, str):
+        shown = f"`{value}`"
+    elif isinstance(value, tuple):
+        shown = f"`[{', '.join(map(str, value))}]`"
+    elif isinstance(value, float):
+        shown = f"{value:,g}"
+    else:
+        shown = f"{value:,}"
+    return f"{shown} ({note})" if note else shown
+
+
+def settings_table() -> str:
+    """docs/engine.md's table of the ``config.yaml`` keys, one row per ModelSettings field."""
+    fields = dataclasses.fields(ModelSettings)
+    missing = [f.name for f in fields if "accepted" not in f.metadata]
+    if missing:  # a field added without model_setting(...)
+        raise TypeError(f"ModelSettings fields without a model_setting(...): {missing}")
+    rows = [f"| `{f.name}` | {_shown_default(f)} | {f.metadata['accepted']} |" for f in fields]
+    return "\n".join(["| setting | default | accepted |", "|---|---|---|", *rows]) + "\n"
 
 
 #: How a server setting's text (a flag's argument, an ``SVERTKA_*`` value) becomes its value.
@@ -446,3 +526,21 @@ class ServerConfig:
             raise ConfigError(
                 f"frontend_shm_mib: expected an integer from 16 to {1 << 20}, got {self.frontend_shm_mib!r}"
             )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service.config", description="Print what service.config defines, for the docs."
+    )
+    parser.add_argument(
+        "--table", action="store_true", required=True, help="the config.yaml settings table (docs/engine.md)"
+    )
+    parser.parse_args(argv)
+    print(settings_table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -135,6 +135,7 @@ def _format_table(path: str, result) -> str:
 
 def run_classify(args: argparse.Namespace) -> int:
     from service.client import ClassifyError, Client
+    from service.logs import new_request_id
 
     token = None
     if args.token_file:
@@ -155,7 +156,7 @@ def run_classify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(str(exc)) from None
     with client:
-        for i, image in enumerate(args.images):
+        for image in args.images:
             try:
                 data = Path(image).read_bytes()
             except OSError as exc:
@@ -163,8 +164,10 @@ def run_classify(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             try:
+                # A fresh id per request (the server's kind): an index repeated "0", "1", ... on every
+                # run, and its log lines could not be told apart.
                 result = client.classify(
-                    data, model=args.model, version=args.version, top_k=args.top_k, id=str(i)
+                    data, model=args.model, version=args.version, top_k=args.top_k, id=new_request_id()
                 )
             except ClassifyError as exc:
                 print(f"svertka classify: error: {image}: {exc.code}: {exc.message}", file=sys.stderr)

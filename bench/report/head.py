@@ -193,9 +193,11 @@ def method(results: dict) -> list[str]:
         f"timed for {plan['ceiling_s_per_batch']:g} s at each batch size 1, 2, 4, ..., max_batch_size on a ready "
         "float32 batch. Best images/s is the ceiling; batch-1 p50 is the latency floor. Measured before the servers "
         "and again after them; per batch size the faster pass is kept (the conservative choice for served/ceiling).",
-        f"- **Tensor API** (`bench/perf.py`): `perf_analyzer -i grpc -b 1 --concurrency-range C "
+        "- **Tensor API** (`bench/perf.py`, which starts perf_analyzer as `svertka perf` does): "
+        "`svertka perf -- -i grpc -b 1 --concurrency-range C --input-data image.json "
         f"--measurement-interval {pa['measurement_interval_ms']} --stability-percentage {pa['stability_percentage']} "
-        f"--max-trials {pa['max_trials']} -f out.csv`, one process per concurrency in "
+        f"--max-trials {pa['max_trials']} -f out.csv` (`image.json`: one finite random image, the same for "
+        "both servers), one process per concurrency in "
         f"{', '.join(map(str, plan['concurrencies']))}; a level that does not stabilise is retried with twice the "
         "stability percentage, then reported as unstable. Batch sizes come from the difference of ModelStatistics "
         "`batch_stats` before and after each level (both servers report them)."

@@ -8,21 +8,29 @@ batch invariance (8 images alone vs in one batch) in onnxruntime, and the warnin
 
 from __future__ import annotations
 
+import argparse
 import collections
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
 
-from export.models import build_model
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.research.exporter_comparison",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    # After the arguments: --help answers without loading torch.
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
 
+    from export.models import build_model
 
-def main() -> None:
     torch.manual_seed(0)
     model = build_model("resnet20", 10)
     model.train()

@@ -7,15 +7,22 @@ that default in ``export/cli.py``. Run it with and without ``OMP_WAIT_POLICY=PAS
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
-import torch
 
-from export.models import build_model
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.research.omp_wait_policy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    import torch  # after the arguments: --help answers without loading torch
 
+    from export.models import build_model
 
-def main() -> None:
     model = build_model("resnet20", 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))

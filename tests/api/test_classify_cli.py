@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from service.cli import main
+from service.logs import ACCESS_LOGGER
 from tests.api import images
 
 
@@ -54,3 +57,16 @@ def test_errors_are_one_line_each_and_exit_non_zero(make_server, tmp_path, capsy
     assert capsys.readouterr().err.strip() == (
         f"svertka classify: error: {good}: NOT_FOUND: model 'nope' is not in the repository (models: tiny)"
     )
+
+
+def test_every_request_has_an_id_of_its_own_in_the_access_log(make_server, tmp_path, capsys, caplog):
+    srv = make_server()
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(images.png(i))
+    caplog.set_level(logging.DEBUG, logger=ACCESS_LOGGER)
+    for _ in range(2):  # two runs of the command, two images each
+        assert main(["classify", "--server", srv.address, *map(str, paths)]) == 0
+    ids = [r.request_id for r in caplog.records if r.name == ACCESS_LOGGER and r.api == "image"]
+    assert len(ids) == 4 and len(set(ids)) == 4 and all(ids), ids

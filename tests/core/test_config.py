@@ -1,8 +1,12 @@
-"""Settings are validated on construction, with messages naming the setting."""
+"""Settings are validated on construction, with messages naming the setting; the docs' table is theirs."""
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, ModelSettings, ServerConfig
+from service.config import ConfigError, ModelSettings, ServerConfig, settings_table
+from service.config import main as config_main
 
 
 def test_model_settings_defaults_are_valid():
@@ -141,3 +145,30 @@ def test_max_decoded_pixels_auto_follows_the_model_input():
     assert settings.decoded_pixels(256) == 4096 * 4096  # the cap
     assert settings.decoded_pixels(512) == 4096 * 4096
     assert ModelSettings(max_decoded_pixels=5).decoded_pixels(256) == 5
+
+
+ENGINE_DOC = Path(__file__).resolve().parents[2] / "docs" / "engine.md"
+
+
+def test_the_settings_table_in_the_docs_is_the_one_generated_from_the_fields():
+    text = ENGINE_DOC.read_text()
+    start = text.index("| setting | default | accepted |\n")
+    in_docs = text[start : text.index("\n\n", start) + 1]
+    assert in_docs == settings_table(), (
+        "docs/engine.md's settings table is stale: paste `python -m service.config --table` over it"
+    )
+    rows = [line.split("|")[1].strip(" `") for line in in_docs.splitlines()[2:]]
+    assert rows == [f.name for f in dataclasses.fields(ModelSettings)]
+
+
+def test_the_table_is_printed_by_python_m_service_config(capsys):
+    assert config_main(["--table"]) == 0
+    assert capsys.readouterr().out == settings_table()
+
+
+def test_the_example_config_yaml_in_the_docs_loads(tmp_path):
+    text = ENGINE_DOC.read_text()
+    start = text.index("```yaml\n", text.index("| setting | default | accepted |")) + len("```yaml\n")
+    (tmp_path / "config.yaml").write_text(text[start : text.index("```", start)])
+    settings = ModelSettings.load(tmp_path)
+    assert settings != ModelSettings() and settings.providers == ("cpu",)

@@ -101,7 +101,10 @@ def test_intra_op_spinning_follows_the_setting_or_the_input_size(tmp_path, size,
 @pytest.mark.parametrize(
     "change,message",
     [
-        ("fixed_batch", "input 'input' has a fixed batch dimension of 2; svertka serves a batch dimension that is"),
+        (
+            "fixed_batch",
+            "input 'input' has a fixed batch dimension of 2; svertka serves a batch dimension that is",
+        ),
         ("input_name", "the graph's input is named 'input' but the metadata says 'pixels'"),
         ("output_name", "the graph has no output 'scores' (the metadata's output name); it has ['logits']"),
         ("crop", "input 'input' has shape ['batch', 3, 32, 32]; the metadata implies [batch, 3, 24, 24]"),

@@ -132,3 +132,43 @@ def test_digit_image_is_the_source_scaled_and_upsampled():
     arr = np.asarray(image)
     assert image.size == (32, 32) and arr.max() == 255 and arr.min() == 0
     assert arr[:, :8].max() == 0  # columns far from the stroke stay black
+
+
+def _folder_with_a_broken_png(root: Path) -> Path:
+    """Two classes of four real 8x8 PNGs each, and ``a/broken.png`` that is not a PNG."""
+    for index, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            colour = (60 * index + 10 * i, 40, 200 - 50 * index)
+            Image.new("RGB", (8, 8), colour).save(root / cls / f"{i}.png")
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and then nothing a decoder wants")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["--val-split", "train/ and val/"])
+def test_splits_count_the_files_skipped_in_either_layout(tmp_path, layout):
+    if layout == "--val-split":
+        root = _folder_with_a_broken_png(tmp_path / "data")
+        splits = datamod.load_splits(root, val_split=0.5)
+    else:
+        root = tmp_path / "data"
+        _folder_with_a_broken_png(root / "train")
+        _folder_with_a_broken_png(root / "val")
+        splits = datamod.load_splits(root)
+    broken = sorted(root.rglob("broken.png"))
+    assert [p for p, _ in splits.skipped] == broken
+    assert len(splits.train.samples) + len(splits.val.samples) == 8 * len(broken)
+
+
+def test_train_logs_how_many_unreadable_files_it_skipped(tmp_path, caplog):
+    from export import train
+
+    root = _folder_with_a_broken_png(tmp_path / "data")
+    cfg = train.TrainConfig(
+        data=root, arch="resnet20", output=tmp_path / "run", epochs=1, batch_size=4, image_size=8,
+        val_split=0.5, threads=1, progress=False,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="export"):
+        train.main(cfg)
+    assert f"skipping unreadable image {root / 'a' / 'broken.png'}" in caplog.text
+    assert "4 train / 4 val images (1 unreadable skipped)" in caplog.text

@@ -48,3 +48,26 @@ def test_torchvision_resnets_have_batchnorm_everywhere_and_sized_classifier(arch
 def test_unknown_arch_names_the_choices():
     with pytest.raises(ValueError, match="resnet20"):
         models.build_model("resnet21", 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_a_missing_weights_file_names_that_archs_own_torchvision_file(arch, tmp_path, capsys):
+    from tests.export.conftest import main_in_process
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    code, _, err = main_in_process(
+        capsys, "export", "--weights", tmp_path / "missing.pth", "--arch", arch, "--labels", labels,
+        "--repository", tmp_path / "repo", "--name", "m",
+    )  # fmt: skip
+    own = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
+    assert code == 2 and "no such weights file" in err
+    assert f"https://download.pytorch.org/models/{own[arch]}" in err
+    assert not any(other in err for name, other in own.items() if name != arch)
+
+
+def test_a_small_image_arch_has_no_torchvision_file_to_point_at():
+    from export import train
+
+    hint = train.weights_hint("resnet20")
+    assert "torchvision publishes no resnet20 weights" in hint and "https://" not in hint

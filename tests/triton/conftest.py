@@ -7,7 +7,6 @@ runs in another process and nothing here imports service.gen.inference.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.target import ServerProcess
+from service import perf_cli
 from tests.helpers.layouts import LAYOUTS, layout_args
 from tests.helpers.tinymodel import make_repository
-
-#: perf_analyzer needs libcudart.so.12 even for a CPU server (bundled by nvidia-cuda-runtime-cu12).
-VENV_SITE = Path(__file__).resolve().parents[2] / ".venv" / "lib" / "python3.11" / "site-packages"
-CUDART_DIR = VENV_SITE / "nvidia" / "cuda_runtime" / "lib"
 
 
 @pytest.fixture(scope="session")
@@ -61,12 +57,12 @@ def run_perf_analyzer(
     """perf_analyzer against ``address`` at concurrency ``levels`` ("1:4"): (concurrency, inferences/s)
     per level. It checks that perf_analyzer works against svertka, not how fast: any stability is
     accepted, so a busy CI machine (noisy windows) cannot fail it."""
-    binary = str(Path(sys.executable).parent / "perf_analyzer")
-    if not os.path.exists(binary):
+    binary = perf_cli.perf_analyzer_path()
+    if not binary.is_file():
         pytest.skip("perf_analyzer is not installed (tritonclient[grpc]==2.41.0 bundles it)")
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{CUDART_DIR}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    env = perf_cli.environment()  # libcudart.so.12 on the library path, as ``svertka perf`` sets it
     command = [
-        binary, "-i", "grpc", "-u", address, "-m", model, "--concurrency-range", levels,
+        str(binary), "-i", "grpc", "-u", address, "-m", model, "--concurrency-range", levels,
         "--measurement-interval", "500", "--stability-percentage", "1000", "--max-trials", "10",
         "-f", str(report), *extra,
     ]  # fmt: skip
