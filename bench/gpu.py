@@ -13,7 +13,9 @@ uint8 NHWC pixels (``--input uint8-nhwc``, a quarter of the bytes per request):
    model, the same server with one setting changed at a time (:data:`VARIANTS`:
    padding off, pageable instead of pinned batch buffers, CUDA graphs on, the
    TensorRT provider), each with its own ceiling and shared-memory sweep;
-3. the image API with the benchmark's 1024x768 JPEGs, closed loop;
+3. the image API with the benchmark's 1024x768 JPEGs, closed loop (for the fp16 model on CUDA
+   also with ``--image-decoder gpu``), and the two JPEG decoders' top-1 agreement
+   (``bench.decode_agreement``);
 4. whether the TensorRT execution provider loads (before the TensorRT variant);
 5. ``svertka serve --frontends N`` for N in 1, 2, 4, 8, 12, on the null model
    (``bench.models.null_model``: the serving path alone) and on the fp16
@@ -270,6 +272,19 @@ def bench_model(name: str, path: Path, plan: GpuPlan, providers: tuple[str, ...]
         info = [ln for ln in server.metrics_text().splitlines() if ln.startswith("svertka_model_info{")]
         out["model_info"] = info
         save()
+    if "cuda" in providers and variants:  # the model the variants are for: its JPEGs decoded on the GPU
+        log(f"{name}: svertka serve --image-decoder gpu (nvImageCodec)")
+        try:
+            with target.serve(
+                repo,
+                log_path=workdir / "logs" / f"svertka-{name}-gpu-decode.log",
+                args=("--image-decoder", "gpu"),
+            ) as server:
+                out["image_gpu_decode"] = asyncio.run(_image_api(server.grpc_url, name, jpegs, plan))
+        except Exception as exc:  # keep the rest; the log has the traceback
+            out["image_gpu_decode_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} --image-decoder gpu: failed: {out['image_gpu_decode_error']}")
+        save()
     out["variants"] = {}
     for variant in variants:
         entry: dict = {"config": VARIANTS[variant][0]}
@@ -405,6 +420,21 @@ def main(argv: list[str] | None = None) -> int:
         results["meta"]["tensorrt"] = tensorrt_attempt(made[args.arch])
         log(f"TensorRT: {results['meta']['tensorrt']}")
         save()
+    # Do both JPEG decoders classify alike? nvImageCodec on the GPU (its CPU backend without one).
+    try:
+        from bench import decode_agreement
+        from service import gpu_decode
+
+        decoder = gpu_decode.JpegDecoder(cpu_backend="cuda" not in providers)
+        results["decode_agreement"] = {
+            "backend": "cpu" if "cuda" not in providers else "gpu",
+            **decode_agreement.measure(decoder, REPO_ROOT / "models", REPO_ROOT / "data" / "digits" / "val",
+                                       work / "images"),
+        }  # fmt: skip
+    except Exception as exc:  # e.g. no models/ or nvImageCodec here: keep the rest of the run
+        results["decode_agreement"] = {"error": f"{type(exc).__name__}: {exc}"}
+    log(f"decode agreement: {json.dumps(results['decode_agreement'])}")
+    save()
     for index, (name, path) in enumerate(made.items()):
         entry: dict = {"name": name}
         results["models"].append(entry)

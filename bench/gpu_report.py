@@ -165,6 +165,18 @@ def _model_section(m: dict) -> list[str]:
                 f"{r['latency_ms']['p99']:.2f} | {r['errors']} |"
             )
         out.append("")
+    if m.get("image_gpu_decode") or m.get("image_gpu_decode_error"):
+        out += ["The same with `--image-decoder gpu` (JPEGs decoded by nvImageCodec, full size):", ""]
+        if m.get("image_gpu_decode_error"):
+            out += [f"Failed: `{m['image_gpu_decode_error']}`", ""]
+        else:
+            out += ["| concurrency | img/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+            for r in m["image_gpu_decode"]:
+                out.append(
+                    f"| {r['load']:g} | {_f(r['images_per_s'])} | {r['latency_ms']['p50']:.2f} | "
+                    f"{r['latency_ms']['p99']:.2f} | {r['errors']} |"
+                )
+            out.append("")
     return out
 
 
@@ -218,7 +230,27 @@ def _run_section(index: int, results: dict) -> list[str]:
     for m in results["models"]:
         out += _model_section(m)
     out += frontends_rows(results.get("frontends") or {})
+    out += agreement_rows(results.get("decode_agreement"))
     return out
+
+
+def agreement_rows(agreement: dict | None) -> list[str]:
+    """``bench.decode_agreement``: do ``--image-decoder cpu`` and ``gpu`` classify alike?"""
+    if not agreement:
+        return []
+    out = ["### JPEG decoders: `--image-decoder cpu` against `gpu` (`bench.decode_agreement`)", ""]
+    if agreement.get("error"):
+        return [*out, f"Failed: `{agreement['error']}`", ""]
+    diff = agreement["photo_mean_abs_diff"]
+    return [
+        *out,
+        f"nvImageCodec on its {agreement['backend'].upper()} backend. Digits (trained model, "
+        f"{agreement['digits_images']} validation images as 256x256 JPEGs): top-1 agreement "
+        f"{agreement['digits_top1_agreement']:.4f}, accuracy {agreement['digits_accuracy_cpu']:.4f} (cpu) and "
+        f"{agreement['digits_accuracy_gpu']:.4f} (gpu). The {agreement['photos']} benchmark photographs' 224x224 "
+        f"crops differ by {diff['mean']:.2f} grey levels on average (at most {diff['max']:.2f} for one photo).",
+        "",
+    ]
 
 
 def frontends_rows(sweeps: dict[str, list[dict]]) -> list[str]:

@@ -495,9 +495,19 @@ class ServerConfig:
         default=DEFAULT_FRONTEND_SHM_MIB,
         metavar="MIB",
     )
+    image_decoder: str = setting(
+        "str",
+        "who decodes RGB and grey JPEGs: cpu (libjpeg-turbo, downscaled while decoding), or gpu "
+        "(nvImageCodec, full size; PNG and the rest stay on the CPU; start-up fails if it cannot "
+        "work here) (default cpu)",
+        default="cpu",
+        metavar="cpu|gpu",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
+        if self.image_decoder not in ("cpu", "gpu"):
+            raise ConfigError(f"image_decoder: expected cpu or gpu, got {self.image_decoder!r}")
         if self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads: expected >= 0, got {self.intra_op_threads}")
         for port_name in ("grpc_port", "metrics_port"):

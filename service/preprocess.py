@@ -41,13 +41,14 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from service import config, errors, imagescan, modelmeta
+from service import config, errors, gpu_decode, imagescan, modelmeta
 
 # Each decode thread normalises one image at a time; OpenCV's own thread pool would only make
 # those threads compete with each other and with onnxruntime for the same cores.
@@ -140,8 +141,12 @@ class Preprocessor:
         *,
         max_pixels: int,
         max_decoded_pixels: int = config.DEFAULT_MAX_DECODED_PIXELS,
+        jpeg_decoder: Callable[[bytes], np.ndarray | None] | None | str = "configured",
     ) -> None:
         self.meta = meta
+        #: Decodes the JPEGs the CPU would decode downscaled, at full size (service.gpu_decode), or
+        #: None; "configured": the process's choice (``--image-decoder``).
+        self.jpeg_decoder = gpu_decode.current() if jpeg_decoder == "configured" else jpeg_decoder
         self.max_pixels = int(max_pixels)
         #: The limit for images decoded at full size (everything but single-scan sequential JPEGs).
         self.max_decoded_pixels = int(max_decoded_pixels)
@@ -194,6 +199,7 @@ class Preprocessor:
             self._check_decoded_size(layout.what, layout.width, layout.height, layout.full_size)
         image = self._open(data, fmt)
         width, height = image.size
+        stored_pixels = width * height
         # The same check on Pillow's reading of the header (also for a file the scan could not follow).
         if layout is not None:
             self._check_decoded_size(layout.what, width, height, layout.full_size)
@@ -211,7 +217,7 @@ class Preprocessor:
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         if fast_jpeg:
-            image = self._decode_jpeg(data)
+            image = self._decode_jpeg(data, stored_pixels)
         else:
             image = self._to_rgb(image, fmt)
         if orientation in _TRANSPOSE:
@@ -288,8 +294,14 @@ class Preprocessor:
             return 1
         return value if isinstance(value, int) else 1
 
-    def _decode_jpeg(self, data: bytes) -> Image.Image:
-        """libjpeg-turbo with DCT-domain downscaling to the smallest size covering the target."""
+    def _decode_jpeg(self, data: bytes, pixels: int) -> Image.Image:
+        """libjpeg-turbo with DCT-domain downscaling to the smallest size covering the target; or the
+        JPEG decoder of ``--image-decoder gpu`` at full size, up to max_decoded_pixels, falling back
+        to libjpeg-turbo for any image it does not decode."""
+        if self.jpeg_decoder is not None and pixels <= self.max_decoded_pixels:
+            rgb = self.jpeg_decoder(data)
+            if rgb is not None and rgb.shape[0] * rgb.shape[1] == pixels:
+                return Image.fromarray(rgb, "RGB")
         target = self.meta.resize
         try:
             pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=target, min_width=target)

@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import config as cfg
-from service import drain, limits, shm
+from service import drain, gpu_decode, limits, shm
 from service.api import auth, wire
 from service.api.classifier import ImageClassifierServicer
 from service.api.grpc_metrics import GrpcMetricsInterceptor
@@ -353,6 +353,10 @@ def assemble(
     """
     from service.metrics import Metrics
 
+    try:  # before any model loads: its preprocessing takes the decoder chosen here
+        gpu_decode.configure(config.image_decoder)
+    except gpu_decode.Unavailable as exc:
+        raise cfg.ConfigError(f"image_decoder gpu: {exc} (or serve with --image-decoder cpu)") from None
     metrics = Metrics() if metrics is None else metrics
     engine = build_engine(config, metrics) if engine is None else engine
     server, _ = build_server(config, engine, metrics, reuse_port=reuse_port, shared_memory=shared_memory)

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 from service import config as cfg
+from service import gpu_decode
 from service.ipc import worker
 from service.server import address
 
@@ -140,6 +141,10 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         check_shared_memory(self.frontends, self.config.frontend_shm_mib)
+        try:  # the frontends decode: a decoder they cannot make must stop the start, not loop restarts
+            gpu_decode.check_in_child(self.config.image_decoder)
+        except gpu_decode.Unavailable as exc:
+            raise cfg.ConfigError(f"image_decoder gpu: {exc} (or serve with --image-decoder cpu)") from None
         holder, port = reserve_port(self.config.host, self.config.grpc_port)
         socket_path = self._workdir / "engine.sock"
         config = dataclasses.replace(self.config, grpc_port=port, frontends=self.frontends)

@@ -61,9 +61,12 @@ def test_gpu_benchmark_pipeline_runs_end_to_end_on_the_cpu(tmp_path: Path) -> No
         assert [p["frontends"] for p in points] == list(gpu.QUICK.frontends), name
         for p in points:
             assert p["images_per_s"] and p["server_cpu_ms_per_request"] and not p["error"], (name, p)
+    agreement = results["decode_agreement"]  # nvImageCodec's CPU backend here
+    assert agreement["backend"] == "cpu" and agreement["digits_images"] > 0, agreement
+    assert 0 <= agreement["digits_top1_agreement"] <= 1 and agreement["photos"] > 0
     page = (tmp_path / "benchmarks-gpu.md").read_text()
     assert "| resnet18 |" in page and "| resnet18-fp16 |" in page and "padded batch sizes off" in page
-    assert "One setting changed from the baseline" in page
+    assert "One setting changed from the baseline" in page and "JPEG decoders: `--image-decoder cpu`" in page
     assert "--frontends N" in page and "| null | 2 |" in page
 
 
