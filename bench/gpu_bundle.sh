@@ -6,7 +6,7 @@
 # OUT/ort.tar.xz.part0..N-1: onnxruntime-gpu's package for CPython 3.12 (x86-64, CUDA 13), xz-compressed
 # (about 200 MB from a 255 MB wheel) and split into PIECES pieces (default 4) small enough to copy one
 # at a time; OUT/rest.tar.xz: site/ (grpcio, protobuf, simplejpeg, prometheus-client, gRPC health and
-# reflection, for that Python), bin/perf_analyzer (this venv's, from the tritonclient wheel) and lib/
+# reflection, cuda-bindings, nvImageCodec with nvJPEG, for that Python), bin/perf_analyzer (this venv's, from the tritonclient wheel) and lib/
 # (the libcudart.so.12 and libb64.so.0d it links); OUT/SHA256SUMS.
 set -euo pipefail
 out=$1 pieces=${2:-4}
@@ -19,8 +19,12 @@ pip_download() {
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$work/wheels" "$@"
 }
+# cuda-bindings: page-locked batch buffers; nvimgcodec + nvjpeg: --image-decoder gpu (its nvJPEG2000 and
+# nvTIFF plugins are left out: they only complain on stderr). TensorRT's libraries (over 1 GB) are not
+# carried: the TensorRT variant then records why the provider does not load.
 pip_download onnxruntime-gpu==1.31.1 grpcio==1.85.3 protobuf==7.36.2 simplejpeg==1.9.0 \
-    grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client==0.26.0
+    grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client==0.26.0 \
+    cuda-bindings==13.5.0 cuda-pathfinder==1.9.1 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43
 mkdir -p "$work/ort" "$work/rest/site" "$work/rest/bin" "$work/rest/lib" "$out"
 for wheel in "$work"/wheels/*.whl; do
     case $(basename "$wheel") in
