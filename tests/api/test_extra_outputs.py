@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -22,7 +21,7 @@ from service import modelmeta
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.api.conftest import InProcessServer
-from tests.helpers.tinymodel import IR_VERSION, OPSET
+from tests.helpers.tinymodel import save_graph
 
 #: name -> (KServe datatype, numpy dtype, dims after the batch), in graph order
 OUTPUTS = {
@@ -34,13 +33,9 @@ OUTPUTS = {
 
 
 def _save(path: Path, nodes, outputs, init) -> None:
-    graph = helper.make_graph(
-        nodes, "multi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])], outputs, init
+    save_graph(
+        path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])], outputs, init
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    path.parent.mkdir(parents=True)
-    onnx.save(model, str(path))
 
 
 @pytest.fixture(scope="module")

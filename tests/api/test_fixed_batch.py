@@ -21,7 +21,7 @@ from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.api import images
 from tests.api.conftest import InProcessServer
-from tests.helpers.tinymodel import IR_VERSION, OPSET, build_tiny_model, tiny_meta
+from tests.helpers.tinymodel import build_tiny_model, save_graph, tiny_meta
 
 
 def _plain_batch_of_one(path: Path) -> None:
@@ -36,15 +36,10 @@ def _plain_batch_of_one(path: Path) -> None:
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("Gemm", ["flat", "w", "b"], ["191"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes, "torch_jit",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 8, 8])],
+    save_graph(
+        path, nodes, [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("191", TensorProto.FLOAT, [1, 4])], init,
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    path.parent.mkdir(parents=True)
-    onnx.save(model, str(path))
 
 
 @pytest.fixture(scope="module")

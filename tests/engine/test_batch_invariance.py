@@ -5,12 +5,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service import config
 from service.engine import loading
-from tests.helpers.tinymodel import IR_VERSION, OPSET, make_tiny_model
+from tests.helpers.tinymodel import make_tiny_model, save_graph
 
 
 def _batch_dependent_model(path, *, classes: int = 5, size: int = 8) -> None:
@@ -23,16 +22,11 @@ def _batch_dependent_model(path, *, classes: int = 5, size: int = 8) -> None:
         helper.make_node("ReduceMean", ["y"], ["batch_mean"], axes=[0], keepdims=1),
         helper.make_node("Sub", ["y", "batch_mean"], ["scores"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "batch_dependent",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+    save_graph(
+        path, nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])],
         [numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.save(model, str(path))
+    )  # fmt: skip
 
 
 def test_a_model_whose_rows_depend_on_each_other_is_served_with_a_warning(tmp_path, caplog):

@@ -178,6 +178,17 @@ def make_tiny_model(
     return meta
 
 
+def save_graph(path: str | Path, nodes, inputs, outputs, initializers=(), name: str = "graph") -> Path:
+    """A graph made with onnx.helper, saved as a plain model file (no svertka metadata) at ``path``."""
+    graph = helper.make_graph(list(nodes), name, list(inputs), list(outputs), list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def make_repository(
     root: str | Path,
     models: Mapping[str, Sequence[int]] | None = None,
