@@ -210,3 +210,51 @@ def test_an_annotated_copy_classifies_images_as_its_metadata_says(plain_server, 
     got = {p.label: p.score for p in response.predictions}
     assert got == pytest.approx(dict(zip(ANNOTATED_LABELS, expected.tolist(), strict=True)), abs=1e-5)
     assert response.predictions[0].label == ANNOTATED_LABELS[int(expected.argmax())]
+
+
+def test_a_plain_model_is_hot_reloaded_with_its_new_fingerprint(tmp_path):
+    """The guarantees of svertka's own files: a new version found by polling replaces the old one, and
+    ModelConfig's sha256 says which weights answer."""
+    import os
+    import time
+
+    v = helper.make_tensor_value_info
+
+    def write(version: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
+        nodes = [
+            helper.make_node("GlobalAveragePool", ["data"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "w"], ["scores"], transB=1),
+        ]
+        staging = tmp_path / f".v{version}" / "model.onnx"
+        _save(staging, [v("data", TensorProto.FLOAT, ["n", 3, 8, 8])], [v("scores", TensorProto.FLOAT, ["n", 4])],
+              nodes, [weight])  # fmt: skip
+        (tmp_path / "repo" / "plain").mkdir(parents=True, exist_ok=True)
+        os.rename(staging.parent, tmp_path / "repo" / "plain" / str(version))  # whole, as deployments should
+
+    write(1, seed=1)
+    server = InProcessServer(tmp_path / "repo", repository_poll_s=0.1)
+    try:
+        with server.channel() as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            x = np.random.default_rng(3).standard_normal((2, 3, 8, 8), dtype=np.float32)
+            first = stub.ModelConfig(pb.ModelConfigRequest(name="plain"), timeout=10).config.parameters[
+                "sha256"
+            ]
+            assert _infer(stub, "plain", "data", "FP32", x).model_version == "1"
+            write(2, seed=2)
+            deadline = time.monotonic() + 30
+            while (response := _infer(stub, "plain", "data", "FP32", x)).model_version != "2":
+                assert time.monotonic() < deadline, "version 2 was not served within 30 s"
+                time.sleep(0.05)
+            got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 4)
+            session = ort.InferenceSession(str(tmp_path / "repo" / "plain" / "2" / "model.onnx"))
+            np.testing.assert_allclose(got, session.run(None, {"data": x})[0], rtol=1e-5, atol=1e-6)
+            second = stub.ModelConfig(pb.ModelConfigRequest(name="plain"), timeout=10).config.parameters[
+                "sha256"
+            ]
+            assert first.string_value and second.string_value and first.string_value != second.string_value
+    finally:
+        server.close()
