@@ -8,6 +8,7 @@ kustomization with relative paths, as kustomize requires.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import shutil
@@ -17,6 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+
+from service import config as cfg
+from service import server_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -38,9 +42,12 @@ TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "canary": (("overlays/canary",), ()),
     "monitoring": (("overlays/monitoring",), ()),
     "kserve": (("kserve",), ()),
+    "models-pvc": (("models-pvc",), ()),
     "cpu+image-volume": (("overlays/cpu",), ("components/image-volume",)),
-    "gpu+model-init": (("overlays/gpu",), ("components/model-init",)),
+    "cpu+models-pvc": (("overlays/cpu",), ("components/models-pvc",)),
+    "gpu+models-pvc": (("overlays/gpu",), ("components/models-pvc",)),
     "gpu+canary": (("overlays/gpu",), ("components/canary",)),
+    "kserve+storage-uri": (("kserve",), ("components/kserve-storage-uri",)),
 }
 #: What one namespace holds when targets are applied side by side, each with a
 #: `kubectl apply -k` of its own (as docs/deploy.md says to apply a canary):
@@ -56,9 +63,12 @@ WORKLOAD_TARGETS = (
     "kind",
     "canary",
     "cpu+image-volume",
-    "gpu+model-init",
+    "cpu+models-pvc",
+    "gpu+models-pvc",
     "gpu+canary",
 )
+#: Targets holding one KServe InferenceService.
+KSERVE_TARGETS = ("kserve", "kserve+storage-uri")
 #: Targets whose Deployment is a canary: it runs next to a stable track and
 #: its Services (svertka.io/track: canary; deploy/k8s/components/canary).
 CANARY_TARGETS = ("canary", "gpu+canary")
@@ -193,6 +203,15 @@ def container_env(objects: list[dict], container: dict) -> dict[str, dict]:
     for item in container.get("env", []):
         env[item["name"]] = {k: v for k, v in item.items() if k != "name"}
     return env
+
+
+def server_config(objects: list[dict], container: dict) -> cfg.ServerConfig:
+    """The ServerConfig the server builds from this container's environment (its own parser)."""
+    env = container_env(objects, container)
+    environ = {k: v["value"] for k, v in env.items() if "value" in v}
+    parser = argparse.ArgumentParser()
+    server_cli.add_serve_arguments(parser)
+    return server_cli.server_config(parser.parse_args([]), environ)
 
 
 def selects(selector: dict, labels: dict) -> bool:

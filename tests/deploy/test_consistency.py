@@ -24,11 +24,14 @@ from tests.deploy import manifests as m
 
 ADAPTER = m.K8S / "prometheus-adapter"
 RULES_DIR = m.ROOT / "deploy" / "prometheus"
-K8S_WORKLOADS = [(t, w["kind"]) for t in (*m.WORKLOAD_TARGETS, "kserve") for w in m.workloads(t)]
+K8S_WORKLOADS = [(t, w["kind"]) for t in (*m.WORKLOAD_TARGETS, *m.KSERVE_TARGETS) for w in m.workloads(t)]
 IDS = [f"{t}:{k}" for t, k in K8S_WORKLOADS]
 #: Memory a frontend process needs besides its slab, at least: about 75 MiB
 #: resident when idle on the development host, more while decoding images.
 FRONTEND_PROCESS_MIB = 128
+#: Ephemeral storage the server container writes itself: its logs (the root
+#: filesystem is read-only, and /tmp is an emptyDir counted on its own).
+CONTAINER_WRITES_MIB = 128
 
 
 def workload(target: str, kind: str) -> tuple[list[dict], dict, dict]:
@@ -50,15 +53,6 @@ def serve_flags() -> dict[str, str]:
                 assert f"[env {env}]" in action.help, (option, action.help)
                 flags[option] = env
     return flags
-
-
-def manifest_config(objects: list[dict], container: dict) -> cfg.ServerConfig:
-    """The ServerConfig the server builds from this container's environment."""
-    env = m.container_env(objects, container)
-    environ = {k: v["value"] for k, v in env.items() if "value" in v}
-    parser = argparse.ArgumentParser()
-    server_cli.add_serve_arguments(parser)
-    return server_cli.server_config(parser.parse_args([]), environ)
 
 
 def ports_by_name(container: dict) -> dict[str, int]:
@@ -97,12 +91,12 @@ def test_every_svertka_variable_is_a_serve_setting(name):
 def test_settings_build_a_valid_server_config(target, kind):
     objects, _, spec = workload(target, kind)
     container = m.server_container(spec)
-    config = manifest_config(objects, container)  # raises ConfigError on a bad value
+    config = m.server_config(objects, container)  # raises ConfigError on a bad value
     mounts = {v["mountPath"] for v in container.get("volumeMounts", [])}
-    if kind == "InferenceService":
-        # KServe mounts the storage URI's content at /mnt/models.
-        assert str(config.model_repository) == "/mnt/models"
-        assert m.container_env(objects, container)["STORAGE_URI"]["value"].startswith("pvc://")
+    if "STORAGE_URI" in m.container_env(objects, container):
+        # KServe mounts or downloads the storage URI's content at /mnt/models.
+        assert kind == "InferenceService" and str(config.model_repository) == "/mnt/models"
+        assert "/mnt/models" not in mounts, "KServe's own mount would clash with ours"
     else:
         assert str(config.model_repository) in mounts
 
@@ -111,7 +105,7 @@ def test_settings_build_a_valid_server_config(target, kind):
 def test_ports_are_the_servers(target, kind):
     objects, _, spec = workload(target, kind)
     container = m.server_container(spec)
-    config = manifest_config(objects, container)
+    config = m.server_config(objects, container)
     ports = ports_by_name(container)
     assert ports[grpc_port_name(kind)] == cfg.DEFAULT_GRPC_PORT == config.grpc_port
     assert ports["metrics"] == cfg.DEFAULT_METRICS_PORT == config.metrics_port
@@ -140,7 +134,7 @@ def test_drain_fits_in_the_termination_grace_period(target, kind):
     """preStop delay + the server's drain must end before the kubelet's SIGKILL."""
     objects, _, spec = workload(target, kind)
     container = m.server_container(spec)
-    config = manifest_config(objects, container)
+    config = m.server_config(objects, container)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop > 0, "without a preStop delay the drain starts while endpoints still route here"
     assert spec["terminationGracePeriodSeconds"] > pre_stop + config.grace_period_s
@@ -183,6 +177,18 @@ def test_rollout_and_scaling_keep_capacity(target):
 @pytest.mark.parametrize("target, kind", K8S_WORKLOADS, ids=IDS)
 def test_pods_are_hardened(target, kind):
     _, _, spec = workload(target, kind)
+    assert_hardened(spec)
+
+
+def test_the_models_fill_job_is_hardened_like_the_servers():
+    """It writes the claim (its purpose), and nothing else."""
+    job = m.find(m.rendered("models-pvc"), "Job")
+    assert_hardened(job["spec"]["template"]["spec"], writes={"models"})
+
+
+def assert_hardened(spec: dict, writes: set[str] = frozenset()) -> None:
+    """Non-root, no privileges, read-only root filesystems, writable scratch space only
+    (and the volumes named in ``writes``)."""
     pod = spec["securityContext"]
     assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0
     assert pod["seccompProfile"]["type"] == "RuntimeDefault"
@@ -197,7 +203,10 @@ def test_pods_are_hardened(target, kind):
         for mount in container.get("volumeMounts", []):
             if not mount.get("readOnly"):
                 # The writable paths are scratch space, never the model or the image.
-                assert "emptyDir" in volumes[mount["name"]], (container["name"], mount)
+                assert "emptyDir" in volumes[mount["name"]] or mount["name"] in writes, (
+                    container["name"],
+                    mount,
+                )
 
 
 @pytest.mark.parametrize("target, kind", K8S_WORKLOADS, ids=IDS)
@@ -228,7 +237,7 @@ def shared_memory_problems(objects: list[dict], spec: dict) -> list[str]:
     them and the processes besides.
     """
     container = m.server_container(spec)
-    config = manifest_config(objects, container)
+    config = m.server_config(objects, container)
     frontends = supervisor.frontend_count(config)
     if frontends == 1:
         return []
@@ -267,7 +276,7 @@ def test_dev_shm_holds_every_frontends_slab(target, kind):
 def test_gpu_overlay_runs_several_frontends():
     """The GPU overlay is the one that needs them (one process tops out near 1,000 requests/s)."""
     objects, _, spec = workload("gpu", "Deployment")
-    assert supervisor.frontend_count(manifest_config(objects, m.server_container(spec))) > 1
+    assert supervisor.frontend_count(m.server_config(objects, m.server_container(spec))) > 1
 
 
 @pytest.mark.parametrize(
@@ -308,16 +317,61 @@ def test_dev_shm_check_catches_mistakes(mutate):
 
 def test_gpu_overlay_keeps_tensorrt_engines_on_a_volume_of_their_own():
     """The server's --trt-cache-dir is a mounted emptyDir (it outlives container restarts), not the
-    small /tmp volume, and the ephemeral-storage limit holds it beside the base's 256Mi."""
+    small /tmp volume (the ephemeral-storage limit holding it is checked below)."""
     objects, _, spec = workload("gpu", "Deployment")
     container = m.server_container(spec)
-    cache = manifest_config(objects, container).trt_cache_dir
+    cache = m.server_config(objects, container).trt_cache_dir
     assert cache is not None and not str(cache).startswith("/tmp")
     (mount,) = [v for v in container["volumeMounts"] if str(cache).startswith(v["mountPath"])]
     volume = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
-    size = m.quantity_bytes(volume["emptyDir"]["sizeLimit"])
-    limits = container["resources"]["limits"]
-    assert m.quantity_bytes(limits["ephemeral-storage"]) >= size + (256 << 20)
+    assert "sizeLimit" in volume["emptyDir"] and "medium" not in volume["emptyDir"]
+
+
+def ephemeral_storage_problems(spec: dict) -> list[str]:
+    """What keeps the pod's disk-backed emptyDirs from fitting in its ephemeral-storage limit.
+
+    The kubelet evicts a pod whose emptyDirs and containers' writes together
+    exceed the sum of its containers' limits, so the limit must hold every
+    disk-backed emptyDir at its sizeLimit (each needs one, or it is unbounded)
+    plus the server's own writes (logs: its root filesystem is read-only).
+    A pod without a limit (the KServe predictor) is bounded by the volumes'
+    sizeLimits alone.
+    """
+    problems, volumes_bytes = [], 0
+    for volume in spec.get("volumes", []):
+        empty_dir = volume.get("emptyDir")
+        if empty_dir is None or empty_dir.get("medium") == "Memory":
+            continue
+        if "sizeLimit" not in empty_dir:
+            problems.append(f"emptyDir {volume['name']} has no sizeLimit")
+            continue
+        volumes_bytes += m.quantity_bytes(empty_dir["sizeLimit"])
+    limits = [c["resources"].get("limits", {}).get("ephemeral-storage") for c in spec["containers"]]
+    if any(limits):
+        limit = sum(m.quantity_bytes(x) for x in limits if x)
+        need = volumes_bytes + (CONTAINER_WRITES_MIB << 20)
+        if limit < need:
+            problems.append(
+                f"ephemeral-storage limit {limit >> 20} MiB < {need >> 20} MiB (emptyDirs at their "
+                f"size limits + {CONTAINER_WRITES_MIB} MiB of logs)"
+            )
+    return problems
+
+
+@pytest.mark.parametrize("target, kind", K8S_WORKLOADS, ids=IDS)
+def test_ephemeral_storage_limit_holds_every_disk_volume(target, kind):
+    """The documented GPU recipe with image delivery once set the limit to 2304Mi beside 6272 MiB of volumes."""
+    _, _, spec = workload(target, kind)
+    assert ephemeral_storage_problems(spec) == []
+
+
+def test_ephemeral_storage_check_catches_a_volume_outgrowing_the_limit():
+    _, _, spec = workload("gpu", "Deployment")
+    (trt,) = [v for v in spec["volumes"] if v["name"] == "trt-cache"]
+    trt["emptyDir"]["sizeLimit"] = "5Gi"
+    assert ephemeral_storage_problems(spec)
+    trt["emptyDir"].pop("sizeLimit")
+    assert ephemeral_storage_problems(spec) == ["emptyDir trt-cache has no sizeLimit"]
 
 
 def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
@@ -330,20 +384,6 @@ def test_gpu_overlay_requests_a_gpu_on_gpu_nodes():
     assert spec["nodeSelector"]
     cpu = m.server_container(m.pod_spec(m.find(m.rendered("cpu"), "Deployment")))
     assert not cpu["image"].endswith("-gpu") and "nvidia.com/gpu" not in cpu["resources"]["limits"]
-
-
-@pytest.mark.parametrize("target", ["kind", "gpu+model-init"])
-def test_model_init_copies_into_the_served_volume(target):
-    objects = m.rendered(target)
-    assert not m.find_all(objects, "PersistentVolumeClaim")
-    spec = m.pod_spec(m.find(objects, "Deployment"))
-    (init,) = spec["initContainers"]
-    (target_mount,) = init["volumeMounts"]
-    assert init["command"][-1].rstrip("/") == target_mount["mountPath"]
-    served = {v["name"]: v["mountPath"] for v in m.server_container(spec)["volumeMounts"]}
-    assert served[target_mount["name"]] == str(
-        manifest_config(objects, m.server_container(spec)).model_repository
-    )
 
 
 # -- services, policy, autoscaling, monitoring ---------------------------------
@@ -479,8 +519,6 @@ def test_kserve_podmonitor_scrapes_the_metrics_port_as_the_alerts_job():
     }
     jobs = {r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"}
     assert jobs == alert_jobs()
-    claim = m.container_env(objects, m.server_container(m.pod_spec(isvc)))["STORAGE_URI"]["value"]
-    assert claim == "pvc://" + m.find(m.rendered("base"), "PersistentVolumeClaim")["metadata"]["name"]
 
 
 def test_prometheusrule_is_generated_from_the_rule_files():
