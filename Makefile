@@ -7,7 +7,7 @@ SVERTKA := $(VENV)/bin/svertka
 MODELS ?= models
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-serve system-deps model serve test test-fast test-unit lint proto bench fuzz clean
+.PHONY: setup setup-serve system-deps model serve test test-fast test-unit lint proto bench bench-memory fuzz clean
 
 ## setup: a .venv in the repo with serving, training and test dependencies
 setup: $(VENV)/.installed
@@ -56,6 +56,14 @@ BENCH_QUICK ?=
 BENCH_ARGS ?=
 bench: setup system-deps model
 	$(PY) -m bench --default-models $(MODELS) $(if $(filter 1 yes true,$(BENCH_QUICK)),--quick) $(BENCH_ARGS)
+
+## bench-memory: the server's memory per model (steady, under load, peak during a hot swap), one process and
+## --frontends 2 -> .bench/memory/memory.{json,md}, the table docs/deploy.md sizes memory limits from (about
+## 10 min; makes resnet18/50 with random weights in .bench/models once). Extra flags: BENCH_MEMORY_ARGS="--models
+## digits --frontends 1" (see python -m bench.memory --help)
+BENCH_MEMORY_ARGS ?=
+bench-memory: setup model
+	$(PY) -m bench.memory --default-models $(MODELS) $(BENCH_MEMORY_ARGS)
 
 ## fuzz: long fuzzing of image decoding and tensor request parsing: the hypothesis properties with
 ## FUZZ_EXAMPLES examples each, then atheris (coverage-guided) for FUZZ_SECONDS per target.
