@@ -129,6 +129,7 @@ def test_every_referenced_name_is_defined_by_metrics_module(tmp_path) -> None:
     rec.set_queue_capacity(256)
     m.set_model_info("digits", 1, provider="CPUExecutionProvider", precision="fp32", arch="resnet20")
     m.set_model_ready("digits", 1, True)
+    m.set_reload_failed("digits", False)
     m.grpc_handled.labels("s", "m", "unary", "OK").inc()
     exported = {s.name for fam in m.registry.collect() for s in fam.samples}
     missing = (
