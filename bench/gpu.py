@@ -78,7 +78,7 @@ QUICK = GpuPlan(
     instances=1,
     ceiling_s_per_batch=0.2,
     perf=perf.PerfSettings(measurement_interval_ms=500, stability_percentage=50, max_trials=3),
-    concurrencies=(1, 4),
+    concurrencies=(4,),  # one level: the pipeline is what the quick run proves
     image_concurrencies=(4,),
     load_s=1.0,
     frontends=(1, 2),
