@@ -25,12 +25,11 @@ import dataclasses
 import datetime
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
-from export.repository import _fsync_dir, _umask, _write_file, resolve_model_file
+from export.repository import _umask, replace_file, resolve_model_file
 from service import __version__, modelmeta
 
 
@@ -123,7 +122,7 @@ def annotate(request: Request) -> tuple[Path, modelmeta.ModelMeta]:
     modelmeta.attach(model, meta)
     if target.parent.resolve() != source.resolve().parent:
         _embed_external_data(model, source)
-    _replace(target, _serialised(model, source), _mode_for(target))
+    replace_file(target, _serialised(model, source), _mode_for(target))
     return (source if request.out is None else request.out), meta
 
 
@@ -317,21 +316,6 @@ def _mode_for(target: Path) -> int:
     if target.exists():
         return stat.S_IMODE(target.stat().st_mode)
     return 0o666 & ~_umask()
-
-
-def _replace(target: Path, data: bytes, mode: int) -> None:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        os.chmod(tmp, mode)  # mkstemp makes it 0600
-        _write_file(tmp, data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise ExportError(f"{target}: cannot write the model ({exc.strerror or exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(target.parent)
 
 
 def summary(path: Path, meta: modelmeta.ModelMeta) -> str:

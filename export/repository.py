@@ -133,7 +133,7 @@ def publish(
     if version is not None:
         target = model_path(repository, name, version)
         if target.parent.is_dir():
-            return _replace_file(target, data)
+            return replace_file(target, data)
     candidate = version if version is not None else (max(versions(model_dir), default=0) + 1)
     while True:
         if candidate > layout.MAX_VERSION:
@@ -159,16 +159,18 @@ def publish(
         return model_dir / str(candidate) / MODEL_FILENAME
 
 
-def _replace_file(target: Path, data: bytes) -> Path:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".model.onnx.tmp-{os.getpid()}-", dir=target.parent)
+def replace_file(target: Path, data: bytes, mode: int | None = None) -> Path:
+    """Write ``data`` over ``target`` atomically (a temporary file beside it, fsync'd, renamed), with
+    ``mode``, by default what ``open`` would give a new file."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)  # mkstemp makes it 0600
         _write_file(tmp, data)
         os.replace(tmp, target)
     except OSError as exc:
-        raise ExportError(f"{target}: cannot write the model ({exc.strerror})") from None
+        raise ExportError(f"{target}: cannot write the model ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(target.parent)
