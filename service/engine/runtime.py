@@ -211,6 +211,7 @@ class Session:
         threads: int | None = None,
         instance: int = 0,
         peeked: modelmeta.ModelMeta | None = None,
+        known: modelmeta.ModelMeta | None = None,
         trt_cache_dir: Path | None = None,
         cuda_graphs: bool | None = None,
     ) -> None:
@@ -222,6 +223,9 @@ class Session:
             raise ModelLoadError(f"{self.path} does not exist")
         if peeked is None:
             peeked = _peek_metadata(self.path, chosen, settings)
+        # What an earlier instance read (``known``), or a plain file's graph, just read by the peek in
+        # full: the file is not parsed again (graph_metadata loads it to look for a Softmax).
+        self._known = known or (peeked if peeked is not None and not peeked.preprocessing_known else None)
         self.spinning = (
             spinning(settings, peeked) if peeked is not None else settings.intra_op_spinning is True
         )
@@ -264,7 +268,7 @@ class Session:
             raise
 
     def _check_and_open_sizes(self, settings: config.ModelSettings, chosen: list[str]) -> None:
-        self.meta = signature.read_metadata(self._session, self.path)
+        self.meta = self._known or signature.read_metadata(self._session, self.path)
         signature.check_signature(self._session, self.meta)
         self.provider = self._session.get_providers()[0]
         if self.provider != chosen[0]:
@@ -414,7 +418,7 @@ def load_instances(
             # The first session reads the file's metadata where its options need it; the others reuse it.
             options = {
                 "providers": providers, "threads": threads, "instance": i, "trt_cache_dir": trt_cache_dir,
-                "peeked": sessions[0].meta if sessions else None,
+                "peeked": sessions[0].meta if sessions else None, "known": sessions[0].meta if sessions else None,
             }  # fmt: skip
             try:
                 session, warmed = _open_warm(path, settings, graphs, options)
