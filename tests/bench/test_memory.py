@@ -88,8 +88,13 @@ def test_quick_run_measures_steady_load_and_both_swaps(tmp_path: Path) -> None:
         for swap in case["swaps"]:
             assert swap["samples"] >= 2 and swap["ready_s"] is not None
             assert swap["ready_s"] <= swap["unloaded_s"]
-            # both versions are resident during a swap: never below the steady value
-            assert memory._peak(swap, case["frontends"]) >= steady
+            # both versions are resident during a swap: never below the steady value. With several
+            # processes compared on private pages (USS): PSS shares pages with whatever else maps the
+            # same libraries, so it can move between two samples without svertka doing anything.
+            if case["measure"] == "rss":
+                assert memory._peak(swap, case["frontends"]) >= steady
+            else:
+                assert swap["peak"]["uss"] >= case["steady"]["median"]["uss"]
         assert case["peak_bytes"] >= steady
         assert case["suggested_limit_bytes"] >= case["peak_bytes"] * memory.MARGIN
         assert case["suggested_limit_bytes"] % memory.ROUND_BYTES == 0
