@@ -66,21 +66,32 @@ def test_infer_equals_onnxruntime_bit_for_bit(client, session):
         np.testing.assert_array_equal(result.as_numpy("logits"), session.run(None, {"input": x})[0])
 
 
+#: Rounds of 64 concurrent requests, until one shares a batch. The batcher dispatches at once when
+#: idle, so whether two requests meet in a batch depends on scheduling: on a busy 2-core host one
+#: round with --frontends 2 once ran all 64 alone. Every round's answers are checked.
+BATCHING_ROUNDS = 5
+
+
 def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(client, session):
     xs = [np.random.default_rng(100 + i).normal(size=(1, 3, 32, 32)).astype(np.float32) for i in range(64)]
-    before = client.get_inference_statistics(MODEL).model_stats[0]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda x: client.infer(MODEL, [_input(x)]).as_numpy("logits"), xs))
-    after = client.get_inference_statistics(MODEL).model_stats[0]
-    inferences = after.inference_count - before.inference_count
-    executions = after.execution_count - before.execution_count
-    assert inferences == 64
-    assert executions < inferences, f"{executions} batches for {inferences} rows: nothing was batched"
+    rounds = []
+    for _ in range(BATCHING_ROUNDS):
+        before = client.get_inference_statistics(MODEL).model_stats[0]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda x: client.infer(MODEL, [_input(x)]).as_numpy("logits"), xs))
+        after = client.get_inference_statistics(MODEL).model_stats[0]
+        inferences = after.inference_count - before.inference_count
+        executions = after.execution_count - before.execution_count
+        assert inferences == 64
+        for x, logits in zip(xs, got, strict=True):
+            single = session.run(None, {"input": x})[0]
+            np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
+            assert logits.argmax() == single.argmax()
+        rounds.append(executions)
+        if executions < inferences:
+            break
+    assert rounds[-1] < 64, f"{rounds} batches for 64 rows in each round: nothing was batched"
     assert max(b.batch_size for b in after.batch_stats) > 1
-    for x, logits in zip(xs, got, strict=True):
-        single = session.run(None, {"input": x})[0]
-        np.testing.assert_allclose(logits, single, rtol=1e-5, atol=1e-5)
-        assert logits.argmax() == single.argmax()
 
 
 def test_encoded_images_as_bytes_with_classification(client, repository):
